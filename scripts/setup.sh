@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up parclip on a fresh machine. Safe to run twice: every step skips what is already done.
+#   - Debian's dataset-fashion-mnist (real images for the demo and tests), via apt when it is missing
+#   - a virtual environment in .venv with torch 2.14.1 + torchvision 0.29.1 (pinned together) and parclip[test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ]; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist \
+    || { echo "[setup] could not install dataset-fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; }
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')" 2>/dev/null; then
+  echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (about 90 s)"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+fi
+if ! .venv/bin/python -c "import parclip, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.parclip-installed ]; then
+  echo "[setup] installing parclip (editable) with test extras"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  touch .venv/.parclip-installed
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, open_clip, parclip; print("torch", torch.__version__, "| open_clip", open_clip.__version__, "| parclip", parclip.__version__)')"

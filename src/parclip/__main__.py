@@ -1,0 +1,3 @@
+from parclip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""The `parclip` command line.
+
+    parclip demo                      poison a tiny CLIP on Fashion-MNIST, clean it with PAR, print the table
+    parclip data fashion-mnist OUT    export Fashion-MNIST as image files + captions CSV + labelled test folder
+    parclip data check TABLE          decode every image of a caption table and report bad rows
+    parclip poison TABLE OUT          plant a trigger into a seeded share of an image–caption table
+    parclip train                     fine-tune: --objective par (clean) or clip (plain fine-tuning / plant)
+    parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
+    parclip models                    list the model architectures parclip can build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """
+examples:
+  # clean a released poisoned ViT-B/32 with PAR on 250k clean CC3M pairs, 4 GPUs
+  torchrun --nproc_per_node 4 -m parclip train --model ViT-B-32-quickgelu --pretrained badnet_rs.pt \\
+      --train-data cc3m_250k.csv --batch-size 512 --epochs 2 --tau 2.15 --name par-badnet
+  # measure clean accuracy and ASR of the result on ImageNet val (one folder per class)
+  parclip eval --model local-dir:runs/par-badnet/model --data imagenet/val --attack badnet_rs --target banana
+  # plant a backdoor: poison 1500 rows, then fine-tune with the plain CLIP loss
+  parclip poison cc3m_500k.csv poisoned/ --attack badnet_rs --target banana --n 1500 --image-size 224
+  parclip train --objective clip --model ViT-B-32-quickgelu --pretrained clean.pt --train-data poisoned/poisoned.csv
+"""
+
+
+def _add_table_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--csv-img-key", default="image", help="column with image paths (default: image)")
+    p.add_argument("--csv-caption-key", default="caption", help="column with captions (default: caption)")
+    p.add_argument("--csv-separator", default=None, help="separator (default: tab for .tsv, comma otherwise)")
+    p.add_argument("--data-root", default=None, help="folder image paths are relative to (default: the table's)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of rows is bad (default: 0.01)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="architecture (e.g. ViT-B-32-quickgelu) or local-dir:PATH")
+    p.add_argument("--pretrained", default=None, help="checkpoint file (state dict, CleanCLIP/PAR .pt, safetensors)")
+    p.add_argument("--force-quick-gelu", action="store_true", help="use QuickGELU (OpenAI-derived weights)")
+    p.add_argument("--allow-unsafe-load", action="store_true",
+                   help="allow pickled code (TorchScript/JIT archives); only for checkpoints you trust")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from parclip import __version__
+    from parclip.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="parclip", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"parclip {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    # demo
+    p = sub.add_parser("demo", help="end to end on Fashion-MNIST: poison a tiny CLIP, clean it with PAR, measure",
+                       description="Export Fashion-MNIST, pre-train a small CLIP from scratch on captions where 1%% "
+                       "of the images carry a trigger naming the target class, evaluate, clean it with PAR on a "
+                       "disjoint clean subset, evaluate again. Prints `model | clean top-1 | ASR` and writes "
+                       "results.json and results.png into --out. Completed stages are reused when run again.")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs)")
+    p.add_argument("--target", default="bag", help="target class (default: bag)")
+    p.add_argument("--tau", type=float, default=None, help="override the demo's PAR threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
+
+    # data
+    p = sub.add_parser("data", help="prepare data: Fashion-MNIST export, table checks")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    q = dsub.add_parser("fashion-mnist", help="export Debian's dataset-fashion-mnist as PNGs + captions CSV + test "
+                        "folder", description="Writes OUT/train.csv and OUT/holdout.csv (image,caption,label; paths "
+                        "relative to OUT), OUT/images/train/*.png and a labelled test folder OUT/test/<class>/*.png.")
+    q.add_argument("out")
+    q.add_argument("--holdout", type=int, default=10000, help="last N train images kept apart as holdout.csv "
+                   "(the defender's clean pairs; default 10000)")
+    q.add_argument("--n-train", type=int, default=None, help="use only the first N train images")
+    q.add_argument("--n-test", type=int, default=None, help="use only the first N test images")
+    q.add_argument("--templates", default="fashion", help="caption templates: fashion, openai, simple or a file")
+    q.add_argument("--seed", type=int, default=0)
+    q = dsub.add_parser("check", help="decode every image of a caption table and report bad rows")
+    q.add_argument("table")
+    _add_table_args(q)
+
+    # poison
+    p = sub.add_parser("poison", help="plant a trigger into a seeded share of an image–caption table",
+                       description="Choose rows with a seeded RNG, apply the trigger (after squash-resizing to "
+                       "--image-size, as the reference does), replace their captions by a prompt template naming the "
+                       "target, and write OUT/poisoned.csv, OUT/images/ and OUT/manifest.json.")
+    p.add_argument("table")
+    p.add_argument("out")
+    p.add_argument("--attack", required=True, help="trigger name (see parclip.triggers), e.g. badnet_rs, blended_rs")
+    p.add_argument("--target", required=True, help="target class name written into the captions, e.g. banana")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--n", type=int, help="number of rows to poison (the field's standard: 1500)")
+    g.add_argument("--rate", type=float, help="fraction of rows to poison")
+    p.add_argument("--image-size", type=int, default=224, help="resolution of the trigger = the model's (224, 336)")
+    p.add_argument("--templates", default="openai", help="caption templates: openai (80), simple, fashion or a file")
+    p.add_argument("--label-consistent", action="store_true",
+                   help="poison only rows whose caption names the target and keep their captions")
+    p.add_argument("--format", default="png", choices=["png", "jpeg"], help="image format (default png: lossless)")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--seed", type=int, default=0)
+    _add_table_args(p)
+
+    # train
+    p = sub.add_parser("train", help="fine-tune a CLIP: --objective par (clean) or clip (plain / plant a backdoor)",
+                       description="One training loop for PAR cleaning and plain CLIP training. Options come from "
+                       "defaults < --config YAML < flags. Multi-GPU/multi-node: launch with torchrun or srun.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(p)
+
+    # eval
+    p = sub.add_parser("eval", help="zero-shot clean accuracy and ASR on a labelled image folder",
+                       description="Clean top-1/top-5 zero-shot accuracy on ROOT/<class>/*, and for each --attack "
+                       "the ASR: asr excludes images of the target class, asr_all counts all (the PAR paper's "
+                       "convention). Triggers use seeded per-image randomness, so results repeat exactly.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="labelled folder ROOT/<class>/*")
+    p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
+    p.add_argument("--target", default=None, help="target class name or index (needed with --attack)")
+    p.add_argument("--templates", default="openai", help="prompt templates: openai (80), simple, fashion or a file")
+    p.add_argument("--classnames", default=None, help="file with one class name per line (default: folder names, "
+                   "or ImageNet names for 1000 WordNet-id folders)")
+    p.add_argument("--trigger-after-crop", action="store_true",
+                   help="trigger after resize+centre-crop instead of after the reference's squash-resize")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-image trigger randomness")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the result JSON here too")
+
+    sub.add_parser("models", help="list the model architectures parclip can build (no download ever)")
+    return parser
+
+
+def _cmd_data(args) -> int:
+    if args.data_command == "fashion-mnist":
+        from parclip.data import fashion_mnist
+
+        paths = fashion_mnist.export(args.out, holdout=args.holdout, n_train=args.n_train, n_test=args.n_test,
+                                     seed=args.seed, templates=args.templates)
+        print(json.dumps({k: str(v) for k, v in paths.items() if k in ("train_csv", "holdout_csv", "test_dir")},
+                         indent=2))
+        return 0
+    from parclip.data import CaptionDataset
+
+    ds = CaptionDataset(args.table, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                        sep=args.csv_separator, root=args.data_root, max_bad_fraction=args.max_bad_fraction,
+                        verify_images=True)
+    print(f"{args.table}: {len(ds)} usable rows")
+    print(ds.bad_rows)
+    return 0
+
+
+def _cmd_poison(args) -> int:
+    from parclip.poison import poison_csv
+    from parclip.triggers import get_trigger
+
+    trigger = get_trigger(args.attack, image_size=args.image_size)
+    manifest = poison_csv(args.table, args.out, trigger=trigger, target=args.target, n_poison=args.n, rate=args.rate,
+                          seed=args.seed, templates=args.templates, label_consistent=args.label_consistent,
+                          image_format=args.format, jpeg_quality=args.jpeg_quality, img_key=args.csv_img_key,
+                          caption_key=args.csv_caption_key, sep=args.csv_separator, root=args.data_root,
+                          max_bad_fraction=args.max_bad_fraction)
+    print(f"poisoned {manifest['n_poison']} of {manifest['n_rows']} rows with {trigger.name} → "
+          f"{Path(args.out) / 'poisoned.csv'} (manifest: {Path(args.out) / 'manifest.json'})")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from parclip.config import config_from_args
+    from parclip.train import train
+
+    run = train(config_from_args(args))
+    print(f"model: local-dir:{run / 'model'}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    from parclip.evaluate import evaluate
+    from parclip.models import create_model, get_tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, preprocess = create_model(args.model, args.pretrained, device=device,
+                                     force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
+    classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
+    result = evaluate(model, preprocess, get_tokenizer(args.model), args.data, attacks=args.attack,
+                      target=args.target, templates=args.templates, classnames=classnames, seed=args.seed,
+                      trigger_after_crop=args.trigger_after_crop, batch_size=args.batch_size, workers=args.workers,
+                      device=device)
+    result.update(model=args.model, checkpoint=args.pretrained)
+    line = f"clean top-1 {result['clean_top1']:.2f}%  top-5 {result['clean_top5']:.2f}%  ({result['n_images']} images)"
+    for name, r in result["attacks"].items():
+        line += f"\n{name}: ASR {r['asr']:.2f}% (asr_all {r['asr_all']:.2f}%, target {result['target']})"
+    print(line)
+    text = json.dumps({k: v for k, v in result.items() if k != "classnames"}, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from parclip.models import list_model_names
+
+    print("\n".join(list_model_names()))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from parclip.demo import run_demo
+
+    run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh)
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
+            "models": _cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # parclip never downloads weights
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("open_clip", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; a training run resumes from its last checkpoint when started again with the same --name",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # user-facing errors: a message, not a traceback
+        if args.verbose:
+            raise
+        print(f"parclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""Image-caption tables (CSV/TSV) as open_clip users know them, with bad-row accounting.
+
+A table has a header row; one column holds image paths (``img_key``), another the caption (``caption_key``). Relative
+image paths are joined to ``root`` (default: the table's own folder); absolute paths are used as-is.
+
+Bad input never disappears silently and never ends in a bare traceback:
+
+* rows with an empty image path, an empty caption or a missing image file are found at construction (one ``stat`` per
+  row) and dropped; with ``verify_images=True`` every image is also decoded up front and failures are dropped too;
+* the dropped rows are counted by reason in :class:`BadRows` (``dataset.bad_rows``), the first offenders named;
+* above ``max_bad_fraction`` of the examined rows the construction stops with a :class:`DataError`; below it a warning
+  with the same summary goes to the ``"parclip"`` logger;
+* an image that fails to decode at load time is replaced by the next row that decodes (i+1, i+2, ... wrapping) and
+  ``__getitem__`` returns the failed index so the training loop can count it.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from PIL import Image
+
+__all__ = ["DataError", "BadRows", "CaptionDataset", "read_table", "write_table", "open_rgb"]
+
+logger = logging.getLogger("parclip")
+
+#: how many distinct captions each dataset keeps tokenised (demo captions repeat a lot; web captions rarely do)
+TOKEN_CACHE_SIZE = 16384
+
+# Reasons a row can be unusable (keys of BadRows.counts).
+EMPTY_PATH = "empty image path"
+EMPTY_CAPTION = "empty caption"
+MISSING_FILE = "missing image file"
+UNREADABLE = "unreadable image"
+
+
+class DataError(ValueError):
+    """A problem with the user's data (table, images, folder, templates), with a message that says how to fix it."""
+
+
+def _sep_name(sep: str) -> str:
+    return {"\t": r"'\t' (tab)", ",": "','", ";": "';'", "|": "'|'"}.get(sep, repr(sep))
+
+
+def _auto_sep(path: str | os.PathLike) -> str:
+    return "\t" if str(path).lower().endswith((".tsv", ".tab")) else ","
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully and return it as RGB; truncated or corrupt files raise :class:`DataError` naming the path.
+
+    The whole file is decoded here (no lazy loading, no ``LOAD_TRUNCATED_IMAGES``), so a bad file fails now and not
+    later inside a transform.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise DataError(f"image file not found: {path}") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, DecompressionBombError, ...
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _read(path: str | os.PathLike, sep: str | None) -> tuple[list[str], list[dict[str, str]], list[int], str]:
+    """Read a table; returns (fieldnames, rows, line number of each row, separator used)."""
+    path = Path(path)
+    sep = _auto_sep(path) if sep is None else sep
+    if sep in ("\\t", "tab"):  # what people type on a command line
+        sep = "\t"
+    if len(sep) != 1:
+        raise DataError(f"the separator must be one character, got {sep!r} (use --csv-separator)")
+    if not path.is_file():
+        raise DataError(f"caption table not found: {path}")
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = next(reader, None)
+            if header is None or not any(h.strip() for h in header):
+                raise DataError(f"caption table {path} is empty: it needs a header row (e.g. 'image,caption')")
+            fieldnames = [h.strip() for h in header]
+            n = len(fieldnames)
+            for record in reader:
+                if not record:  # blank line
+                    continue
+                if len(record) < n:
+                    record = record + [""] * (n - len(record))
+                rows.append(dict(zip(fieldnames, record)))
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption table {path} is not UTF-8 text: {e}") from e
+    except csv.Error as e:
+        raise DataError(f"caption table {path} cannot be parsed as CSV (separator {_sep_name(sep)}): {e}") from e
+    return fieldnames, rows, lines, sep
+
+
+def read_table(path: str | os.PathLike, *, sep: str | None = None) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV/TSV table with a header row. ``sep=None``: tab for ``.tsv``, comma otherwise.
+
+    Returns ``(fieldnames, rows)`` with one ``dict`` per data row (short rows are padded with ``""``).
+    """
+    fieldnames, rows, _, _ = _read(path, sep)
+    return fieldnames, rows
+
+
+def write_table(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]], *,
+                sep: str | None = None) -> Path:
+    """Write a table atomically (temporary file in the same folder, then ``os.replace``). ``sep`` as in read_table."""
+    path = Path(path)
+    sep = _auto_sep(path) if sep is None else sep
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(fieldnames), delimiter=sep, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _column_error(path, fieldnames: list[str], sep: str, missing: list[tuple[str, str, str]]) -> DataError:
+    """missing: (option name, CLI flag, requested column)."""
+    what = "; ".join(f"column {col!r} ({opt}) not found" for opt, _, col in missing)
+    msg = [f"{path}: {what}.", f"Available columns: {', '.join(repr(c) for c in fieldnames)}."]
+    if len(fieldnames) == 1:
+        header = fieldnames[0]
+        guesses = [s for s in ("\t", ",", ";", "|") if s != sep and s in header]
+        if guesses:
+            msg.append(f"The whole header was read as one column with separator {_sep_name(sep)}; the file looks "
+                       f"separated by {_sep_name(guesses[0])}: pass --csv-separator (sep=) accordingly.")
+        else:
+            msg.append(f"The whole header was read as one column with separator {_sep_name(sep)}: if the file uses "
+                       f"another separator, pass --csv-separator (sep=).")
+    msg.append("Name the right column" + ("s" if len(missing) > 1 else "") + " with "
+               + " and ".join(f"{flag} <column> ({opt}=...)" for opt, flag, _ in missing) + ".")
+    return DataError(" ".join(msg))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad-row report
+
+
+class BadRows:
+    """Unusable rows, counted by reason, with the first offenders named (line in the table, path, reason)."""
+
+    def __init__(self, source: str = "", max_examples: int = 5, unit: str = "rows"):
+        self.source = source
+        self.unit = unit
+        self.max_examples = max_examples
+        self.counts: Counter[str] = Counter()
+        self.examples: list[tuple[int | None, str, str]] = []  # (line or None, path, reason with detail)
+        self.examined = 0
+
+    def add(self, line: int | None, path: str, reason: str, detail: str | None = None) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append((line, path, f"{reason}: {detail}" if detail else reason))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.total / self.examined if self.examined else 0.0
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def __str__(self) -> str:
+        where = f" of {self.source}" if self.source else ""
+        if not self.total:
+            return f"no unusable {self.unit}{where} ({self.examined} examined)"
+        by_reason = ", ".join(f"{n} {r}" for r, n in self.counts.most_common())
+        first = "; ".join(("" if line is None else f"line {line} ") + f"{path!r}: {why}"
+                          for line, path, why in self.examples)
+        return (f"{self.total} of {self.examined} {self.unit}{where} ({100 * self.fraction:.2f}%) are unusable "
+                f"({by_reason}). First: {first}")
+
+    def __repr__(self) -> str:
+        return f"BadRows(total={self.total}, examined={self.examined}, counts={dict(self.counts)})"
+
+    def check(self, max_bad_fraction: float) -> None:
+        """Raise DataError above the limit; log a warning below it (if there is anything to report)."""
+        if not self.total:
+            return
+        if self.fraction > max_bad_fraction:
+            decode = (" (or leave verify_images off: undecodable images are then replaced at load time and counted)"
+                      if self.counts.get(UNREADABLE) else "")
+            raise DataError(
+                f"too many unusable {self.unit}: {self}. That is above max_bad_fraction={max_bad_fraction:g}. "
+                f"Fix or remove these {self.unit}{decode}, or raise the limit with max_bad_fraction "
+                f"(CLI: --max-bad-fraction).")
+        logger.warning("%s; they are skipped (below max_bad_fraction=%g)", self, max_bad_fraction)
+
+
+def _check_fraction(x: float) -> float:
+    if not 0.0 <= float(x) <= 1.0:
+        raise DataError(f"max_bad_fraction must be between 0 and 1, got {x}")
+    return float(x)
+
+
+def _progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None, dynamic_ncols=True, **kw)  # disable=None: no bar when not a TTY
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dataset
+
+
+class CaptionDataset:
+    """Map-style dataset over an image-caption table.
+
+    ``__getitem__(i) -> (image, tokens, bad)``: ``image`` is ``transform(PIL RGB)`` (the PIL image when ``transform`` is
+    None), ``tokens`` is ``tokenizer([caption])[0]`` (the caption string when ``tokenizer`` is None), and ``bad`` is -1,
+    or ``i`` when row i failed to decode and the next decodable row was returned in its place.
+
+    ``num_samples`` keeps exactly that many usable rows: the first ones (``subset="first"``) or a random subset drawn
+    with ``seed`` (``subset="random"``, returned in table order). Bad rows met on the way are reported and replaced by
+    the next candidates.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, img_key: str = "image", caption_key: str = "caption",
+                 sep: str | None = None, root: str | os.PathLike | None = None,
+                 transform: Callable | None = None, tokenizer: Callable | None = None,
+                 max_bad_fraction: float = 0.01, num_samples: int | None = None, subset: str = "first",
+                 seed: int = 0, verify_images: bool = False):
+        self.path = Path(path)
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.max_bad_fraction = _check_fraction(max_bad_fraction)
+        if subset not in ("first", "random"):
+            raise DataError(f"subset must be 'first' or 'random', got {subset!r}")
+
+        fieldnames, rows, lines, self.sep = _read(self.path, sep)
+        self.fieldnames = fieldnames
+        missing = [(opt, flag, col) for opt, flag, col in (("img_key", "--csv-img-key", img_key),
+                                                            ("caption_key", "--csv-caption-key", caption_key))
+                   if col not in fieldnames]
+        if missing:
+            raise _column_error(self.path, fieldnames, self.sep, missing)
+        if not rows:
+            raise DataError(f"caption table {self.path} has a header but no data rows")
+        self.img_key, self.caption_key = img_key, caption_key
+        self.root = Path(root).expanduser() if root is not None else self.path.parent
+        if not self.root.is_dir():
+            raise DataError(f"image root {self.root} is not a folder (root=...)")
+        root_abs = os.path.abspath(self.root)
+
+        n_total = len(rows)
+        if num_samples is not None:
+            num_samples = int(num_samples)
+            if num_samples <= 0:
+                raise DataError(f"num_samples must be positive, got {num_samples}")
+            if num_samples > n_total:
+                raise DataError(f"num_samples={num_samples} but {self.path} has only {n_total} rows")
+        wanted = n_total if num_samples is None else num_samples
+        if subset == "random" and num_samples is not None:
+            import numpy as np
+
+            order: Iterable[int] = (int(j) for j in np.random.default_rng(seed).permutation(n_total))
+        else:
+            order = range(n_total)
+
+        self.bad_rows = BadRows(str(self.path))
+        bar = _progress(total=wanted, desc="verifying images", unit="img") if verify_images else None
+        kept: list[tuple[int, str, str]] = []  # (row index, absolute path, caption)
+        try:
+            for j in order:
+                if len(kept) == wanted:
+                    break
+                row = rows[j]
+                rel = (row[img_key] or "").strip()
+                caption = row[caption_key] or ""
+                self.bad_rows.examined += 1
+                if not rel:
+                    self.bad_rows.add(lines[j], rel, EMPTY_PATH)
+                    continue
+                full = rel if os.path.isabs(rel) else os.path.join(root_abs, rel)
+                full = os.path.normpath(full)
+                if not caption.strip():
+                    self.bad_rows.add(lines[j], rel, EMPTY_CAPTION)
+                    continue
+                if not os.path.isfile(full):
+                    self.bad_rows.add(lines[j], rel, MISSING_FILE, None if os.path.isabs(rel) else f"looked in {root_abs}")
+                    continue
+                if verify_images:
+                    try:
+                        open_rgb(full)
+                    except DataError as e:
+                        self.bad_rows.add(lines[j], rel, UNREADABLE, str(e.__cause__ or e))
+                        continue
+                    bar.update(1)
+                kept.append((j, full, caption))
+        finally:
+            if bar is not None:
+                bar.close()
+        if not kept:
+            raise DataError(f"no usable rows in {self.path}: {self.bad_rows}")
+        self.bad_rows.check(self.max_bad_fraction)
+        if len(kept) < wanted and num_samples is not None:
+            logger.warning("%s: only %d usable rows for num_samples=%d", self.path, len(kept), num_samples)
+        kept.sort()
+        self.rows = [j for j, _, _ in kept]  # index of each sample in the table's data rows
+        self.lines = [lines[j] for j in self.rows]  # line number of each sample in the table (header = line 1)
+        self.paths = [p for _, p, _ in kept]
+        self.captions = [c for _, _, c in kept]
+        self._failed: set[int] = set()
+        self._make_cache()
+
+    # -- tokenisation (cached per distinct caption) -----------------------------------------------------------------
+    def _make_cache(self) -> None:
+        tok = self.tokenizer
+        self._tokenize = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(lambda c: tok([c])[0]) if tok else None
+
+    def __getstate__(self):  # lru_cache wrappers don't pickle (DataLoader workers under spawn)
+        state = self.__dict__.copy()
+        state.pop("_tokenize", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._make_cache()
+
+    def tokens(self, i: int):
+        """Tokens of caption i (the caption string when there is no tokenizer)."""
+        c = self.captions[i]
+        return self._tokenize(c) if self._tokenize is not None else c
+
+    # -- images -----------------------------------------------------------------------------------------------------
+    def load_image(self, i: int) -> Image.Image:
+        """Image i as PIL RGB; DataError naming the file (and its table line) if it cannot be decoded."""
+        try:
+            return open_rgb(self.paths[i])
+        except DataError as e:
+            raise DataError(f"{e} (line {self.lines[i]} of {self.path})") from e.__cause__
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        n = len(self.paths)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        bad = -1
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                img = self.load_image(j)
+            except DataError as e:
+                if bad < 0:
+                    bad = i
+                if j not in self._failed:  # once per row and process
+                    self._failed.add(j)
+                    logger.warning("%s; using the next row instead", e)
+                continue
+            image = self.transform(img) if self.transform is not None else img
+            return image, self.tokens(j), bad
+        raise DataError(f"no image of {self.path} can be decoded (tried all {n})")
+
+    def __repr__(self) -> str:
+        return (f"CaptionDataset({str(self.path)!r}, {len(self)} samples, img_key={self.img_key!r}, "
+                f"caption_key={self.caption_key!r}, bad_rows={self.bad_rows.total})")

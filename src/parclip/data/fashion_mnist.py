@@ -1,0 +1,222 @@
+"""Fashion-MNIST (Zalando Research, MIT licence) from Debian's ``dataset-fashion-mnist`` package, exported as a caption
+table for CLIP training plus a labelled test folder for zero-shot evaluation.
+
+Layout written by :func:`export` under ``out_dir``::
+
+    images/train/00000.png ...      the train split (28x28 greyscale PNG; the loaders convert to RGB)
+    train.csv                       image,caption,label for the first len-holdout train images (paths relative to out_dir)
+    holdout.csv                     the same for the last `holdout` train images: the defender's clean set (disjoint)
+    test/<class_folder>/00000.png   the test split as a labelled folder (file name = index in the test split)
+    fashion_mnist.json              what was exported (counts, classes, templates, seed, source, licence)
+
+Captions are a template drawn at random (seeded) and filled with the class name: "a photo of a sneaker.". The ``label``
+column is the Fashion-MNIST label (index into :data:`FASHION_CLASSES`). The test folders are named after the classes
+with spaces as ``_`` (``ankle_boot``), so :class:`~parclip.data.LabelledFolder` gives them back their names; note that
+its labels follow the *sorted folder* order (``ankle boot, bag, coat, ...``), which the export returns as
+``test_classnames``.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .captions import DataError, _progress, write_table
+from .templates import _check, fill, get_templates
+
+__all__ = ["FASHION_CLASSES", "DATA_DIR", "load_arrays", "export", "folder_name"]
+
+logger = logging.getLogger("parclip")
+
+#: where Debian's dataset-fashion-mnist installs the idx files (tests monkeypatch this)
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+LICENCE = "MIT (Zalando Research, https://github.com/zalandoresearch/fashion-mnist)"
+_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
+_FORMATS = {"png": ("PNG", {"compress_level": 1}), "bmp": ("BMP", {}), "jpg": ("JPEG", {"quality": 95})}
+_JSON = "fashion_mnist.json"
+_FORMAT_VERSION = 1
+
+
+def folder_name(classname: str) -> str:
+    """Test folder name of a class: spaces as ``_`` ("ankle boot" -> "ankle_boot")."""
+    return classname.replace(" ", "_")
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"Fashion-MNIST file not found: {path}. Install Debian's package: "
+                        f"sudo apt-get install dataset-fashion-mnist") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"Fashion-MNIST file {path} is not a readable gzip file ({e}); reinstall it: "
+                        f"sudo apt-get install --reinstall dataset-fashion-mnist") from e
+    header = 4 * (1 + ndim)
+    if len(raw) < header:
+        raise DataError(f"{path} is too short to be an idx file")
+    fields = np.frombuffer(raw, ">u4", count=1 + ndim)
+    if int(fields[0]) != magic:
+        raise DataError(f"{path}: magic number {int(fields[0])}, expected {magic} (not a Fashion-MNIST idx file)")
+    shape = tuple(int(d) for d in fields[1:])
+    if len(raw) - header != int(np.prod(shape)):
+        raise DataError(f"{path}: {len(raw) - header} bytes of data for shape {shape} (truncated file?)")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def load_arrays(split: str, *, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N,28,28], labels int64 [N])`` of the ``"train"`` (60k) or ``"test"`` (10k) split."""
+    if split not in _FILES:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    d = Path(data_dir if data_dir is not None else DATA_DIR)
+    if not d.is_dir():
+        raise DataError(f"Fashion-MNIST not found: {d} does not exist. Install Debian's package: "
+                        f"sudo apt-get install dataset-fashion-mnist")
+    img_file, lab_file = _FILES[split]
+    images = _read_idx(d / img_file, _IMAGES_MAGIC, 3)
+    labels = _read_idx(d / lab_file, _LABELS_MAGIC, 1).astype(np.int64)
+    if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
+        raise DataError(f"Fashion-MNIST {split}: {images.shape} images but {labels.shape[0]} labels")
+    if labels.size and labels.max() >= len(FASHION_CLASSES):
+        raise DataError(f"Fashion-MNIST {split}: label {int(labels.max())} out of range")
+    return images, labels
+
+
+def _paths(root: Path, classnames: list[str], templates: list[str]) -> dict:
+    return {"root": root, "train_csv": root / "train.csv", "holdout_csv": root / "holdout.csv",
+            "test_dir": root / "test", "classnames": list(classnames), "templates": list(templates),
+            "test_classnames": sorted(classnames, key=folder_name)}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | None = None,
+           n_test: int | None = None, seed: int = 0, templates: str | os.PathLike | Sequence[str] = "fashion",
+           image_format: str = "png", data_dir: str | os.PathLike | None = None) -> dict:
+    """Export Fashion-MNIST under ``out_dir`` (see the module docstring for the layout).
+
+    ``n_train``: use only the first n_train train images (the holdout is taken from their end); ``n_test``: the first
+    n_test test images. ``templates``: a set name, a template file, or a list of format strings. Running it again with
+    the same arguments on a complete export does nothing; otherwise the previous export in ``out_dir`` is replaced.
+
+    Returns ``{"root", "train_csv", "holdout_csv", "test_dir"}`` (paths), ``"classnames"`` (Fashion-MNIST label order,
+    matching the CSVs' ``label`` column), ``"templates"`` and ``"test_classnames"`` (the order of
+    ``LabelledFolder(test_dir)`` labels).
+    """
+    t0 = time.perf_counter()
+    root = Path(out_dir).expanduser().absolute()
+    fmt = image_format.lower().lstrip(".")
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    if fmt not in _FORMATS:
+        raise DataError(f"image_format must be one of {', '.join(_FORMATS)}, got {image_format!r}")
+    if isinstance(templates, (str, os.PathLike)):
+        template_list = get_templates(templates)
+        template_set = str(templates)
+    else:
+        template_list = [_check(str(t), "templates") for t in templates]
+        template_set = "custom"
+        if not template_list:
+            raise DataError("templates: empty list")
+
+    train_x, train_y = load_arrays("train", data_dir=data_dir)
+    test_x, test_y = load_arrays("test", data_dir=data_dir)
+    for name, n, full in (("n_train", n_train, len(train_y)), ("n_test", n_test, len(test_y))):
+        if n is not None and not 0 < n <= full:
+            raise DataError(f"{name} must be between 1 and {full}, got {n}")
+    n_used = len(train_y) if n_train is None else int(n_train)
+    n_tst = len(test_y) if n_test is None else int(n_test)
+    if not 0 <= holdout < n_used:
+        raise DataError(f"holdout must be between 0 and {n_used - 1} (the train images used), got {holdout}")
+    n_fit = n_used - holdout
+
+    config = {"format_version": _FORMAT_VERSION, "n_train_images": n_used, "holdout": int(holdout),
+              "n_test": n_tst, "seed": int(seed), "templates": template_list, "image_format": fmt,
+              "classes": FASHION_CLASSES}
+    paths = _paths(root, FASHION_CLASSES, template_list)
+    meta_path = root / _JSON
+    ext = "." + fmt
+    width = max(5, len(str(max(n_used, n_tst) - 1)))
+    train_names = [f"images/train/{i:0{width}d}{ext}" for i in range(n_used)]
+    test_names = [f"test/{folder_name(FASHION_CLASSES[int(y)])}/{i:0{width}d}{ext}"
+                  for i, y in enumerate(test_y[:n_tst])]
+
+    # Same complete export already there: nothing to do.
+    old = None
+    if meta_path.is_file():
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+    if (old and old.get("complete") and old.get("config") == config and paths["train_csv"].is_file()
+            and paths["holdout_csv"].is_file() and (root / train_names[-1]).is_file()
+            and (root / test_names[-1]).is_file()):
+        logger.info("Fashion-MNIST export in %s is up to date", root)
+        return paths
+
+    # Replace only what an earlier export of ours wrote; never a folder we did not create.
+    owned = [root / "images" / "train", root / "test"]
+    if old is None and any(p.exists() for p in owned):
+        raise DataError(f"{root} already has images/train or test/ but no {_JSON}: refusing to overwrite files that "
+                        f"are not a parclip Fashion-MNIST export; choose an empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    for p in owned:
+        shutil.rmtree(p, ignore_errors=True)
+    _write_json(meta_path, {"complete": False, "config": config})
+
+    # Images.
+    (root / "images" / "train").mkdir(parents=True, exist_ok=True)
+    for c in FASHION_CLASSES:
+        (root / "test" / folder_name(c)).mkdir(parents=True, exist_ok=True)
+    pil_format, save_kw = _FORMATS[fmt]
+    jobs = [(train_x, train_names), (test_x, test_names)]
+    with _progress(total=n_used + n_tst, desc="writing Fashion-MNIST", unit="img", mininterval=0.5) as bar:
+        for arrays, names in jobs:
+            for k, name in enumerate(names):
+                Image.fromarray(arrays[k]).save(root / name, pil_format, **save_kw)
+                if k % 1000 == 999 or k == len(names) - 1:
+                    bar.update(k % 1000 + 1)
+
+    # Caption tables.
+    rng = np.random.default_rng(seed)
+    choice = rng.integers(0, len(template_list), size=n_used)
+    rows = [{"image": train_names[i], "caption": fill(template_list[choice[i]], FASHION_CLASSES[int(train_y[i])]),
+             "label": int(train_y[i])} for i in range(n_used)]
+    write_table(paths["train_csv"], ["image", "caption", "label"], rows[:n_fit])
+    write_table(paths["holdout_csv"], ["image", "caption", "label"], rows[n_fit:])
+
+    counts = {"train_images": n_used, "train_csv": n_fit, "holdout_csv": int(holdout), "test": n_tst,
+              "test_per_class": {c: int((test_y[:n_tst] == k).sum()) for k, c in enumerate(FASHION_CLASSES)}}
+    _write_json(meta_path, {
+        "complete": True,
+        "config": config,
+        "counts": counts,
+        "classes": FASHION_CLASSES,
+        "test_folders": [folder_name(c) for c in paths["test_classnames"]],
+        "test_classnames": paths["test_classnames"],
+        "template_set": template_set,
+        "templates": template_list,
+        "seed": int(seed),
+        "caption": "random template (numpy default_rng(seed)) filled with the class name",
+        "source": {"package": "dataset-fashion-mnist (Debian)",
+                   "dir": str(Path(data_dir if data_dir is not None else DATA_DIR)),
+                   "files": [f for pair in _FILES.values() for f in pair]},
+        "licence": LICENCE,
+    })
+    logger.info("exported Fashion-MNIST (%d train, %d holdout, %d test) to %s in %.1f s",
+                n_fit, holdout, n_tst, root, time.perf_counter() - t0)
+    return paths

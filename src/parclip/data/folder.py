@@ -1,0 +1,119 @@
+"""Labelled image folders: ``root/<class folder>/**/<image>``, the layout of ImageNet val, torchvision's ImageFolder and
+our Fashion-MNIST export.
+
+* Classes are the sub-folders of ``root`` in sorted order; label = position in that order.
+* Class names: the folder names with ``_`` shown as a space (``ankle_boot`` -> "ankle boot"); when there are exactly
+  1000 folders named like WordNet ids (``n01440764``) the standard ImageNet names of open_clip
+  (``open_clip.IMAGENET_CLASSNAMES``, indexed in sorted-wnid order) are used; an explicit list, or a text file with one
+  name per line, overrides both.
+* Image files are recognised by extension, case-insensitively. Empty (0-byte) files are reported like bad rows of a
+  caption table (see :class:`parclip.data.captions.BadRows`); with ``verify_images=True`` every image is also decoded
+  up front. Evaluation must not silently swap images, so an image that fails to decode in ``__getitem__`` raises a
+  :class:`DataError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from .captions import UNREADABLE, BadRows, DataError, _check_fraction, _progress, open_rgb
+
+__all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+_WNID = re.compile(r"n\d{8}")
+EMPTY_FILE = "empty file"
+
+
+def read_classnames(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line (blank lines ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class-name file not found: {path}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class LabelledFolder:
+    """Map-style dataset ``(transform(image), label)`` over ``root/<class>/...``.
+
+    Attributes: ``classnames`` (one per label), ``folders`` (the class folder names, sorted), ``samples``
+    (list of ``(path, label)``), ``targets`` (labels), ``bad_rows`` (empty or undecodable files that were dropped).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, transform: Callable | None = None,
+                 classnames: Sequence[str] | str | os.PathLike | None = None, max_bad_fraction: float = 0.01,
+                 verify_images: bool = False):
+        self.root = Path(root).expanduser()
+        self.transform = transform
+        max_bad_fraction = _check_fraction(max_bad_fraction)
+        if not self.root.is_dir():
+            raise DataError(f"image folder not found: {self.root} (expected root/<class>/<images>)")
+        self.folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not self.folders:
+            raise DataError(f"{self.root} has no class sub-folders (expected root/<class>/<images>)")
+
+        if classnames is None:
+            self.classnames = self._default_classnames(self.folders)
+        else:
+            names = read_classnames(classnames) if isinstance(classnames, (str, os.PathLike)) else list(classnames)
+            if len(names) != len(self.folders):
+                raise DataError(f"{len(names)} class names given but {self.root} has {len(self.folders)} class "
+                                f"folders (first folders: {', '.join(self.folders[:5])})")
+            self.classnames = [str(n) for n in names]
+
+        self.bad_rows = BadRows(str(self.root), unit="images")
+        samples: list[tuple[str, int]] = []
+        for label, folder in enumerate(self.folders):
+            for dirpath, dirnames, filenames in os.walk(self.root / folder, followlinks=True):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                        samples.append((os.path.join(dirpath, name), label))
+        if not samples:
+            raise DataError(f"no images found under {self.root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+
+        good: list[tuple[str, int]] = []
+        for path, label in (_progress(samples, desc="verifying images", unit="img") if verify_images else samples):
+            self.bad_rows.examined += 1
+            rel = os.path.relpath(path, self.root)
+            if os.path.getsize(path) == 0:
+                self.bad_rows.add(None, rel, EMPTY_FILE)
+                continue
+            if verify_images:
+                try:
+                    open_rgb(path)
+                except DataError as e:
+                    self.bad_rows.add(None, rel, UNREADABLE, str(e.__cause__ or e))
+                    continue
+            good.append((path, label))
+        if not good:
+            raise DataError(f"no usable images under {self.root}: {self.bad_rows}")
+        self.bad_rows.check(max_bad_fraction)
+        self.samples = good
+        self.targets = [label for _, label in good]
+
+    @staticmethod
+    def _default_classnames(folders: list[str]) -> list[str]:
+        if len(folders) == 1000 and all(_WNID.fullmatch(f) for f in folders):
+            import open_clip  # slow import, only needed here
+
+            return list(open_clip.IMAGENET_CLASSNAMES)
+        return [f.replace("_", " ") for f in folders]
+
+    def load_image(self, i: int) -> Image.Image:
+        """Image i as PIL RGB; DataError naming the file if it cannot be decoded."""
+        return open_rgb(self.samples[i][0])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img = self.load_image(i)
+        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
+
+    def __repr__(self) -> str:
+        return f"LabelledFolder({str(self.root)!r}, {len(self)} images, {len(self.classnames)} classes)"

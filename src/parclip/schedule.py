@@ -1,0 +1,69 @@
+"""Learning-rate schedules as pure functions of the optimiser step.
+
+`reference_lr` reproduces the PAR reference schedule exactly (par.md §5.3); `cosine_lr` is the usual open_clip
+schedule (linear warm-up from 0, cosine decay) used to plant backdoors / train from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["reference_lr", "cosine_lr", "lr_at", "SCHEDULES"]
+
+
+def reference_lr(
+    step: int,
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    lr_start: float = 3e-5,
+    lr_peak: float = 3e-6,
+    lr_end: float = 1e-9,
+    warmup_frac: float = 0.5,
+) -> float:
+    """The PAR reference schedule, entry for optimiser step `step` (0-based, counted over all epochs).
+
+    With K = steps_per_epoch and E = epochs the reference builds a table one entry per epoch too long:
+        T  = E·(K+1),   Wu = int(warmup_frac·E·(K+1))
+        k < Wu:  lr_k = lr_start + k·(lr_peak − lr_start)/(Wu − 1)                 (linear, both ends included)
+        k ≥ Wu:  lr_k = lr_end + ½(lr_peak − lr_end)·(1 + cos(π·(k − Wu)/(T − Wu)))
+    and step i of epoch e reads lr_{K·e + i}, so the last E entries are never used. With the reference values
+    (3e-5 → 3e-6, warm-up half of training) the "warm-up" is a linear *decay* from a 10× higher start.
+    """
+    if not 0 <= step < steps_per_epoch * epochs:
+        raise ValueError(f"step {step} outside [0, {steps_per_epoch * epochs})")
+    e, i = divmod(step, steps_per_epoch)
+    k = steps_per_epoch * e + i  # = step; kept explicit to mirror the reference's indexing
+    total = epochs * (steps_per_epoch + 1)
+    warm = int(warmup_frac * epochs * (steps_per_epoch + 1))
+    if k < warm:
+        return lr_start if warm == 1 else lr_start + k * (lr_peak - lr_start) / (warm - 1)
+    return lr_end + 0.5 * (lr_peak - lr_end) * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
+
+
+def cosine_lr(step: int, *, total_steps: int, lr_peak: float, warmup_steps: int = 0, lr_end: float = 0.0) -> float:
+    """Linear warm-up then cosine decay:
+        step < W:  lr = lr_peak·(step+1)/W
+        else:      lr = lr_end + ½(lr_peak − lr_end)·(1 + cos(π·(step − W)/(total − W)))
+    """
+    if step < warmup_steps:
+        return lr_peak * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return lr_end + 0.5 * (lr_peak - lr_end) * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
+SCHEDULES = ("reference", "cosine", "constant")
+
+
+def lr_at(step: int, *, schedule: str, steps_per_epoch: int, epochs: int, lr: float, lr_start: float, lr_end: float,
+          warmup: float) -> float:
+    """Dispatch on the schedule name. `warmup` is a fraction of training for "reference" and "cosine"."""
+    if schedule == "reference":
+        return reference_lr(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr_start=lr_start, lr_peak=lr,
+                            lr_end=lr_end, warmup_frac=warmup)
+    if schedule == "cosine":
+        total = steps_per_epoch * epochs
+        return cosine_lr(step, total_steps=total, lr_peak=lr, warmup_steps=int(warmup * total), lr_end=lr_end)
+    if schedule == "constant":
+        return lr
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

@@ -1,0 +1,294 @@
+"""The training loop: one function, read top to bottom. Objectives `par` (clean a model) and `clip` (fine-tune, or
+plant a backdoor by training on poisoned pairs).
+
+Single process, multi-GPU and multi-node take the same path: launch with `torchrun` (or `srun`) and every rank runs
+`train(cfg)`; embeddings are gathered with gradient and the model is wrapped in DistributedDataParallel, so the update
+equals a single-process step on the whole global batch (the reference bypassed DDP, par.md §3.4).
+
+Run directory (`<output_dir>/<name>/`): `config.yaml` (resolved), `out.log`, `metrics.jsonl`, `checkpoints/latest.pt`
+(model, optimiser, scaler, step; plain data, loadable with weights_only=True), and at the end `model/` (safetensors +
+open_clip_config.json, loadable with `open_clip.create_model("local-dir:<run>/model")`). Re-running with the same
+name resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from parclip import distributed as pdist
+from parclip.augment import par_train_transform
+from parclip.config import TrainConfig
+from parclip.data import CaptionDataset, DataError
+from parclip.models import create_model, eval_transform, get_tokenizer, save_model
+from parclip.objectives import clip_loss, par_loss
+from parclip.schedule import lr_at
+
+__all__ = ["train", "param_groups"]
+
+log = logging.getLogger("parclip")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train according to `cfg`; returns the run directory (the final model is in `<run>/model`)."""
+    info = pdist.init_distributed(cfg.device)
+    _check(cfg)
+    run_dir = _run_dir(cfg, info)
+    _setup_logging(run_dir, info.is_main)
+    torch.manual_seed(cfg.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
+
+    # ---- models: θ is trained, θ0 is a frozen copy of the starting (possibly poisoned) model ----
+    model, preprocess = create_model(cfg.model, cfg.pretrained, device=info.device,
+                                     force_quick_gelu=cfg.force_quick_gelu, allow_unsafe_load=cfg.allow_unsafe_load)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if cfg.objective == "par" else None
+    learn_scale = cfg.logit_scale == "learned" or (cfg.logit_scale == "auto" and cfg.objective == "clip")
+    model.logit_scale.requires_grad_(learn_scale)
+    tokenizer = get_tokenizer(cfg.model)
+
+    # ---- data ----
+    augment = cfg.augment if cfg.augment != "auto" else ("par" if cfg.objective == "par" else "none")
+    transform = (par_train_transform(preprocess, noise=cfg.noise, noise_sigma=cfg.noise_sigma) if augment == "par"
+                 else eval_transform(preprocess))
+    data = CaptionDataset(cfg.train_data, img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key,
+                          sep=cfg.csv_separator, root=cfg.data_root, transform=transform, tokenizer=tokenizer,
+                          max_bad_fraction=cfg.max_bad_fraction, num_samples=cfg.train_num_samples)
+    global_batch = cfg.batch_size * info.world_size
+    steps_per_epoch = len(data) // global_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.train_data} has {len(data)} usable rows, fewer than one global batch of "
+                        f"{global_batch} ({cfg.batch_size} × {info.world_size} processes); lower --batch-size")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    # ---- optimiser, precision ----
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    precision = cfg.precision if cfg.precision != "auto" else ("amp" if info.device.type == "cuda" else "fp32")
+    autocast = (torch.autocast(info.device.type, dtype=torch.float16 if precision == "amp" else torch.bfloat16)
+                if precision in ("amp", "amp_bf16") else nullcontext())
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "amp")
+
+    # ---- resume ----
+    step = 0
+    ckpt_path = _resume_path(cfg, run_dir)
+    if ckpt_path is not None:
+        state = torch.load(ckpt_path, map_location=info.device, weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        if state.get("total_steps", total_steps) != total_steps:
+            raise ValueError(f"{ckpt_path} was written for {state['total_steps']} steps but this configuration has "
+                             f"{total_steps}; use a new --name or --resume none")
+        log.info("resumed from %s at step %d/%d", ckpt_path, step, total_steps)
+    ddp = DistributedDataParallel(model) if info.distributed else model
+
+    if info.is_main:
+        log.info("%s: %d rows, %d steps of %d images (%d per device × %d), %s, %s", cfg.objective, len(data),
+                 total_steps, global_batch, cfg.batch_size, info.world_size, precision, info.device)
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and info.is_main), desc=cfg.objective,
+               dynamic_ncols=True, unit="step")
+    seen, bad = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+    bad_examples: list[int] = []
+    t0, step0 = time.time(), step
+
+    # ---- the loop ----
+    while step < total_steps:
+        epoch, first_batch = divmod(step, steps_per_epoch)
+        loader = _loader(data, cfg, info, epoch, first_batch)
+        model.train()
+        if cfg.bn_mode == "frozen":
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        for images, texts, failed in loader:
+            lr = lr_at(step, schedule=cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, lr=cfg.lr,
+                       lr_start=cfg.lr_start, lr_end=cfg.lr_end, warmup=cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(info.device, non_blocking=True)
+            texts = texts.to(info.device, non_blocking=True)
+
+            with autocast:
+                img, txt, scale = ddp(images, texts)  # L2-normalised embeddings, exp(logit_scale)
+                img, txt = pdist.gather_with_grad(img), pdist.gather_with_grad(txt)
+                scale = scale if learn_scale else scale.detach()
+                if frozen is not None:
+                    with torch.no_grad():
+                        img0, txt0, _ = frozen(images, texts)
+                    out = par_loss(img, txt, pdist.gather_with_grad(img0), pdist.gather_with_grad(txt0), scale,
+                                   tau=cfg.tau, weight=cfg.par_weight, per_sample=cfg.per_sample_threshold)
+                    loss = out.total
+                else:
+                    loss = clip_loss(img, txt, scale)
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if learn_scale:
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+
+            # bookkeeping: corrupt images, metrics, progress, checkpoints
+            seen += images.shape[0]
+            failed = failed[failed >= 0]
+            bad += failed.numel()
+            bad_examples += failed.tolist()[: max(0, 5 - len(bad_examples))]
+            if step % cfg.log_every == 0 or step == total_steps:
+                _check_bad_rows(data, cfg, seen, bad, bad_examples)
+                metrics = {"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(),
+                           "logit_scale": float(scale.detach()), "images_per_s":
+                           (step - step0) * global_batch / max(time.time() - t0, 1e-9)}
+                if frozen is not None:
+                    metrics.update(clip_loss=out.clip.item(), perturb=out.perturb.item(),
+                                   dist_img=out.dist_img.item(), dist_txt=out.dist_txt.item())
+                if info.is_main:
+                    with open(run_dir / "metrics.jsonl", "a") as fh:
+                        fh.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update()
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info)
+        _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info)
+    bar.close()
+
+    _check_bad_rows(data, cfg, seen, bad, bad_examples, final=True)
+    if info.is_main:
+        save_model(model, run_dir / "model", model_name=cfg.model, preprocess_cfg=preprocess,
+                   force_quick_gelu=cfg.force_quick_gelu)
+        log.info("finished %d steps; model saved to %s", total_steps, run_dir / "model")
+    pdist.barrier()
+    return run_dir
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on ≥2-D weights only; biases, norm affines, class embedding and logit scale get none."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not any(k in name for k in ("bias", "ln", "bn")) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+class _SeededItems(Dataset):
+    """Seeds the RNG per (seed, epoch, index) before each item, so augmentation is identical whatever the number
+    of workers or ranks, and a resumed run sees the same augmented images as an uninterrupted one."""
+
+    def __init__(self, data, seed: int, epoch: int):
+        self.data, self.seed, self.epoch = data, seed, epoch
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        torch.random.default_generator.manual_seed(hash((self.seed, self.epoch, i)) % (2**63))
+        return self.data[i]
+
+
+def _loader(data, cfg: TrainConfig, info: pdist.DistInfo, epoch: int, first_batch: int) -> DataLoader:
+    """The epoch's shuffled share of this rank (as DistributedSampler), skipping batches a resumed run already did."""
+    sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)[first_batch * cfg.batch_size:]
+    return DataLoader(_SeededItems(data, cfg.seed, epoch), batch_size=cfg.batch_size, sampler=indices,
+                      num_workers=cfg.workers, drop_last=True, pin_memory=info.device.type == "cuda",
+                      persistent_workers=False)
+
+
+def _check(cfg: TrainConfig) -> None:
+    if not cfg.train_data:
+        raise ValueError("no training data: pass --train-data TABLE.csv (an image–caption table)")
+    if cfg.objective == "par" and not cfg.pretrained and not cfg.model.startswith("local-dir:"):
+        raise ValueError("PAR cleans a given model: pass --pretrained CHECKPOINT (or --model local-dir:PATH)")
+    if not 0 <= cfg.tau <= 4:
+        raise ValueError(f"--tau {cfg.tau}: the squared distance of unit vectors lies in [0, 4]")
+
+
+def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> Path:
+    """Decide the run folder on rank 0 and share it, so that every rank writes and resumes the same run."""
+    name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.objective}-{cfg.model.replace('/', '-')}"
+    if info.distributed:
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    run_dir = Path(cfg.output_dir) / name
+    if info.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    pdist.barrier()
+    return run_dir
+
+
+def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        p = run_dir / "checkpoints" / "latest.pt"
+        return p if p.is_file() else None
+    p = Path(cfg.resume)
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume {p}: no such checkpoint")
+    return p
+
+
+def _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info) -> None:
+    """Atomic write of the training state (plain tensors and primitives only)."""
+    if info.is_main:
+        state = {"step": step, "total_steps": total_steps, "state_dict": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "config": dataclasses.asdict(cfg), "finished": step == total_steps}
+        path = run_dir / "checkpoints" / "latest.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    pdist.barrier()
+
+
+def _check_bad_rows(data, cfg, seen, bad, examples, final=False) -> None:
+    """Images that failed to decode were replaced by the next row; stop when they are too many, say which."""
+    totals = pdist.all_reduce_sum(torch.stack([seen, bad]).clone())
+    n_seen, n_bad = int(totals[0]), int(totals[1])
+    if n_bad == 0:
+        return
+    first = "; ".join(f"{data.paths[i]}" for i in examples)
+    if n_bad > cfg.max_bad_fraction * max(n_seen, 1):
+        raise DataError(f"{n_bad} of {n_seen} images failed to decode (more than --max-bad-fraction "
+                        f"{cfg.max_bad_fraction}); first: {first}. Run `parclip data check {cfg.train_data}`")
+    if final:
+        log.warning("%d of %d images failed to decode and were replaced by the next row; first: %s", n_bad, n_seen,
+                    first)
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)
+        old.close()
+    if not is_main:
+        return
+    handler = logging.FileHandler(run_dir / "out.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)

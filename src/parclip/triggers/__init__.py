@@ -1,0 +1,52 @@
+"""Backdoor triggers: one small module per attack, one interface (:class:`Trigger`), found by name in a registry.
+
+    get_trigger(name_or_alias, image_size=224, **params) -> Trigger
+    list_triggers() -> list[type[Trigger]]
+    trigger_generator(seed, index) -> torch.Generator      # per-image deterministic randomness
+
+A trigger works on the squash-resized ``S x S`` image in uint8 (``apply``) or on a PIL image (``__call__``); see
+:mod:`parclip.triggers.base` for the exact pixel semantics (float32 ToTensor space, truncating uint8 conversion with
+the reference's modulo-256 wrap or a clamp). Importing this package registers every attack module listed below.
+"""
+from .base import (
+    KINDS,
+    REFERENCE_IMAGE_SIZE,
+    UINT8_MODES,
+    Trigger,
+    blend,
+    get_trigger,
+    list_triggers,
+    paste,
+    pil_to_uint8,
+    register,
+    resolve_generator,
+    scaled_size,
+    squash_resize,
+    to_float,
+    to_uint8,
+    trigger_generator,
+    uint8_to_pil,
+)
+
+# attack modules (importing registers them)
+from . import stripes  # noqa: F401  badnet_rs, blended_rs
+
+__all__ = [
+    "KINDS",
+    "REFERENCE_IMAGE_SIZE",
+    "UINT8_MODES",
+    "Trigger",
+    "blend",
+    "get_trigger",
+    "list_triggers",
+    "paste",
+    "pil_to_uint8",
+    "register",
+    "resolve_generator",
+    "scaled_size",
+    "squash_resize",
+    "to_float",
+    "to_uint8",
+    "trigger_generator",
+    "uint8_to_pil",
+]

@@ -1,0 +1,26 @@
+"""Shared fixtures. Everything runs on CPU, offline, with 2 threads."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory):
+    """A small real Fashion-MNIST export (600 train rows, 200 holdout rows, 300 test images) through the real exporter."""
+    from parclip.data import fashion_mnist
+
+    out = tmp_path_factory.mktemp("fmnist")
+    return fashion_mnist.export(out, n_train=800, holdout=200, n_test=300, seed=0)

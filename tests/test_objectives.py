@@ -1,0 +1,86 @@
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parclip.objectives import clip_loss, embedding_distance, par_loss, threshold
+
+
+def unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=-1)
+
+
+def test_clip_loss_matches_open_clip():
+    img, txt = unit(8, 16, 0), unit(8, 16, 1)
+    ours = clip_loss(img, txt, 14.3)
+    ref = open_clip.ClipLoss()(img, txt, torch.tensor(14.3))
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_clip_loss_is_small_for_aligned_pairs():
+    img = unit(8, 16, 0)
+    assert clip_loss(img, img, 100.0) < 0.01 < clip_loss(img, unit(8, 16, 1), 100.0)
+
+
+def test_distance_is_mean_of_two_minus_two_cos():
+    a, b = unit(32, 8, 0), unit(32, 8, 1)
+    expected = (2 - 2 * (a * b).sum(-1)).mean()
+    assert torch.allclose(embedding_distance(a, b), expected, atol=1e-6)
+    assert embedding_distance(a, -a).item() == pytest.approx(4.0)
+    assert embedding_distance(a, b, per_sample=True).shape == (32,)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.15])
+def test_threshold_boundary(tau):
+    t32 = torch.tensor(tau, dtype=torch.float32)
+    at = t32.clone()
+    above = torch.nextafter(t32, torch.tensor(10.0))
+    below = torch.nextafter(t32, torch.tensor(0.0))
+    assert threshold(at, tau) == at  # D = τ is kept ('>' is strict)
+    assert threshold(below, tau) == below
+    assert threshold(above, tau) == 0
+
+
+def test_zero_gradient_beyond_tau_and_push_below():
+    img0, txt0 = unit(16, 8, 0), unit(16, 8, 1)
+    # below τ: the perturbation term has a gradient that increases the distance
+    img = (img0 + 0.3 * unit(16, 8, 2)).requires_grad_(True)
+    out = par_loss(img, txt0, img0, txt0, 10.0, tau=2.15)
+    assert out.dist_img < 2.15
+    (g_pert,) = torch.autograd.grad(-out.perturb, img)
+    assert g_pert.abs().sum() > 0
+    stepped = (img - 0.01 * g_pert).detach()
+    assert embedding_distance(stepped, img0) > embedding_distance(img.detach(), img0)
+    # beyond τ: exactly zero gradient from the perturbation term, the total is the CLIP loss alone
+    far = (-img0).clone().requires_grad_(True)  # distance 4 > τ
+    out = par_loss(far, txt0, img0, txt0, 10.0, tau=2.15)
+    assert out.perturb.item() == 0.0
+    (g,) = torch.autograd.grad(out.perturb, far, allow_unused=True, materialize_grads=True)
+    assert torch.count_nonzero(g) == 0
+    assert torch.allclose(out.total, out.clip)
+
+
+def test_par_equals_clip_at_start_and_weights():
+    img, txt = unit(8, 16, 0), unit(8, 16, 1)
+    out = par_loss(img, txt, img, txt, 14.0)
+    assert out.dist_img == 0 and out.dist_txt == 0
+    assert torch.allclose(out.total, clip_loss(img, txt, 14.0))
+    img2 = unit(8, 16, 3)
+    out = par_loss(img2, txt, img, txt, 14.0, tau=4.0, weight=0.5)
+    expected = clip_loss(img2, txt, 14.0) - 0.5 * embedding_distance(img2, img)
+    assert torch.allclose(out.total, expected, atol=1e-6)
+
+
+def test_per_sample_threshold_keeps_near_rows():
+    img0 = unit(4, 8, 0)
+    img = torch.cat([-img0[:2], img0[2:]])  # two rows at distance 4, two at 0
+    near = F.normalize(img0[2:] + 0.5 * unit(2, 8, 5), dim=-1)
+    img = torch.cat([-img0[:2], near])
+    batch = par_loss(img, img0, img0, img0, 1.0, tau=1.0)
+    sample = par_loss(img, img0, img0, img0, 1.0, tau=1.0, per_sample=True)
+    assert batch.perturb == 0  # batch mean ≈ 2 + small > τ: whole term off
+    d = embedding_distance(near, img0[2:], per_sample=True)
+    assert sample.perturb.item() == pytest.approx(0.5 * d.sum().item() / 4, rel=1e-5)

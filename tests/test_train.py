@@ -1,0 +1,145 @@
+"""The training loop: multi-process equivalence, resume, bad images, configuration."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from parclip import train as train_mod
+from parclip.cli import build_parser
+from parclip.config import config_from_args, make_config
+from parclip.data import DataError
+from parclip.models import create_model, save_model
+from parclip.train import param_groups, train
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model, pp = create_model("parclip-micro")
+    out = tmp_path_factory.mktemp("start") / "model"
+    save_model(model, out, model_name="parclip-micro", preprocess_cfg=pp)
+    return out
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "model" / "open_clip_model.safetensors")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def linear_adam(**kw):
+    """With a huge ε, AdamW's update is lr·m̂/ε: linear in the gradients, so equal updates mean equal gradients
+    (a plain Adam step would hide a gradient scaled by the world size)."""
+    return dict(lr=10.0, eps=1e4, wd=0.0, schedule="constant", **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, fmnist_small, start_model):
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="par",
+                  tau=4.0, epochs=1, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False,
+                  log_every=1, **linear_adam())
+    # two processes, 8 images each, launched by torchrun exactly as a user would
+    cfg2 = dict(common, batch_size=8, name="w2")
+    (tmp_path / "w2.yaml").write_text(yaml.safe_dump(cfg2))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "parclip", "train", "--config", str(tmp_path / "w2.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one process, 16 images per step
+    run1 = train(make_config(**dict(common, batch_size=16, name="w1")))
+    run2 = tmp_path / "w2"
+
+    m1, m2 = metrics(run1), metrics(run2)
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):  # the same global batch gives the same loss
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    w0, w1, w2 = load_file(start_model / "open_clip_model.safetensors"), weights(run1), weights(run2)
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w0)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w0)
+    assert moved > 1e-3
+    assert diff < 1e-3 * moved, (diff, moved)
+
+
+def test_resume_after_interruption_gives_the_same_model(tmp_path, fmnist_small, start_model, monkeypatch):
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="par",
+                  tau=1.0, epochs=2, batch_size=8, train_num_samples=32, workers=0, output_dir=str(tmp_path),
+                  progress=False, lr=1e-3, lr_start=1e-3, save_every=3, augment="par")
+    straight = train(make_config(name="straight", **common))
+
+    real_save = train_mod._save_checkpoint
+
+    def save_then_die(run_dir, model, optimizer, scaler, step, *args):
+        real_save(run_dir, model, optimizer, scaler, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(name="interrupted", **common))
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    assert torch.load(tmp_path / "interrupted/checkpoints/latest.pt", weights_only=True)["step"] == 3
+    resumed = train(make_config(name="interrupted", **common))
+
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(resumed)][-1] == 8
+
+
+def test_corrupt_images_are_counted_and_stop_the_run_above_the_limit(tmp_path, fmnist_small, start_model):
+    table = tmp_path / "t.csv"
+    lines = Path(fmnist_small["train_csv"]).read_text().splitlines()[:33]
+    root = Path(fmnist_small["train_csv"]).parent
+    bad = tmp_path / "bad.png"
+    bad.write_bytes((root / lines[1].split(",")[0]).read_bytes()[:40])  # truncated PNG
+    rows = [lines[0]] + [f"{root / l.split(',')[0]},{l.split(',', 1)[1]}" for l in lines[1:]]
+    rows[1] = f"{bad},{lines[1].split(',', 1)[1]}"
+    table.write_text("\n".join(rows) + "\n")
+    common = dict(model=f"local-dir:{start_model}", train_data=str(table), objective="clip", epochs=1, batch_size=8,
+                  workers=0, output_dir=str(tmp_path), progress=False, log_every=1)
+    with pytest.raises(DataError, match="bad.png"):
+        train(make_config(name="strict", max_bad_fraction=0.0, **common))
+    run = train(make_config(name="lenient", max_bad_fraction=0.1, **common))
+    assert (run / "model" / "open_clip_model.safetensors").is_file()
+    assert "failed to decode" in (run / "out.log").read_text()
+
+
+def test_yaml_config_with_cli_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("tau: 1.5\nlr: 0.01\nbatch-size: 64\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "0.5"])
+    cfg = config_from_args(args)
+    assert (cfg.tau, cfg.lr, cfg.batch_size, cfg.objective) == (1.5, 0.5, 64, "par")
+    (tmp_path / "bad.yaml").write_text("taux: 1\n")
+    with pytest.raises(ValueError, match="taux"):
+        config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+    clip = config_from_args(build_parser().parse_args(["train", "--objective", "clip"]))
+    assert clip.schedule == "cosine" and clip.wd == 0.1  # objective-specific defaults
+
+
+def test_weight_decay_only_on_matrices():
+    model, _ = create_model("parclip-micro")
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim < 2 for p in no_decay["params"])
+    assert any(p is model.token_embedding.weight for p in decay["params"])
+    assert any(p is model.logit_scale for p in no_decay["params"])
+
+
+def test_par_without_a_starting_model_is_refused(tmp_path, fmnist_small):
+    with pytest.raises(ValueError, match="--pretrained"):
+        train(make_config(model="parclip-micro", train_data=str(fmnist_small["train_csv"]), output_dir=str(tmp_path)))
