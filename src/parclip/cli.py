@@ -7,6 +7,8 @@
     parclip train                     fine-tune: --objective par (clean) or clip (plain fine-tuning / plant)
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
     parclip models                    list the model architectures parclip can build
+    parclip triggers list|show        the attack catalogue: a table of every trigger, or a PNG gallery of them
+    parclip attack optimize-patch     optimise a BadCLIP patch against a (clean) model and a target class
 """
 
 from __future__ import annotations
@@ -139,6 +141,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result JSON here too")
 
     sub.add_parser("models", help="list the model architectures parclip can build (no download ever)")
+
+    # triggers
+    p = sub.add_parser("triggers", help="the attack catalogue: list every trigger, or render them into a gallery")
+    tsub = p.add_subparsers(dest="triggers_command", metavar="ACTION")
+    tsub.required = True
+    q = tsub.add_parser("list", help="table of every registered trigger: name, aliases, kind, random?, parameters")
+    q.add_argument("--json", action="store_true", help="print the rows as JSON")
+    q = tsub.add_parser("show", help="render every trigger onto sample photos into one PNG gallery",
+                        description="Columns: the clean image and one per trigger; for every photo a row of images "
+                        "(squash-resized to --size, as poisoning and evaluation do), a row of x4 zooms of where the "
+                        "trigger changed the pixels most, and a row of the change |triggered - clean|. Without "
+                        "--images the bundled free photos are used (parclip/assets/LICENSES.md). Triggers that need a "
+                        "file (badclip) use --patch, or are drawn with a labelled placeholder patch.")
+    q.add_argument("--images", nargs="+", default=None, metavar="IMG", help="your photos (default: bundled ones)")
+    q.add_argument("--size", type=int, default=224, help="trigger resolution = the model's (default 224)")
+    q.add_argument("--out", default="trigger_gallery.png", help="output PNG (default trigger_gallery.png)")
+    q.add_argument("--attacks", nargs="+", default=None, metavar="NAME", help="only these triggers (default: all)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random triggers' draws (default 0)")
+    q.add_argument("--patch", default=None, help="patch file for triggers that take one (badclip)")
+    q.add_argument("--mask", default=None, help="mask file for triggers that take one (water_patt)")
+    q.add_argument("--zoom", type=int, default=4, help="enlargement of the zoom row (default 4)")
+    q.add_argument("--no-diff", action="store_true", help="leave out the |change| row")
+    q.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
+
+    # attack
+    p = sub.add_parser("attack", help="build attacks: optimize-patch (BadCLIP)")
+    asub = p.add_subparsers(dest="attack_command", metavar="ACTION")
+    asub.required = True
+    q = asub.add_parser("optimize-patch", help="optimise a BadCLIP patch against a frozen model and a target class",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Optimise a patch pasted at the image centre so that the (frozen, eval-mode) "
+                        "model embeds patched images near the target: InfoNCE to target captions + weighted triplet "
+                        "(pull towards target images, or the target's text embedding without --target-images; push "
+                        "from the same clean image). Trains on the rows of --data whose captions do NOT mention the "
+                        "target. Writes a lossless PNG and a JSON sidecar (same name, .json). Use the result with "
+                        "the trigger badclip (patch=PATH). Defaults follow the BadCLIP reference run.")
+    _add_model_args(q)
+    q.add_argument("--data", required=True, help="image-caption table (CSV/TSV)")
+    q.add_argument("--target", required=True, help="target class name, e.g. banana")
+    q.add_argument("--out", required=True, help="output patch, .png")
+    q.add_argument("--steps", type=int, default=7800, help="optimisation steps (reference: 50 epochs x 156)")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    q.add_argument("--aug-prob", type=float, default=0.5, help="probability of a step using the AutoAugment view")
+    q.add_argument("--triplet-weight", type=float, default=500.0, help="weight of the triplet term (0: off)")
+    q.add_argument("--margin", type=float, default=1.0, help="triplet margin")
+    q.add_argument("--templates", default=None, help="target captions from a template set (openai, simple, fashion) "
+                   "or file (default: the table's captions that mention the target, else openai)")
+    q.add_argument("--target-images", default=None, help="positives: a folder or table of target-class images, or "
+                   "'data' for the table's target rows (default: the target's text embedding)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--image-size", type=int, default=None, help="resolution the patch is pasted at (default: the "
+                   "model's input size)")
+    q.add_argument("--patch-size", type=int, default=None, help="patch side (default: 16 at 224, scaled)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    q.add_argument("--no-amp", action="store_true", help="run in float32 on GPU (default: bfloat16 autocast)")
+    _add_table_args(q)
     return parser
 
 
@@ -227,8 +287,53 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_triggers(args) -> int:
+    from parclip.gallery import format_trigger_table, render_gallery
+
+    if args.triggers_command == "list":
+        print(format_trigger_table(as_json=args.json))
+        return 0
+    result = render_gallery(args.images, size=args.size, attacks=args.attacks, out=args.out, seed=args.seed,
+                            patch=args.patch, mask=args.mask, zoom=args.zoom, show_diff=not args.no_diff,
+                            dpi=args.dpi)
+    print(f"{result.path}: {result.size[0]}x{result.size[1]} px, {len(result.images)} photos x "
+          f"{len(result.attacks)} triggers ({', '.join(result.attacks)})")
+    for name in result.placeholders:
+        print(f"  {name}: drawn with a generated placeholder patch (pass --patch PATH for a real one)")
+    for name, reason in result.skipped.items():
+        print(f"  skipped {name}: {reason}")
+    return 0
+
+
+def _cmd_attack(args) -> int:
+    import torch
+
+    from parclip.models import create_model, get_tokenizer
+    from parclip.patch_opt import optimize_patch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, preprocess = create_model(args.model, args.pretrained, device=device,
+                                     force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
+    result = optimize_patch(model, preprocess, get_tokenizer(args.model), args.data, args.target, out=args.out,
+                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, aug_prob=args.aug_prob,
+                            triplet_weight=args.triplet_weight, margin=args.margin, templates=args.templates,
+                            target_images=args.target_images, seed=args.seed, image_size=args.image_size,
+                            patch_size=args.patch_size, device=device, amp=False if args.no_amp else None,
+                            workers=args.workers, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                            sep=args.csv_separator, root=args.data_root, max_bad_fraction=args.max_bad_fraction,
+                            model_name=args.model, checkpoint=args.pretrained)
+    info = result.info
+    print(f"patch {info['patch_size']}x{info['patch_size']} for {info['target']!r} -> {result.path} "
+          f"(sidecar {result.json_path}); final loss {info['final_loss']:.4f} (mean of the last "
+          f"{info['final_loss_window']} steps {info['final_loss_mean']:.4f}); {info['n_clean_rows']} images used, "
+          f"{info['n_excluded_target_rows']} target rows excluded")
+    print(f"use it as the trigger badclip: get_trigger('badclip', image_size={info['image_size']}, "
+          f"patch='{result.path}', patch_size={info['patch_size']})")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
-            "models": _cmd_models}
+            "models": _cmd_models, "triggers": _cmd_triggers, "attack": _cmd_attack}
 
 
 def main(argv: list[str] | None = None) -> int:

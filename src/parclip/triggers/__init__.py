@@ -30,6 +30,13 @@ from .base import (
 
 # attack modules (importing registers them)
 from . import stripes  # noqa: F401  badnet_rs, blended_rs
+from . import badnet  # noqa: F401  badnet (reference 'random')
+from . import blended  # noqa: F401  blended
+from . import triangles  # noqa: F401  tri_patt
+from . import text  # noqa: F401  water_patt
+from . import wanet  # noqa: F401  warped
+from . import sig  # noqa: F401  sig
+from . import badclip  # noqa: F401  badclip
 
 __all__ = [
     "KINDS",

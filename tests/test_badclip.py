@@ -1,0 +1,245 @@
+"""BadCLIP: the centre-patch trigger (baselines.md §4.7, par.md §1.2-1.3, D15) and the patch optimisation."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parclip.data import DataError, read_table, write_table
+from parclip.triggers import get_trigger, pil_to_uint8, squash_resize
+from parclip.triggers.badclip import BadCLIPPatch, centre_offset, load_patch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two on a shared, busy machine (no spin-waiting)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _image(S, seed=0, batch=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, S, S) if batch is None else (batch, 3, S, S)
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+
+
+def _patch_png(path, side=16, seed=1):
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(arr, "RGB").save(path)
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def _changed(a, b):
+    rows = (a != b).any(0).any(1).nonzero().flatten()
+    cols = (a != b).any(0).any(0).nonzero().flatten()
+    return (int(rows.min()), int(rows.max()) + 1), (int(cols.min()), int(cols.max()) + 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the trigger
+
+
+@pytest.mark.parametrize("S, kwargs, span", [
+    (224, {}, (104, 120)),
+    (336, {}, (156, 180)),                 # 16 px scaled to 24 at 336
+    (336, {"patch_size": 16}, (160, 176)),  # the reference: the 16 px file unscaled
+    (28, {}, (13, 15)),                    # 2 px at 28
+])
+def test_centre_location_and_only_patch_changes(tmp_path, S, kwargs, span):
+    _patch_png(tmp_path / "p.png")
+    t = get_trigger("badclip", image_size=S, patch=str(tmp_path / "p.png"), **kwargs)
+    x = _image(S)
+    x[:] = 0  # a black image: every patch pixel of a random patch differs somewhere
+    y = t.apply(x)
+    lo, hi = span
+    assert t.region == (lo, lo, hi, hi)
+    assert centre_offset(S, hi - lo) == lo
+    inside = torch.zeros(S, S, dtype=torch.bool)
+    inside[lo:hi, lo:hi] = True
+    x2 = _image(S, seed=3)
+    y2 = t.apply(x2)
+    assert torch.equal(y2[:, ~inside], x2[:, ~inside])      # nothing outside the patch changes
+    assert torch.equal(y2[:, lo:hi, lo:hi], y[:, lo:hi, lo:hi])  # the patch replaces the pixels
+    assert _changed(x, y) == ((lo, hi), (lo, hi))
+
+
+def test_png_patch_pasted_exactly_and_swap_rb(tmp_path):
+    p = _patch_png(tmp_path / "p.png")
+    x = _image(224)
+    y = get_trigger("badclip-patch", patch=tmp_path / "p.png").apply(x)
+    assert torch.equal(y[:, 104:120, 104:120], p)
+    ys = get_trigger("badclip", patch=tmp_path / "p.png", swap_rb=True).apply(x)
+    assert torch.equal(ys[:, 104:120, 104:120], p[[2, 1, 0]])
+    assert not torch.equal(ys, y)
+    # batch = per image
+    xb = _image(224, batch=3)
+    t = get_trigger("badclip", patch=tmp_path / "p.png")
+    assert torch.equal(t.apply(xb), torch.stack([t.apply(xi) for xi in xb]))
+    assert t.random is False and t.kind == "patch"
+
+
+def test_missing_patch_gives_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"patch=.*optimize-patch"):
+        get_trigger("badclip")
+    with pytest.raises(FileNotFoundError):
+        get_trigger("badclip", patch=tmp_path / "nope.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read patch"):
+        get_trigger("badclip", patch=tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        get_trigger("badclip", patch=torch.full((3, 16, 16), 2.0))
+
+
+def test_pil_and_tensor_paths_agree(tmp_path):
+    _patch_png(tmp_path / "p.png")
+    t = get_trigger("badclip", patch=str(tmp_path / "p.png"))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8), "RGB")
+    via_pil = pil_to_uint8(t(img))
+    via_tensor = t.apply(pil_to_uint8(squash_resize(img, 224)))
+    assert torch.equal(via_pil, via_tensor)
+
+
+def test_params_round_trip_and_sha256(tmp_path):
+    _patch_png(tmp_path / "p.png")
+    t = get_trigger("badclip", image_size=336, patch=str(tmp_path / "p.png"), swap_rb=True, patch_size=16)
+    params = t.params()
+    assert params["patch"] == str(tmp_path / "p.png") and len(params["patch_sha256"]) == 64
+    json.dumps(params)
+    assert get_trigger("badclip", **params) == t
+    _patch_png(tmp_path / "p.png", seed=2)  # the file changed: the recorded hash refuses it
+    with pytest.raises(ValueError, match="sha256"):
+        get_trigger("badclip", **params)
+    # an in-memory patch round-trips through plain (JSON) values
+    arr = torch.rand(3, 16, 16)
+    tm = get_trigger("badclip", patch=arr)
+    pm = json.loads(json.dumps(tm.params()))
+    tm2 = get_trigger("badclip", **pm)
+    assert tm2 == tm and torch.equal(tm2.pattern, arr)
+    assert "array 3x16x16" in repr(tm)
+
+
+def test_float_arrays_and_resizing(tmp_path):
+    arr = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "p.npy", arr)
+    from safetensors.torch import save_file
+
+    save_file({"patch": torch.from_numpy(arr)}, str(tmp_path / "p.safetensors"))
+    x = _image(224)
+    y1 = get_trigger("badclip", patch=tmp_path / "p.npy").apply(x)
+    y2 = get_trigger("badclip", patch=tmp_path / "p.safetensors").apply(x)
+    assert torch.equal(y1, y2)
+    # float patches are truncated like the reference's ToTensor patch
+    assert torch.equal(y1[:, 104:120, 104:120], torch.trunc(torch.from_numpy(arr) * 255).to(torch.uint8))
+    assert torch.equal(load_patch(tmp_path / "p.npy"), torch.from_numpy(arr))
+    # a 32 px image patch at 224 is resized to 16 with PIL bicubic (and a warning); patch_size keeps it at 32
+    _patch_png(tmp_path / "big.png", side=32)
+    with pytest.warns(UserWarning, match="resized"):
+        t = get_trigger("badclip", patch=tmp_path / "big.png")
+    expected = pil_to_uint8(Image.open(tmp_path / "big.png").convert("RGB").resize((16, 16), Image.Resampling.BICUBIC))
+    assert torch.equal(t.apply(x)[:, 104:120, 104:120], expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t32 = get_trigger("badclip", patch=tmp_path / "big.png", patch_size=32)
+    assert t32.region == (96, 96, 128, 128)
+    assert isinstance(t32, BadCLIPPatch)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# optimize-patch
+
+
+@pytest.fixture(scope="module")
+def micro():
+    from parclip.models import create_model, get_tokenizer
+
+    torch.manual_seed(0)
+    model, pp = create_model("parclip-micro")
+    return model, pp, get_tokenizer("parclip-micro")
+
+
+@pytest.fixture(scope="module")
+def small_table(fmnist_small, tmp_path_factory):
+    """The first 120 train rows (about 12 of them 'bag'), image paths made absolute."""
+    _, rows = read_table(fmnist_small["train_csv"])
+    root = fmnist_small["train_csv"].parent
+    rows = [{**r, "image": str(root / r["image"])} for r in rows[:120]]
+    out = tmp_path_factory.mktemp("tbl") / "small.csv"
+    write_table(out, ["image", "caption", "label"], rows)
+    return out
+
+
+def test_mentions():
+    from parclip.patch_opt import mentions
+
+    assert mentions("Bananas on a table", "banana") and mentions("a BANANA.", "banana")
+    assert mentions("banana-split", "banana")
+    assert not mentions("a bandana", "banana") and not mentions("bananabread", "banana")
+    assert mentions("a photo of an ankle boot.", "ankle boot")
+
+
+def test_optimize_patch_improves_target_and_saves_lossless(micro, small_table, tmp_path):
+    from parclip.patch_opt import optimize_patch, read_patch_png, target_similarity, _encode_texts
+
+    model, pp, tok = micro
+    kw = dict(steps=25, batch_size=16, lr=0.05, aug_prob=0.0, patch_size=8, seed=0, progress=False)
+    r = optimize_patch(model, pp, tok, small_table, "bag", out=tmp_path / "p.png", **kw)
+    assert r.patch.shape == (3, 8, 8) and 0 <= r.patch.min() and r.patch.max() <= 1
+    assert not model.training and all(p.requires_grad for p in model.parameters())  # flags restored
+    # the objective goes down and triggered images move towards the target's text embedding
+    assert np.mean(r.losses[-5:]) < np.mean(r.losses[:5])
+    images = torch.stack([pil_to_uint8(squash_resize(Image.open(p), 28)) for p in r.clean_paths[:32]])
+    proto = torch.nn.functional.normalize(_encode_texts(model, tok, ["a photo of a bag."], "cpu")[0], dim=-1)
+    before = target_similarity(model, pp, r.initial_patch, images, proto)
+    after = target_similarity(model, pp, r.patch, images, proto)
+    assert after > before + 0.003
+    # lossless PNG: reading it back gives round(255 * patch) exactly; sidecar next to it
+    assert torch.equal(read_patch_png(r.path), r.patch.mul(255).round().to(torch.uint8))
+    side = json.loads((tmp_path / "p.json").read_text())
+    assert side["target"] == "bag" and side["steps"] == 25 and side["seed"] == 0 and side["patch_size"] == 8
+    assert side["final_loss"] == pytest.approx(r.losses[-1]) and side["patch_file"] == "p.png"
+    # usable as the badclip trigger at once
+    y = get_trigger("badclip", image_size=28, patch=r.path, patch_size=8).apply(images[:1])
+    assert torch.equal(y[0, :, 10:18, 10:18], read_patch_png(r.path))
+
+
+def test_optimize_patch_seeded_and_excludes_target_rows(micro, small_table, tmp_path):
+    from parclip.patch_opt import mentions, optimize_patch
+
+    model, pp, tok = micro
+    kw = dict(steps=4, batch_size=8, aug_prob=0.5, seed=3, progress=False, templates="fashion",
+              target_images="data")
+    a = optimize_patch(model, pp, tok, small_table, "bag", **kw)
+    b = optimize_patch(model, pp, tok, small_table, "bag", **kw)
+    c = optimize_patch(model, pp, tok, small_table, "bag", **{**kw, "seed": 4})
+    assert torch.equal(a.patch, b.patch) and a.losses == b.losses
+    assert not torch.equal(a.patch, c.patch)
+    assert a.info["augmented_steps"] > 0  # AutoAugment was exercised and is seeded too
+    _, rows = read_table(small_table)
+    caption = {r["image"]: r["caption"] for r in rows}
+    assert a.excluded_paths and all(mentions(caption[p], "bag") for p in a.excluded_paths)
+    assert not any(mentions(caption[p], "bag") for p in a.clean_paths)
+    assert len(a.clean_paths) + len(a.excluded_paths) == len(rows)
+    assert a.info["n_excluded_target_rows"] == len(a.excluded_paths)
+    assert "target images: data" in a.info["positives"]
+    # only target rows left -> a clear error
+    only = tmp_path / "only_bags.csv"
+    write_table(only, ["image", "caption"], [{"image": p, "caption": caption[p]} for p in a.excluded_paths])
+    with pytest.raises(DataError, match="mentions the target"):
+        optimize_patch(model, pp, tok, only, "bag", **kw)
+    with pytest.raises(ValueError, match=r"\.png"):
+        optimize_patch(model, pp, tok, small_table, "bag", out=tmp_path / "p.jpg", **kw)
+
+
+def test_cli_optimize_patch(small_table, tmp_path, capsys):
+    from parclip.cli import main
+
+    out = tmp_path / "cli.png"
+    rc = main(["attack", "optimize-patch", "--model", "parclip-micro", "--data", str(small_table), "--target", "bag",
+               "--out", str(out), "--steps", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu"])
+    assert rc == 0 and out.is_file() and (tmp_path / "cli.json").is_file()
+    assert "get_trigger('badclip'" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli.json").read_text())["model"] == "parclip-micro"
