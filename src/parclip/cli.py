@@ -42,6 +42,41 @@ def _add_table_args(p: argparse.ArgumentParser) -> None:
                    help="stop when more than this fraction of rows is bad (default: 0.01)")
 
 
+def _add_trigger_param_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trigger-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="trigger parameter, repeatable, e.g. patch_size=32, alpha=0.05, uint8_mode=clamp, "
+                   "patch=badCLIP.jpg (badclip), mask=mask.png (water_patt); see `parclip triggers list`")
+
+
+def _trigger_params(pairs: list[str]) -> dict:
+    """Parse KEY=VALUE pairs; values are read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--trigger-param {pair!r}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _build_triggers(names: list[str], image_size: int, params: dict) -> list:
+    """Triggers by name, each given the parameters it accepts; a parameter no trigger accepts is an error."""
+    from parclip.triggers import accepted_params, get_trigger, trigger_class
+
+    triggers, used = [], set()
+    for name in names:
+        accepted = accepted_params(trigger_class(name))
+        mine = {k: v for k, v in params.items() if k in accepted}
+        used |= set(mine)
+        triggers.append(get_trigger(name, image_size=image_size, **mine))
+    unused = sorted(set(params) - used)
+    if unused:
+        raise ValueError(f"--trigger-param {', '.join(unused)}: not a parameter of {', '.join(names)}")
+    return triggers
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="architecture (e.g. ViT-B-32-quickgelu) or local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="checkpoint file (state dict, CleanCLIP/PAR .pt, safetensors)")
@@ -68,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "disjoint clean subset, evaluate again. Prints `model | clean top-1 | ASR` and writes "
                        "results.json and results.png into --out. Completed stages are reused when run again.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs)")
+    p.add_argument("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs), or \"all\": every "
+                   "attack, printing the matrix attack × {poisoned, PAR} × {clean top-1, ASR} (matrix.json, matrix.png)")
     p.add_argument("--target", default="bag", help="target class (default: bag)")
     p.add_argument("--tau", type=float, default=None, help="override the demo's PAR threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
+    _add_trigger_param_arg(p)
 
     # data
     p = sub.add_parser("data", help="prepare data: Fashion-MNIST export, table checks")
@@ -111,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=["png", "jpeg"], help="image format (default png: lossless)")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--seed", type=int, default=0)
+    _add_trigger_param_arg(p)
     _add_table_args(p)
 
     # train
@@ -139,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the result JSON here too")
+    _add_trigger_param_arg(p)
 
     sub.add_parser("models", help="list the model architectures parclip can build (no download ever)")
 
@@ -223,9 +262,8 @@ def _cmd_data(args) -> int:
 
 def _cmd_poison(args) -> int:
     from parclip.poison import poison_csv
-    from parclip.triggers import get_trigger
 
-    trigger = get_trigger(args.attack, image_size=args.image_size)
+    (trigger,) = _build_triggers([args.attack], args.image_size, _trigger_params(args.trigger_param))
     manifest = poison_csv(args.table, args.out, trigger=trigger, target=args.target, n_poison=args.n, rate=args.rate,
                           seed=args.seed, templates=args.templates, label_consistent=args.label_consistent,
                           image_format=args.format, jpeg_quality=args.jpeg_quality, img_key=args.csv_img_key,
@@ -255,7 +293,9 @@ def _cmd_eval(args) -> int:
     model, preprocess = create_model(args.model, args.pretrained, device=device,
                                      force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
     classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
-    result = evaluate(model, preprocess, get_tokenizer(args.model), args.data, attacks=args.attack,
+    size = preprocess["size"] if isinstance(preprocess["size"], int) else preprocess["size"][0]
+    attacks = _build_triggers(args.attack, size, _trigger_params(args.trigger_param))
+    result = evaluate(model, preprocess, get_tokenizer(args.model), args.data, attacks=attacks,
                       target=args.target, templates=args.templates, classnames=classnames, seed=args.seed,
                       trigger_after_crop=args.trigger_after_crop, batch_size=args.batch_size, workers=args.workers,
                       device=device)
@@ -283,7 +323,8 @@ def _cmd_models(args) -> int:
 def _cmd_demo(args) -> int:
     from parclip.demo import run_demo
 
-    run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh)
+    run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh,
+             trigger_params=_trigger_params(args.trigger_param))
     return 0
 
 

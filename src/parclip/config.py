@@ -72,8 +72,8 @@ class TrainConfig:
     precision: str = _f("auto", "auto: amp (fp16 + GradScaler) on GPU, fp32 on CPU", ["auto", "fp32", "amp",
                         "amp_bf16"])
     device: str = _f("auto", "auto, cpu or cuda")
-    bn_mode: str = _f("frozen", "BatchNorm during training (RN50): frozen running statistics, as the reference "
-                      "effectively does, or train", ["frozen", "train"])
+    bn_mode: str = _f("auto", "BatchNorm during training (RN50): frozen running statistics (what the reference "
+                      "effectively does), train, or auto: frozen for par, train for clip", ["auto", "frozen", "train"])
     # run
     output_dir: str = _f("runs", "parent folder of run directories")
     name: str | None = _f(None, "run name (default: <date>-<objective>-<model>); re-using a name resumes it")

@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import open_rgb
-from .triggers import Trigger, get_trigger, list_triggers, squash_resize, trigger_generator
-from .triggers.base import _LOOKUP, _norm
+from .triggers import Trigger, get_trigger, list_triggers, squash_resize, trigger_class, trigger_generator
 
 __all__ = ["ASSETS_DIR", "bundled_images", "trigger_rows", "format_trigger_table", "GalleryResult", "render_gallery",
            "change_box", "gallery_size"]
@@ -249,10 +248,7 @@ def _resolve_attacks(attacks: Sequence[str] | None) -> list[type[Trigger]]:
         return list(classes.values())
     out = []
     for a in attacks:
-        key = _norm(a)
-        if key not in _LOOKUP:
-            get_trigger(a)  # raises the registry's ValueError listing the known names
-        cls = classes[_LOOKUP[key]]
+        cls = classes[trigger_class(a).name]  # unknown names raise ValueError listing the known ones
         if cls not in out:
             out.append(cls)
     return out

@@ -110,7 +110,7 @@ def train(cfg: TrainConfig) -> Path:
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader = _loader(data, cfg, info, epoch, first_batch)
         model.train()
-        if cfg.bn_mode == "frozen":
+        if cfg.bn_mode == "frozen" or (cfg.bn_mode == "auto" and cfg.objective == "par"):
             for m in model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()

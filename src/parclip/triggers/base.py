@@ -40,6 +40,8 @@ __all__ = [
     "Trigger",
     "register",
     "get_trigger",
+    "trigger_class",
+    "accepted_params",
     "list_triggers",
     "trigger_generator",
     "resolve_generator",
@@ -342,18 +344,28 @@ def _known_names() -> str:
     return "; ".join(parts)
 
 
-def get_trigger(name_or_alias: str, image_size: int = REFERENCE_IMAGE_SIZE, **params) -> Trigger:
-    """Build a registered trigger by name or alias, e.g. ``get_trigger("badnet-stripes", 336)``.
-
-    Unknown names and unknown parameters raise ValueError listing what is accepted.
-    """
+def trigger_class(name_or_alias: str) -> type[Trigger]:
+    """The registered class for a name or alias; ValueError listing the known names otherwise."""
     if not isinstance(name_or_alias, str):
         raise TypeError(f"trigger name must be a str, got {type(name_or_alias).__name__}")
     key = _norm(name_or_alias)
     if key not in _LOOKUP:
         raise ValueError(f"unknown trigger {name_or_alias!r}; known triggers: {_known_names() or '(none)'}")
-    cls = _REGISTRY[_LOOKUP[key]]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "image_size")]
+    return _REGISTRY[_LOOKUP[key]]
+
+
+def accepted_params(cls: type[Trigger]) -> list[str]:
+    """Keyword parameters a trigger class accepts (besides image_size)."""
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "image_size")]
+
+
+def get_trigger(name_or_alias: str, image_size: int = REFERENCE_IMAGE_SIZE, **params) -> Trigger:
+    """Build a registered trigger by name or alias, e.g. ``get_trigger("badnet-stripes", 336)``.
+
+    Unknown names and unknown parameters raise ValueError listing what is accepted.
+    """
+    cls = trigger_class(name_or_alias)
+    accepted = accepted_params(cls)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"trigger {cls.name!r} does not accept {unknown}; accepted parameters: {accepted}")
