@@ -53,3 +53,36 @@ def test_data_export_and_poison_commands(tmp_path, capsys):
     assert manifest["n_poison"] == 20 and manifest["trigger"]["name"] == "blended_rs"
     assert manifest["trigger"]["params"]["alpha"] == 0.05
     assert sum("bag" in r["new_caption"] for r in manifest["rows"]) == 20
+
+
+@pytest.fixture(scope="module")
+def small_table(tmp_path_factory):
+    from parclip.data import fashion_mnist
+
+    out = tmp_path_factory.mktemp("fm_cli")
+    return fashion_mnist.export(out, n_train=60, holdout=20, n_test=10, seed=0)
+
+
+def _trigger_names():
+    from parclip.triggers import list_triggers
+
+    return [c.name for c in list_triggers()]
+
+
+@pytest.mark.parametrize("attack", _trigger_names())
+def test_poison_command_handles_every_attack(attack, small_table, tmp_path):
+    from PIL import Image
+
+    extra = []
+    if attack == "badclip":  # needs a patch file: a user's, or one from `parclip attack optimize-patch`
+        Image.new("RGB", (16, 16), (250, 220, 30)).save(tmp_path / "patch.png")
+        extra = ["--trigger-param", f"patch={tmp_path / 'patch.png'}"]
+    out = tmp_path / "p"
+    rc = main(["poison", str(small_table["train_csv"]), str(out), "--attack", attack, "--target", "bag", "--n", "3",
+               "--image-size", "224", "--seed", "1", *extra])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["trigger"]["name"] == attack and manifest["n_poison"] == 3
+    for row in manifest["rows"]:
+        img = Image.open(out / row["new_path"])
+        assert img.size == (224, 224) and img.format == "PNG"

@@ -143,3 +143,13 @@ def test_weight_decay_only_on_matrices():
 def test_par_without_a_starting_model_is_refused(tmp_path, fmnist_small):
     with pytest.raises(ValueError, match="--pretrained"):
         train(make_config(model="parclip-micro", train_data=str(fmnist_small["train_csv"]), output_dir=str(tmp_path)))
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path, fmnist_small, start_model):
+    run = train(make_config(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]),
+                            objective="par", precision="amp_bf16", epochs=1, batch_size=16, train_num_samples=32,
+                            workers=0, output_dir=str(tmp_path), progress=False, log_every=1, name="bf16"))
+    losses = [m["loss"] for m in metrics(run)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    w = weights(run)
+    assert all(v.dtype == torch.float32 for v in w.values())  # master weights stay fp32

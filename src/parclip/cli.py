@@ -179,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result JSON here too")
     _add_trigger_param_arg(p)
 
-    sub.add_parser("models", help="list the model architectures parclip can build (no download ever)")
+    sub.add_parser("models", help="list the model architectures parclip can build (no download ever)",
+                   description="Every open_clip architecture name parclip can build offline, plus parclip's own small "
+                   "configs (parclip-micro for tests, parclip-tiny, and parclip-rn-tiny used by the demo). Pass one "
+                   "as --model together with --pretrained FILE, or use --model local-dir:PATH for an exported model. "
+                   "OpenAI-derived weights (and the released poisoned CLIPs) need the -quickgelu variants.")
 
     # triggers
     p = sub.add_parser("triggers", help="the attack catalogue: list every trigger, or render them into a gallery")

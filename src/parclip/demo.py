@@ -102,7 +102,7 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
     t0 = time.time()
     data = _export(out, seed)
     names = attacks or [c.name for c in list_triggers()]
-    matrix, skipped = [], {}
+    matrix, skipped, results = [], {}, {}
     for k, name in enumerate(names, 1):
         params = {p: v for p, v in (trigger_params or {}).items() if p in accepted_params(trigger_class(name))}
         if "patch" in accepted_params(trigger_class(name)) and "patch" not in params:
@@ -114,9 +114,14 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
         matrix.append({"attack": trigger.name, "trigger": trigger.params(),
                        "poisoned": {m: rows[0][m] for m in ("clean_top1", "asr", "asr_all")},
                        "par": {m: rows[1][m] for m in ("clean_top1", "asr", "asr_all")}})
-    results = {"matrix": matrix, "skipped": skipped, "target": target, "tau": tau if tau is not None else PAR["tau"],
-               "seed": seed, "model": MODEL, "poison_rate": POISON_RATE, "seconds": round(time.time() - t0, 1)}
-    (out / "matrix.json").write_text(json.dumps(results, indent=2))
+        results = {"matrix": matrix, "skipped": skipped, "target": target, "seed": seed, "model": MODEL,
+                   "tau": tau if tau is not None else PAR["tau"], "poison_rate": POISON_RATE,
+                   "seconds": round(time.time() - t0, 1), "complete": k == len(names)}
+        (out / "matrix.json").write_text(json.dumps(results, indent=2))  # after every attack: a killed run keeps them
+    if not results:
+        results = {"matrix": [], "skipped": skipped, "target": target, "seed": seed, "model": MODEL, "complete": True,
+                   "seconds": round(time.time() - t0, 1)}
+        (out / "matrix.json").write_text(json.dumps(results, indent=2))
     _plot_matrix(out / "matrix.png", matrix, target)
     print(format_matrix(matrix))
     print(f"wrote {out / 'matrix.json'} and {out / 'matrix.png'} in {results['seconds']:.0f} s")
