@@ -17,6 +17,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and triggers: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory):
     """A small real Fashion-MNIST export (600 train rows, 200 holdout rows, 300 test images) through the real exporter."""

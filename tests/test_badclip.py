@@ -12,13 +12,7 @@ from parclip.triggers import get_trigger, pil_to_uint8, squash_resize
 from parclip.triggers.badclip import BadCLIPPatch, centre_offset, load_patch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared, busy machine (no spin-waiting)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(S, seed=0, batch=None):

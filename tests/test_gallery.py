@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from parclip.cli import main
@@ -12,12 +11,7 @@ from parclip.triggers import Trigger, list_triggers
 from parclip.triggers import base as trigger_base
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bundled_photos_are_small_and_licensed():

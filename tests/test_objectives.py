@@ -1,5 +1,3 @@
-import math
-
 import open_clip
 import pytest
 import torch

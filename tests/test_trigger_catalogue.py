@@ -20,13 +20,7 @@ RANDOM = {"badnet", "blended"}
 F32 = np.float32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These are many tiny tensor ops: one thread avoids oversubscribing a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(S, seed=0, lo=0, hi=256, batch=None):

@@ -245,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_model(args):
+    """(model, preprocess_cfg, device) from the shared --model/--pretrained/--device flags."""
+    import torch
+
+    from parclip.models import create_model
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, preprocess = create_model(args.model, args.pretrained, device=device,
+                                     force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
+    return model, preprocess, device
+
+
 def _cmd_data(args) -> int:
     if args.data_command == "fashion-mnist":
         from parclip.data import fashion_mnist
@@ -288,14 +300,10 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import torch
-
     from parclip.evaluate import evaluate
-    from parclip.models import create_model, get_tokenizer
+    from parclip.models import get_tokenizer
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, preprocess = create_model(args.model, args.pretrained, device=device,
-                                     force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
+    model, preprocess, device = _load_model(args)
     classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
     size = preprocess["size"] if isinstance(preprocess["size"], int) else preprocess["size"][0]
     attacks = _build_triggers(args.attack, size, _trigger_params(args.trigger_param))
@@ -351,14 +359,10 @@ def _cmd_triggers(args) -> int:
 
 
 def _cmd_attack(args) -> int:
-    import torch
-
-    from parclip.models import create_model, get_tokenizer
+    from parclip.models import get_tokenizer
     from parclip.patch_opt import optimize_patch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, preprocess = create_model(args.model, args.pretrained, device=device,
-                                     force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
+    model, preprocess, device = _load_model(args)
     result = optimize_patch(model, preprocess, get_tokenizer(args.model), args.data, args.target, out=args.out,
                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, aug_prob=args.aug_prob,
                             triplet_weight=args.triplet_weight, margin=args.margin, templates=args.templates,

@@ -19,13 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
-from parclip.config import TrainConfig, make_config
+from parclip.config import make_config
 from parclip.data import LabelledFolder, fashion_mnist
 from parclip.evaluate import evaluate
-from parclip.models import create_model, eval_transform, get_tokenizer
+from parclip.models import create_model, get_tokenizer
 from parclip.poison import poison_csv
 from parclip.train import train
 from parclip.triggers import accepted_params, get_trigger, list_triggers, trigger_class, trigger_generator

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import open_rgb
-from .triggers import Trigger, get_trigger, list_triggers, squash_resize, trigger_class, trigger_generator
+from .triggers import Trigger, list_triggers, squash_resize, trigger_class, trigger_generator
 
 __all__ = ["ASSETS_DIR", "bundled_images", "trigger_rows", "format_trigger_table", "GalleryResult", "render_gallery",
            "change_box", "gallery_size"]

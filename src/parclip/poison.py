@@ -27,12 +27,11 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .data import DataError, get_templates, open_rgb, read_table, write_table
+from .data import DataError, atomic_open, get_templates, open_rgb, read_table, write_table
 from .triggers import Trigger, get_trigger, trigger_generator
 
 __all__ = ["poison_csv", "MANIFEST_FORMAT", "POISONED_CSV", "MANIFEST_JSON", "IMAGES_DIR"]
@@ -62,18 +61,9 @@ def _output_path(path: Path, out_dir: Path) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def _progress(total: int, desc: str):

@@ -15,6 +15,7 @@ Bad input never disappears silently and never ends in a bare traceback:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import logging
@@ -115,25 +116,32 @@ def read_table(path: str | os.PathLike, *, sep: str | None = None) -> tuple[list
     return fieldnames, rows
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, *, newline: str | None = None):
+    """Open a text file for writing that appears at `path` only when the block succeeds (temporary file in the same
+    folder, then os.replace), so an interrupted write never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline=newline, encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_table(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]], *,
                 sep: str | None = None) -> Path:
     """Write a table atomically (temporary file in the same folder, then ``os.replace``). ``sep`` as in read_table."""
     path = Path(path)
     sep = _auto_sep(path) if sep is None else sep
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(fieldnames), delimiter=sep, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames), delimiter=sep, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 
