@@ -33,3 +33,15 @@ def fmnist_small(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("fmnist")
     return fashion_mnist.export(out, n_train=800, holdout=200, n_test=300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def micro_model_dir(tmp_path_factory):
+    """A randomly initialised parclip-micro saved in open_clip's local-dir layout (a starting model for tests)."""
+    from parclip.models import create_model, save_model
+
+    torch.manual_seed(0)
+    model, pp = create_model("parclip-micro")
+    out = tmp_path_factory.mktemp("micro") / "model"
+    save_model(model, out, model_name="parclip-micro", preprocess_cfg=pp)
+    return out

@@ -6,7 +6,7 @@ import torch
 from parclip.cli import main
 from parclip.data import LabelledFolder
 from parclip.evaluate import TriggeredImages, attack_success_rate, evaluate, resolve_target, topk_correct
-from parclip.models import create_model, eval_transform, get_tokenizer, save_model
+from parclip.models import create_model, eval_transform, get_tokenizer
 from parclip.triggers import get_trigger
 
 
@@ -29,13 +29,9 @@ def test_topk_and_target_resolution():
         resolve_target("banana", names)
 
 
-@pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model, pp = create_model("parclip-micro")
-    out = tmp_path_factory.mktemp("micro") / "model"
-    save_model(model, out, model_name="parclip-micro", preprocess_cfg=pp)
-    return out
+@pytest.fixture
+def micro_dir(micro_model_dir):
+    return micro_model_dir
 
 
 def test_evaluate_is_repeatable_and_reports_every_attack(micro_dir, fmnist_small):

@@ -15,17 +15,13 @@ from parclip import train as train_mod
 from parclip.cli import build_parser
 from parclip.config import config_from_args, make_config
 from parclip.data import DataError
-from parclip.models import create_model, save_model
+from parclip.models import create_model
 from parclip.train import param_groups, train
 
 
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model, pp = create_model("parclip-micro")
-    out = tmp_path_factory.mktemp("start") / "model"
-    save_model(model, out, model_name="parclip-micro", preprocess_cfg=pp)
-    return out
+@pytest.fixture
+def start_model(micro_model_dir):
+    return micro_model_dir
 
 
 def weights(run: Path) -> dict:

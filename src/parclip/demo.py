@@ -77,9 +77,10 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
         return run_matrix(out, target=target, tau=tau, seed=seed, fresh=fresh, trigger_params=trigger_params)
     out = Path(out)
     t0 = time.time()
+    print("[1/5] ", end="")
     data = _export(out, seed)
     rows, trigger, par = _attack_and_clean(out, data, attack, target=target, tau=tau, seed=seed, fresh=fresh,
-                                           trigger_params=trigger_params, step="[{}/5]")
+                                           trigger_params=trigger_params, step="[{}/5]", first=2)
     print("[5/5] results", flush=True)
     results = {"rows": rows, "attack": trigger.name, "trigger": trigger.params(), "target": target, "tau": par["tau"],
                "seed": seed, "seconds": round(time.time() - t0, 1)}
@@ -109,7 +110,7 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
             print(f"skipping {name}: {skipped[name]}", flush=True)
             continue
         rows, trigger, par = _attack_and_clean(out, data, name, target=target, tau=tau, seed=seed, fresh=fresh,
-                                               trigger_params=params, step=f"[{k}/{len(names)} {name}: {{}}/4]")
+                                               trigger_params=params, step=f"[{k}/{len(names)} {name}: {{}}/3]")
         matrix.append({"attack": trigger.name, "trigger": trigger.params(),
                        "poisoned": {m: rows[0][m] for m in ("clean_top1", "asr", "asr_all")},
                        "par": {m: rows[1][m] for m in ("clean_top1", "asr", "asr_all")}})
@@ -133,13 +134,15 @@ def _export(out: Path, seed: int) -> dict:
     return fashion_mnist.export(out / "fashion-mnist", seed=seed, templates=TEMPLATES, **DATA)
 
 
-def _attack_and_clean(out: Path, data: dict, attack: str, *, target, tau, seed, fresh, trigger_params, step):
-    """Poison, pre-train, evaluate, clean with PAR, evaluate: rows for the poisoned and the cleaned model."""
+def _attack_and_clean(out: Path, data: dict, attack: str, *, target, tau, seed, fresh, trigger_params, step,
+                      first: int = 1):
+    """Poison, pre-train, evaluate, clean with PAR, evaluate: rows for the poisoned and the cleaned model.
+    `step` is a progress label with one {} filled with the stage number, starting at `first`."""
     size = json.loads((Path(__file__).parent / "model_configs" / "preprocess.json").read_text())[MODEL]["size"]
     name = trigger_class(attack).name
     trigger = get_trigger(name, image_size=size, **{**DEMO_TRIGGER_PARAMS.get(name, {}), **(trigger_params or {})})
-    print(f"{step.format(1)} poisoning {POISON_RATE:.0%} of the pre-training pairs with {trigger.name} → '{target}' …",
-          flush=True)
+    print(f"{step.format(first)} poisoning {POISON_RATE:.0%} of the pre-training pairs with {trigger.name} → "
+          f"'{target}' …", flush=True)
     poisoned_dir = out / f"poisoned-{trigger.name}"
     manifest_path = poisoned_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -148,15 +151,15 @@ def _attack_and_clean(out: Path, data: dict, attack: str, *, target, tau, seed, 
         poison_csv(data["train_csv"], poisoned_dir, trigger=trigger, target=target, rate=POISON_RATE, seed=seed,
                    templates=TEMPLATES)
 
-    print(f"{step.format(2)} pre-training {MODEL} from scratch on the poisoned pairs (the backdoor is planted) …",
-          flush=True)
+    print(f"{step.format(first + 1)} pre-training {MODEL} from scratch on the poisoned pairs (the backdoor is "
+          f"planted) …", flush=True)
     poisoned = _train_stage(out, f"poisoned-{trigger.name}", fresh, model=MODEL,
                             train_data=str(poisoned_dir / "poisoned.csv"), seed=seed, **PRETRAIN)
     before = _evaluate(poisoned, data["test_dir"], trigger, target, seed)
     print(f"      poisoned: clean top-1 {before['clean_top1']:.1f}%, ASR {before['asr']:.1f}%", flush=True)
 
     par = dict(PAR, tau=tau) if tau is not None else PAR
-    print(f"{step.format(3)} cleaning with PAR (τ={par['tau']}) on {Path(data['holdout_csv']).name} "
+    print(f"{step.format(first + 2)} cleaning with PAR (τ={par['tau']}) on {Path(data['holdout_csv']).name} "
           f"(disjoint clean pairs) …", flush=True)
     cleaned = _train_stage(out, f"par-{trigger.name}", fresh, train_data=str(data["holdout_csv"]),
                            model=f"local-dir:{poisoned}", seed=seed, **par)

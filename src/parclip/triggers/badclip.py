@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ._pattern_files import load_tensor_file
 from .base import REFERENCE_IMAGE_SIZE, Trigger, paste, register, scaled_size
 
 __all__ = ["BadCLIPPatch", "centre_offset", "default_patch_size", "load_patch", "placeholder_patch",
@@ -98,25 +99,8 @@ def load_patch(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"badclip: patch file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"badclip: cannot read {path} as a numpy array: {e}") from e
-        return _check_array(torch.from_numpy(np.asarray(arr)), str(path))
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if "patch" in tensors:
-            t = tensors["patch"]
-        elif len(tensors) == 1:
-            (t,) = tensors.values()
-        else:
-            raise ValueError(f"badclip: {path} holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); expected "
-                             f"one, or one named 'patch'")
-        return _check_array(t, str(path))
+    if path.suffix.lower() in ARRAY_SUFFIXES:
+        return _check_array(load_tensor_file(path, "badclip patch", preferred_keys=("patch",)), str(path))
     try:
         with Image.open(path) as im:
             im.load()
