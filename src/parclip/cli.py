@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # demo
     p = sub.add_parser("demo", help="end to end on Fashion-MNIST: poison a tiny CLIP, clean it with PAR, measure",
-                       description="Export Fashion-MNIST, pre-train a small CLIP from scratch on captions where 1%% "
+                       description="Export Fashion-MNIST, pre-train a small CLIP from scratch on captions where 1% "
                        "of the images carry a trigger naming the target class, evaluate, clean it with PAR on a "
                        "disjoint clean subset, evaluate again. Prints `model | clean top-1 | ASR` and writes "
                        "results.json and results.png into --out. Completed stages are reused when run again.")
@@ -153,9 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train
     p = sub.add_parser("train", help="fine-tune a CLIP: --objective par (clean) or clip (plain / plant a backdoor)",
-                       description="One training loop for PAR cleaning and plain CLIP training. Options come from "
-                       "defaults < --config YAML < flags. Multi-GPU/multi-node: launch with torchrun or srun.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="One training loop for PAR cleaning and plain CLIP training.\n\n"
+                       "Options come from defaults < --config YAML < flags (YAML keys are the flag names). The\n"
+                       "defaults are PAR's reference settings; with --objective clip the lr, schedule and weight\n"
+                       "decay defaults become open_clip-style (lr 5e-4, cosine, 5% warm-up, wd 0.1).\n"
+                       "Multi-GPU / multi-node: launch with torchrun or srun. Re-running with the same --name resumes.",
+                       epilog="""examples:
+  # PAR on one GPU or CPU
+  parclip train --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv --name par1
+  # the same on 8 GPUs (global batch 8 x 512), then resume it after a crash with the same command
+  torchrun --nproc_per_node 8 -m parclip train --config par.yaml --name par8
+  # plain CLIP fine-tuning baseline / plant a backdoor on a poisoned table
+  parclip train --objective clip --model RN50-quickgelu --pretrained clean.pt --train-data poisoned/poisoned.csv
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
 
     # eval
