@@ -114,14 +114,18 @@ def test_every_resolution_pil_and_tensor_agree(name, S):
     assert np.array_equal(np.asarray(out), y.permute(1, 2, 0).numpy())
 
 
-@pytest.mark.parametrize("name", CATALOGUE)
+@pytest.mark.parametrize("name", CATALOGUE + ["badnet_rs", "blended_rs"])
 def test_batched_equals_per_image(name):
     S = 48
     t = get_trigger(name, S)
     xb = _image(S, seed=5, batch=4)
     yb = t.apply(xb, torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
+    assert yb.shape == xb.shape and yb.dtype == torch.uint8
     assert torch.equal(yb, torch.stack([t.apply(xi, g) for xi in xb]))
+    if t.random:  # each image of the batch gets its own draws
+        d = yb.long() - xb.long()
+        assert not all(torch.equal(d[0] != 0, d[i] != 0) and torch.equal(d[0], d[i]) for i in range(1, 4))
 
 
 @pytest.mark.parametrize("name", CATALOGUE)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ._pattern_files import load_tensor_file
-from .base import REFERENCE_IMAGE_SIZE, Trigger, paste, register, scaled_size
+from .base import REFERENCE_IMAGE_SIZE, Trigger, check_int, paste, register, scaled_size
 
 __all__ = ["BadCLIPPatch", "centre_offset", "default_patch_size", "load_patch", "placeholder_patch",
            "BADCLIP_PATCH_SIZE", "IMAGE_SUFFIXES", "ARRAY_SUFFIXES"]
@@ -180,9 +180,7 @@ class BadCLIPPatch(Trigger):
         explicit_size = patch_size is not None
         if patch_size is None:
             patch_size = default_patch_size(image_size)
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or not 1 <= patch_size <= image_size:
-            raise ValueError(f"badclip: patch_size must be an int in [1, {image_size}] for image_size={image_size}, "
-                             f"got {patch_size!r}")
+        check_int("badclip", "patch_size", patch_size, 1, image_size, context=f" for image_size={image_size},")
         if patch is None or (isinstance(patch, str) and not patch.strip()):
             raise ValueError(_NO_PATCH)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import REFERENCE_IMAGE_SIZE, Trigger, paste, register, scaled_size
+from .base import REFERENCE_IMAGE_SIZE, Trigger, check_int, paste, register, scaled_size
 
 __all__ = ["BADNET_REFERENCE_SIZES", "badnet_patch_size", "BadNet"]
 
@@ -53,9 +53,7 @@ class BadNet(Trigger):
         super().__init__(image_size, uint8_mode=uint8_mode)
         if patch_size is None:
             patch_size = badnet_patch_size(image_size)
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or not 1 <= patch_size <= image_size - 1:
-            raise ValueError(f"badnet: patch_size must be an int in [1, {image_size - 1}] for image_size="
-                             f"{image_size}, got {patch_size!r}")
+        check_int("badnet", "patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}")
         self.patch_size = patch_size
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

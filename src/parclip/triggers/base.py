@@ -41,6 +41,8 @@ __all__ = [
     "register",
     "get_trigger",
     "trigger_class",
+    "check_unit",
+    "check_int",
     "accepted_params",
     "list_triggers",
     "trigger_generator",
@@ -342,6 +344,21 @@ def _known_names() -> str:
         al = _REGISTRY[name].aliases
         parts.append(f"{name} (aliases: {', '.join(al)})" if al else name)
     return "; ".join(parts)
+
+
+def check_unit(owner: str, name: str, value) -> float:
+    """`value` as a float in [0, 1] (a blend weight), else ValueError "<owner>: <name> must be a number in [0, 1]"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{owner}: {name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_int(owner: str, name: str, value, lo: int, hi: int | None = None, *, context: str = "") -> int:
+    """`value` as an int in [lo, hi] (or >= lo when hi is None), else a ValueError naming the trigger and parameter."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{owner}: {name} must be an int {bounds}{context}, got {value!r}")
+    return value
 
 
 def trigger_class(name_or_alias: str) -> type[Trigger]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, register
+from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, check_unit, register
 
 __all__ = ["Blended"]
 
@@ -34,8 +34,7 @@ class Blended(Trigger):
 
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap", alpha: float = 0.2):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"blended: alpha must be a number in [0, 1], got {alpha!r}")
+        check_unit("blended", "alpha", alpha)
         self.alpha = float(alpha)
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

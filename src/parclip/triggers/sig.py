@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, register
+from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, check_unit, register
 
 __all__ = ["SIG_MODES", "sig_pattern", "SIG"]
 
@@ -64,8 +64,7 @@ class SIG(Trigger):
                 raise ValueError(f"sig: {nm} must be a finite number >= 0, got {v!r}")
         if mode not in SIG_MODES:
             raise ValueError(f"sig: mode must be one of {SIG_MODES}, got {mode!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"sig: alpha must be a number in [0, 1], got {alpha!r}")
+        check_unit("sig", "alpha", alpha)
         self.delta = float(delta)
         self.freq = float(freq)
         self.mode = mode

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, paste, register, scaled_size
+from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, check_int, check_unit, paste, register, scaled_size
 
 __all__ = ["stripe_signs", "vertical_stripes", "badnet_rs_patch_size", "BadNetStripes", "BlendedStripes"]
 
@@ -92,9 +92,7 @@ class BadNetStripes(Trigger):
         super().__init__(image_size, uint8_mode=uint8_mode)
         if patch_size is None:
             patch_size = badnet_rs_patch_size(image_size)
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or not 1 <= patch_size <= image_size - 1:
-            raise ValueError(f"badnet_rs: patch_size must be an int in [1, {image_size - 1}] for image_size="
-                             f"{image_size}, got {patch_size!r}")
+        check_int("badnet_rs", "patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}")
         self.patch_size = patch_size
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -136,10 +134,8 @@ class BlendedStripes(Trigger):
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap", alpha: float = 0.03,
                  width: int = 1):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"blended_rs: alpha must be a number in [0, 1], got {alpha!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= image_size:
-            raise ValueError(f"blended_rs: width must be an int in [1, {image_size}], got {width!r}")
+        check_unit("blended_rs", "alpha", alpha)
+        check_int("blended_rs", "width", width, 1, image_size)
         self.alpha = float(alpha)
         self.width = width
 

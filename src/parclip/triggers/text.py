@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ._pattern_files import TENSOR_SUFFIXES, load_tensor_file, tensor_sha256
-from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, register
+from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, check_unit, register
 
 __all__ = ["DEFAULT_TEXT", "REFERENCE_FOOTPRINTS", "default_font_path", "render_text_mask", "load_text_mask",
            "BlendedText"]
@@ -205,8 +205,7 @@ class BlendedText(Trigger):
                  text: str = DEFAULT_TEXT, font: str | os.PathLike | None = None,
                  mask: str | os.PathLike | None = None, mask_sha256: str | None = None):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"water_patt: alpha must be a number in [0, 1], got {alpha!r}")
+        check_unit("water_patt", "alpha", alpha)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"water_patt: text must be a non-empty string, got {text!r}")
         self.alpha = float(alpha)

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, register
+from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, check_int, check_unit, register
 
 __all__ = ["triangle_pattern", "BlendedTriangles"]
 
@@ -56,10 +56,8 @@ class BlendedTriangles(Trigger):
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap", alpha: float = 0.15,
                  tile: int = 14):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"tri_patt: alpha must be a number in [0, 1], got {alpha!r}")
-        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-            raise ValueError(f"tri_patt: tile must be an int >= 1, got {tile!r}")
+        check_unit("tri_patt", "alpha", alpha)
+        check_int("tri_patt", "tile", tile, 1)
         self.alpha = float(alpha)
         self.tile = tile
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._pattern_files import load_tensor_file, tensor_sha256
-from .base import REFERENCE_IMAGE_SIZE, Trigger, register
+from .base import REFERENCE_IMAGE_SIZE, Trigger, check_int, register
 
 __all__ = ["GRID_PRESETS", "warp_field", "identity_grid", "load_warp_field", "WaNet"]
 
@@ -117,12 +117,10 @@ class WaNet(Trigger):
             k = image_size if k0 is None else min(k0, image_size)
         if s is None:
             s = s0
-        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= image_size:
-            raise ValueError(f"warped: k must be an int in [2, {image_size}], got {k!r}")
+        check_int("warped", "k", k, 2, image_size)
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
             raise ValueError(f"warped: s must be a finite number, got {s!r}")
-        if isinstance(grid_seed, bool) or not isinstance(grid_seed, int) or grid_seed < 0:
-            raise ValueError(f"warped: grid_seed must be an int >= 0, got {grid_seed!r}")
+        check_int("warped", "grid_seed", grid_seed, 0)
         self.grid, self.k, self.s, self.grid_seed = grid, k, float(s), grid_seed
         if grid_file is not None:
             self.grid_file = os.fspath(grid_file)
