@@ -18,6 +18,8 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from parclip.models import image_size
+
 __all__ = ["one_sided_gaussian_noise", "gaussian_noise", "NOISES", "par_train_transform", "AUGMENTATIONS"]
 
 
@@ -59,8 +61,7 @@ def par_train_transform(preprocess_cfg: dict, *, noise: str = "one_sided", noise
 
     `preprocess_cfg` is the model's open_clip preprocess config (size, mean, std, interpolation).
     """
-    size = preprocess_cfg["size"]
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = image_size(preprocess_cfg)
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}.get(
         preprocess_cfg.get("interpolation", "bicubic"), InterpolationMode.BICUBIC)
     return T.Compose([

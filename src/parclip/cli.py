@@ -311,12 +311,11 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from parclip.evaluate import evaluate
-    from parclip.models import get_tokenizer
+    from parclip.models import get_tokenizer, image_size
 
     model, preprocess, device = _load_model(args)
     classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
-    size = preprocess["size"] if isinstance(preprocess["size"], int) else preprocess["size"][0]
-    attacks = _build_triggers(args.attack, size, _trigger_params(args.trigger_param))
+    attacks = _build_triggers(args.attack, image_size(preprocess), _trigger_params(args.trigger_param))
     result = evaluate(model, preprocess, get_tokenizer(args.model), args.data, attacks=attacks,
                       target=args.target, templates=args.templates, classnames=classnames, seed=args.seed,
                       trigger_after_crop=args.trigger_after_crop, batch_size=args.batch_size, workers=args.workers,

@@ -24,7 +24,7 @@ import yaml
 from parclip.config import make_config
 from parclip.data import LabelledFolder, fashion_mnist
 from parclip.evaluate import evaluate
-from parclip.models import create_model, get_tokenizer
+from parclip.models import create_model, get_tokenizer, model_config
 from parclip.poison import poison_csv
 from parclip.train import train
 from parclip.triggers import accepted_params, get_trigger, list_triggers, trigger_class, trigger_generator
@@ -138,7 +138,7 @@ def _attack_and_clean(out: Path, data: dict, attack: str, *, target, tau, seed, 
                       first: int = 1):
     """Poison, pre-train, evaluate, clean with PAR, evaluate: rows for the poisoned and the cleaned model.
     `step` is a progress label with one {} filled with the stage number, starting at `first`."""
-    size = json.loads((Path(__file__).parent / "model_configs" / "preprocess.json").read_text())[MODEL]["size"]
+    size = model_config(MODEL)["vision_cfg"]["image_size"]
     name = trigger_class(attack).name
     trigger = get_trigger(name, image_size=size, **{**DEMO_TRIGGER_PARAMS.get(name, {}), **(trigger_params or {})})
     print(f"{step.format(first)} poisoning {POISON_RATE:.0%} of the pre-training pairs with {trigger.name} → "

@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from parclip.data import DataError, LabelledFolder, get_templates
-from parclip.models import eval_transform
+from parclip.models import eval_transform, image_size
 from parclip.triggers import Trigger, get_trigger, trigger_generator
 
 __all__ = ["topk_correct", "attack_success_rate", "zero_shot_classifier", "resolve_target", "evaluate",
@@ -140,8 +140,7 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     if target is not None:
         t = resolve_target(target, folder.classnames)
         result.update(target=folder.classnames[t], target_index=t, n_non_target=int((labels != t).sum()))
-    size = preprocess_cfg["size"]
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = image_size(preprocess_cfg)
     for attack in attacks:
         trigger = attack if isinstance(attack, Trigger) else get_trigger(attack, image_size=size,
                                                                          **(trigger_params or {}))

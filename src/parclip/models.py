@@ -102,6 +102,12 @@ if not all(name in open_clip.list_models() for name in _OWN_PREPROCESS):
     open_clip.add_model_config(_CONFIG_DIR)
 
 
+def image_size(preprocess_cfg: dict) -> int:
+    """The model's square input side from its preprocess config (`size` is an int or an (h, w) pair)."""
+    size = preprocess_cfg["size"]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def list_model_names() -> list[str]:
     """Every architecture name :func:`create_model` accepts (open_clip's built-ins plus parclip's own configs)."""
     return open_clip.list_models()
