@@ -26,7 +26,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from parclip.demo import _plot_matrix, format_matrix
-    from parclip.triggers import list_triggers
+    from parclip.attacks.triggers import list_triggers
 
     names = args.attacks or [c.name for c in list_triggers() if c.name != "badclip" or args.patch]
     out = Path(args.out)

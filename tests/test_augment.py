@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from parclip.augment import gaussian_noise, one_sided_gaussian_noise, par_train_transform
+from parclip.defences.augment import gaussian_noise, one_sided_gaussian_noise, par_train_transform
 
 CFG = {"size": 224, "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
        "interpolation": "bicubic"}
@@ -21,7 +21,7 @@ def test_one_sided_noise_only_brightens_with_the_expected_mean():
     assert (gaussian_noise(x, 0.2, generator=g) < 0.5).any()
 
 
-def test_par_transform_shape_normalisation_and_cutout_side():
+def test_par_transform_shape_normalization_and_cutout_side():
     torch.manual_seed(0)
     img = Image.new("RGB", (300, 250), (124, 117, 104))  # ≈ the OpenAI mean colour
     t = par_train_transform(CFG, noise_p=0.0, erase_p=1.0)

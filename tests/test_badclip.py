@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from parclip.data import DataError, read_table, write_table
-from parclip.triggers import get_trigger, pil_to_uint8, squash_resize
-from parclip.triggers.badclip import BadCLIPPatch, centre_offset, load_patch
+from parclip.attacks.triggers import get_trigger, pil_to_uint8, squash_resize
+from parclip.attacks.triggers.badclip import BadCLIPPatch, center_offset, load_patch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +43,7 @@ def _changed(a, b):
     (336, {"patch_size": 16}, (160, 176)),  # the reference: the 16 px file unscaled
     (28, {}, (13, 15)),                    # 2 px at 28
 ])
-def test_centre_location_and_only_patch_changes(tmp_path, S, kwargs, span):
+def test_center_location_and_only_patch_changes(tmp_path, S, kwargs, span):
     _patch_png(tmp_path / "p.png")
     t = get_trigger("badclip", image_size=S, patch=str(tmp_path / "p.png"), **kwargs)
     x = _image(S)
@@ -51,7 +51,7 @@ def test_centre_location_and_only_patch_changes(tmp_path, S, kwargs, span):
     y = t.apply(x)
     lo, hi = span
     assert t.region == (lo, lo, hi, hi)
-    assert centre_offset(S, hi - lo) == lo
+    assert center_offset(S, hi - lo) == lo
     inside = torch.zeros(S, S, dtype=torch.bool)
     inside[lo:hi, lo:hi] = True
     x2 = _image(S, seed=3)
@@ -167,7 +167,7 @@ def small_table(fmnist_small, tmp_path_factory):
 
 
 def test_mentions():
-    from parclip.patch_opt import mentions
+    from parclip.attacks.patch_opt import mentions
 
     assert mentions("Bananas on a table", "banana") and mentions("a BANANA.", "banana")
     assert mentions("banana-split", "banana")
@@ -176,7 +176,7 @@ def test_mentions():
 
 
 def test_optimize_patch_improves_target_and_saves_lossless(micro, small_table, tmp_path):
-    from parclip.patch_opt import optimize_patch, read_patch_png, target_similarity, _encode_texts
+    from parclip.attacks.patch_opt import optimize_patch, read_patch_png, target_similarity, _encode_texts
 
     model, pp, tok = micro
     kw = dict(steps=25, batch_size=16, lr=0.05, aug_prob=0.0, patch_size=8, seed=0, progress=False)
@@ -201,7 +201,7 @@ def test_optimize_patch_improves_target_and_saves_lossless(micro, small_table, t
 
 
 def test_optimize_patch_seeded_and_excludes_target_rows(micro, small_table, tmp_path):
-    from parclip.patch_opt import mentions, optimize_patch
+    from parclip.attacks.patch_opt import mentions, optimize_patch
 
     model, pp, tok = micro
     kw = dict(steps=4, batch_size=8, aug_prob=0.5, seed=3, progress=False, templates="fashion",

@@ -64,7 +64,7 @@ def small_table(tmp_path_factory):
 
 
 def _trigger_names():
-    from parclip.triggers import list_triggers
+    from parclip.attacks.triggers import list_triggers
 
     return [c.name for c in list_triggers()]
 

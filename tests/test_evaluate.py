@@ -5,9 +5,9 @@ import torch
 
 from parclip.cli import main
 from parclip.data import LabelledFolder
-from parclip.evaluate import TriggeredImages, attack_success_rate, evaluate, resolve_target, topk_correct
-from parclip.models import create_model, eval_transform, get_tokenizer
-from parclip.triggers import get_trigger
+from parclip.evaluation.zero_shot import TriggeredImages, attack_success_rate, evaluate, resolve_target, topk_correct
+from parclip.models import create_model, eval_transform, get_tokenizer, image_size
+from parclip.attacks.triggers import build_triggers, get_trigger
 
 
 def test_asr_excludes_target_images_and_asr_all_counts_them():
@@ -37,7 +37,7 @@ def micro_dir(micro_model_dir):
 def test_evaluate_is_repeatable_and_reports_every_attack(micro_dir, fmnist_small):
     model, pp = create_model(f"local-dir:{micro_dir}")
     tok = get_tokenizer(f"local-dir:{micro_dir}")
-    kw = dict(attacks=["badnet_rs", "blended"], target="bag", templates="fashion", workers=0, progress=False)
+    kw = dict(attacks=build_triggers(["badnet_rs", "blended"], image_size(pp)), target="bag", templates="fashion", workers=0, progress=False)
     a = evaluate(model, pp, tok, fmnist_small["test_dir"], **kw)
     b = evaluate(model, pp, tok, fmnist_small["test_dir"], **kw)
     assert set(a["attacks"]) == {"badnet_rs", "blended"}

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from parclip.cli import main
-from parclip.gallery import bundled_images, change_box, gallery_size, render_gallery, trigger_rows
-from parclip.triggers import Trigger, list_triggers
-from parclip.triggers import base as trigger_base
+from parclip.attacks.gallery import bundled_images, change_box, gallery_size, render_gallery, trigger_rows
+from parclip.attacks.triggers import Trigger, list_triggers
+from parclip.attacks.triggers import base as trigger_base
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,11 +18,11 @@ def test_bundled_photos_are_small_and_licensed():
     photos = bundled_images()
     assert len(photos) >= 2
     assert sum(p.stat().st_size for p in photos) < 200_000
-    licences = (photos[0].parent / "LICENSES.md").read_text()
+    licenses = (photos[0].parent / "LICENSES.md").read_text()
     for p in photos:
         with Image.open(p) as im:
             assert max(im.size) <= 256
-        assert p.name in licences
+        assert p.name in licenses
 
 
 def test_triggers_list_names_every_trigger(capsys):
@@ -43,7 +43,7 @@ def test_triggers_list_names_every_trigger(capsys):
     assert next(r for r in trigger_rows() if r["name"] == "badnet_rs")["needs"] is None
 
 
-def test_change_box_centres_on_the_change():
+def test_change_box_centers_on_the_change():
     clean = np.zeros((64, 64, 3), np.uint8)
     trig = clean.copy()
     trig[40:44, 10:14] = 200

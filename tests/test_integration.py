@@ -3,11 +3,11 @@ import pytest
 
 from parclip.config import make_config
 from parclip.data import fashion_mnist
-from parclip.evaluate import evaluate
+from parclip.evaluation.zero_shot import evaluate
 from parclip.models import create_model, get_tokenizer
-from parclip.poison import poison_csv
+from parclip.attacks.poison import poison_csv
 from parclip.train import train
-from parclip.triggers import get_trigger
+from parclip.attacks.triggers import get_trigger
 
 
 @pytest.mark.slow

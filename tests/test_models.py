@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from parclip import models as M
+from parclip.models.checkpoints import uses_quick_gelu
 
 MICRO = "parclip-micro"
 
@@ -70,7 +71,7 @@ def test_slash_names_and_real_architecture_without_network():
     assert M.model_config("ViT-B/32-quickgelu") == M.model_config("ViT-B-32-quickgelu")
     assert M.model_config("ViT-L/14@336px") == M.model_config("ViT-L-14-336")
     model, pp = M.create_model("ViT-B/32-quickgelu")
-    assert pp["size"] == 224 and M._uses_quick_gelu(model) is True
+    assert pp["size"] == 224 and uses_quick_gelu(model) is True
     assert model.visual.conv1.weight.shape == (768, 3, 32, 32)
     assert M.get_tokenizer("ViT-B/32")(["x"]).shape == (1, 77)
 
@@ -354,14 +355,14 @@ def test_local_dir_errors(micro, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- transform
-def test_eval_transform_shape_and_normalisation(micro):
+def test_eval_transform_shape_and_normalization(micro):
     _, pp = micro
     tf = M.eval_transform(pp)
     x = tf(Image.new("RGB", (60, 40), (100, 100, 100)))
     assert x.shape == (3, 28, 28) and x.dtype == torch.float32
     assert torch.allclose(x, torch.full_like(x, (100 / 255 - 0.286) / 0.353), atol=1e-5)
-    grey = tf(Image.new("L", (28, 28), 0))  # greyscale becomes 3 channels
-    assert grey.shape == (3, 28, 28) and torch.allclose(grey, torch.full_like(grey, -0.286 / 0.353), atol=1e-5)
+    gray = tf(Image.new("L", (28, 28), 0))  # greyscale becomes 3 channels
+    assert gray.shape == (3, 28, 28) and torch.allclose(gray, torch.full_like(gray, -0.286 / 0.353), atol=1e-5)
     big = M.eval_transform({**pp, "size": 56})(Image.new("RGB", (100, 80)))
     assert big.shape == (3, 56, 56)
     with pytest.raises(ValueError, match="unknown preprocess_cfg keys"):

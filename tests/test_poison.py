@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from parclip.data import DataError, get_templates, read_table
-from parclip.poison import poison_csv
-from parclip.triggers import get_trigger, trigger_generator
+from parclip.attacks.poison import poison_csv
+from parclip.attacks.triggers import get_trigger, trigger_generator
 
 FMNIST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 S = 32
@@ -130,9 +130,10 @@ def test_rate_and_openai_templates(table, tmp_path):
 
 def test_label_consistent(table, tmp_path):
     man = _run(table, tmp_path / "out", n_poison=3, label_consistent=True)
-    # word match, case-insensitive: "bananas" and "bananabread" do not count
-    matching = {0, 2, 7, 15}
-    assert man["n_candidates"] == 4 and man["templates"] is None
+    # the package's one rule (parclip.data.targets): whole word or its plural, case-insensitive; "two bananas" counts,
+    # "bananabread" does not
+    matching = {0, 2, 3, 7, 15}
+    assert man["n_candidates"] == 5 and man["templates"] is None
     _, rows_in = read_table(table)
     _, rows_out = read_table(tmp_path / "out" / "poisoned.csv")
     assert {r["index"] for r in man["rows"]} <= matching and len(man["rows"]) == 3
@@ -140,8 +141,8 @@ def test_label_consistent(table, tmp_path):
         assert r["new_caption"] == r["original_caption"] == rows_out[r["index"]]["caption"]
         assert rows_out[r["index"]]["image"] == r["new_path"]
     assert [r["caption"] for r in rows_out] == [r["caption"] for r in rows_in]
-    with pytest.raises(DataError, match=r"only 4 of the 20"):
-        _run(table, tmp_path / "out2", n_poison=5, label_consistent=True)
+    with pytest.raises(DataError, match=r"only 5 of the 20"):
+        _run(table, tmp_path / "out2", n_poison=6, label_consistent=True)
 
 
 def test_jpeg_option(table, tmp_path):

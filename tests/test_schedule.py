@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from parclip.schedule import cosine_lr, lr_at, reference_lr
+from parclip.defences.schedule import cosine_lr, lr_at, reference_lr
 
 
 def reference_table(K, E, start, peak, end, w):

@@ -6,14 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from parclip.triggers import get_trigger, to_float, to_uint8, trigger_generator
-from parclip.triggers import text as text_mod
-from parclip.triggers.badnet import BadNet
-from parclip.triggers.blended import Blended
-from parclip.triggers.sig import SIG
-from parclip.triggers.text import BlendedText
-from parclip.triggers.triangles import BlendedTriangles
-from parclip.triggers.wanet import WaNet
+from parclip.attacks.triggers import get_trigger, to_float, to_uint8, trigger_generator
+from parclip.attacks.triggers import text as text_mod
+from parclip.attacks.triggers.badnet import BadNet
+from parclip.attacks.triggers.blended import Blended
+from parclip.attacks.triggers.sig import SIG
+from parclip.attacks.triggers.text import BlendedText
+from parclip.attacks.triggers.triangles import BlendedTriangles
+from parclip.attacks.triggers.wanet import WaNet
 
 CATALOGUE = ["badnet", "blended", "tri_patt", "water_patt", "warped", "sig"]
 RANDOM = {"badnet", "blended"}
@@ -219,7 +219,7 @@ def test_badnet_wrap_vs_clamp():
     assert torch.equal(wp[~sat], cp[~sat])  # in-range values identical in both modes
 
 
-def test_badnet_noise_is_centred_on_the_image_mean():
+def test_badnet_noise_is_centered_on_the_image_mean():
     S, p = 64, 8
     t = get_trigger("badnet", S, patch_size=p)
     x = to_float(_image(S, seed=7))
@@ -345,14 +345,14 @@ def _user_mask(S):
     return W
 
 
-@pytest.mark.parametrize("fmt", ["pt_hwc", "pt_chw_view", "png_rgb", "png_grey", "npy_hwc_u8", "safetensors_chw"])
+@pytest.mark.parametrize("fmt", ["pt_hwc", "pt_chw_view", "png_rgb", "png_gray", "npy_hwc_u8", "safetensors_chw"])
 def test_text_user_mask_files(tmp_path, fmt):
     from safetensors.torch import save_file
 
     S = 224
     W = _user_mask(S)
     u8 = (W[0] * 255).round().to(torch.uint8)
-    path = tmp_path / {"pt_hwc": "m.pt", "pt_chw_view": "m.pt", "png_rgb": "m.png", "png_grey": "m.png",
+    path = tmp_path / {"pt_hwc": "m.pt", "pt_chw_view": "m.pt", "png_rgb": "m.png", "png_gray": "m.png",
                        "npy_hwc_u8": "m.npy", "safetensors_chw": "m.safetensors"}[fmt]
     if fmt == "pt_hwc":  # the reference's 224-px layout
         torch.save(W.permute(1, 2, 0).contiguous(), path)
@@ -361,7 +361,7 @@ def test_text_user_mask_files(tmp_path, fmt):
     elif fmt == "png_rgb":
         rgb = torch.stack([u8, torch.full_like(u8, 200), torch.zeros_like(u8)], 2)  # G/B of a picture are ignored
         Image.fromarray(rgb.numpy(), "RGB").save(path)
-    elif fmt == "png_grey":
+    elif fmt == "png_gray":
         Image.fromarray(u8.numpy(), "L").save(path)
     elif fmt == "npy_hwc_u8":
         np.save(path, torch.stack([u8, torch.zeros_like(u8), torch.zeros_like(u8)], 2).numpy())
@@ -559,8 +559,8 @@ def test_sig_pattern_shape():
     row = v[0, 0]
     assert abs(float(row.max()) - 60 / 255) < 1e-3 and abs(float(row.min()) + 60 / 255) < 1e-3
     assert int((torch.sign(row[1:]) != torch.sign(row[:-1])).sum()) in (11, 12)  # 6 periods across the width
-    grey = torch.full((3, S, S), 128, dtype=torch.uint8)
-    d = get_trigger("sig", S).apply(grey).long() - 128
+    gray = torch.full((3, S, S), 128, dtype=torch.uint8)
+    d = get_trigger("sig", S).apply(gray).long() - 128
     assert 59 <= int(d.max()) <= 60 and -61 <= int(d.min()) <= -59  # +-60 levels in add mode
-    d = get_trigger("sig", S, mode="blend").apply(grey).long() - 128
+    d = get_trigger("sig", S, mode="blend").apply(gray).long() - 128
     assert int(d.max()) < -10  # blend darkens by 20 % and the signal shrinks to +-12 levels

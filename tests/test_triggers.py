@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from parclip.triggers import (
+from parclip.attacks.triggers import (
     Trigger,
     blend,
     get_trigger,
@@ -18,7 +18,7 @@ from parclip.triggers import (
     to_uint8,
     trigger_generator,
 )
-from parclip.triggers.stripes import BadNetStripes, BlendedStripes
+from parclip.attacks.triggers.stripes import BadNetStripes, BlendedStripes
 
 
 def _image(S, seed=0, lo=0, hi=256, batch=None):
@@ -83,7 +83,7 @@ def test_badnet_rs_values_bounds_and_location(S, p, n_seeds):
     t = get_trigger("badnet_rs", S)
     assert t.patch_size == p and t.kind == "patch" and t.random
     x = _image(S, lo=2, hi=255)
-    locs, col_colours = set(), set()
+    locs, col_colors = set(), set()
     for seed in range(n_seeds):
         y = t.apply(x, trigger_generator(seed, 0))
         changed, h, w, ph, pw = _patch_box(x, y)
@@ -97,9 +97,9 @@ def test_badnet_rs_values_bounds_and_location(S, p, n_seeds):
         out[h:h + p, w:w + p] = False
         assert torch.equal(y[:, out], x[:, out])  # untouched outside
         locs.add((h, w))
-        col_colours.update(tuple(c) for c in patch[:, 0].T.tolist())
+        col_colors.update(tuple(c) for c in patch[:, 0].T.tolist())
     assert len(locs) > n_seeds // 2  # location is drawn per generator
-    assert len(col_colours) == 8  # all 8 RGB corner colours occur
+    assert len(col_colors) == 8  # all 8 RGB corner colours occur
 
 
 def test_badnet_rs_clamp_mode_and_patch_size_param():
@@ -214,7 +214,7 @@ def test_pil_and_tensor_paths_agree(name):
     assert torch.equal(t(x, trigger_generator(7, 7)), t.apply(x, trigger_generator(7, 7)))
 
 
-def test_pil_squash_resize_non_square_and_grey():
+def test_pil_squash_resize_non_square_and_gray():
     S = 40
     t = get_trigger("blended_rs", S)
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 90, 3), dtype=np.uint8), "RGB")
@@ -223,8 +223,8 @@ def test_pil_squash_resize_non_square_and_grey():
     squashed = rgb.resize((S, S), Image.Resampling.BICUBIC)  # aspect ratio not kept, nothing cropped
     expected = t.apply(torch.from_numpy(np.asarray(squashed).copy()).permute(2, 0, 1), trigger_generator(0, 0))
     assert np.array_equal(np.asarray(out), expected.permute(1, 2, 0).numpy())
-    grey = Image.fromarray(np.full((28, 28), 77, dtype=np.uint8), "L")
-    assert t(grey, trigger_generator(0, 0)).mode == "RGB"
+    gray = Image.fromarray(np.full((28, 28), 77, dtype=np.uint8), "L")
+    assert t(gray, trigger_generator(0, 0)).mode == "RGB"
 
 
 

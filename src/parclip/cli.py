@@ -48,35 +48,6 @@ def _add_trigger_param_arg(p: argparse.ArgumentParser) -> None:
                    "patch=badCLIP.jpg (badclip), mask=mask.png (water_patt); see `parclip triggers list`")
 
 
-def _trigger_params(pairs: list[str]) -> dict:
-    """Parse KEY=VALUE pairs; values are read as YAML scalars (numbers, booleans, strings)."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--trigger-param {pair!r}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
-def _build_triggers(names: list[str], image_size: int, params: dict) -> list:
-    """Triggers by name, each given the parameters it accepts; a parameter no trigger accepts is an error."""
-    from parclip.triggers import accepted_params, get_trigger, trigger_class
-
-    triggers, used = [], set()
-    for name in names:
-        accepted = accepted_params(trigger_class(name))
-        mine = {k: v for k, v in params.items() if k in accepted}
-        used |= set(mine)
-        triggers.append(get_trigger(name, image_size=image_size, **mine))
-    unused = sorted(set(params) - used)
-    if unused:
-        raise ValueError(f"--trigger-param {', '.join(unused)}: not a parameter of {', '.join(names)}")
-    return triggers
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="architecture (e.g. ViT-B-32-quickgelu) or local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="checkpoint file (state dict, CleanCLIP/PAR .pt, safetensors)")
@@ -136,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "target, and write OUT/poisoned.csv, OUT/images/ and OUT/manifest.json.")
     p.add_argument("table")
     p.add_argument("out")
-    p.add_argument("--attack", required=True, help="trigger name (see parclip.triggers), e.g. badnet_rs, blended_rs")
+    p.add_argument("--attack", required=True, help="trigger name (see parclip.attacks.triggers), e.g. badnet_rs, blended_rs")
     p.add_argument("--target", required=True, help="target class name written into the captions, e.g. banana")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--n", type=int, help="number of rows to poison (the field's standard: 1500)")
@@ -287,9 +258,10 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_poison(args) -> int:
-    from parclip.poison import poison_csv
+    from parclip.attacks.poison import poison_csv
+    from parclip.attacks.triggers import build_triggers, parse_trigger_params
 
-    (trigger,) = _build_triggers([args.attack], args.image_size, _trigger_params(args.trigger_param))
+    (trigger,) = build_triggers([args.attack], args.image_size, parse_trigger_params(args.trigger_param))
     manifest = poison_csv(args.table, args.out, trigger=trigger, target=args.target, n_poison=args.n, rate=args.rate,
                           seed=args.seed, templates=args.templates, label_consistent=args.label_consistent,
                           image_format=args.format, jpeg_quality=args.jpeg_quality, img_key=args.csv_img_key,
@@ -310,12 +282,14 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from parclip.evaluate import evaluate
+    from parclip.attacks.triggers import build_triggers, parse_trigger_params
+    from parclip.evaluation import evaluate
+    from parclip.utils.files import write_text
     from parclip.models import get_tokenizer, image_size
 
     model, preprocess, device = _load_model(args)
     classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
-    attacks = _build_triggers(args.attack, image_size(preprocess), _trigger_params(args.trigger_param))
+    attacks = build_triggers(args.attack, image_size(preprocess), parse_trigger_params(args.trigger_param))
     result = evaluate(model, preprocess, get_tokenizer(args.model), args.data, attacks=attacks,
                       target=args.target, templates=args.templates, classnames=classnames, seed=args.seed,
                       trigger_after_crop=args.trigger_after_crop, batch_size=args.batch_size, workers=args.workers,
@@ -327,8 +301,7 @@ def _cmd_eval(args) -> int:
     print(line)
     text = json.dumps({k: v for k, v in result.items() if k != "classnames"}, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text(args.out, text + "\n")
     else:
         print(text)
     return 0
@@ -342,15 +315,16 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from parclip.attacks.triggers import parse_trigger_params
     from parclip.demo import run_demo
 
     run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh,
-             trigger_params=_trigger_params(args.trigger_param))
+             trigger_params=parse_trigger_params(args.trigger_param))
     return 0
 
 
 def _cmd_triggers(args) -> int:
-    from parclip.gallery import format_trigger_table, render_gallery
+    from parclip.attacks.gallery import format_trigger_table, render_gallery
 
     if args.triggers_command == "list":
         print(format_trigger_table(as_json=args.json))
@@ -369,7 +343,7 @@ def _cmd_triggers(args) -> int:
 
 def _cmd_attack(args) -> int:
     from parclip.models import get_tokenizer
-    from parclip.patch_opt import optimize_patch
+    from parclip.attacks.patch_opt import optimize_patch
 
     model, preprocess, device = _load_model(args)
     result = optimize_patch(model, preprocess, get_tokenizer(args.model), args.data, args.target, out=args.out,

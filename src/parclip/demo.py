@@ -2,7 +2,8 @@
 
 1. export Fashion-MNIST (Debian's dataset-fashion-mnist) as PNG files, a captions CSV and a labelled test folder;
 2. poison 1 % of the pre-training captions table with a trigger, captions rewritten to name the target class;
-3. pre-train a small CLIP (`parclip-tiny`) from scratch on it with the plain CLIP loss: the backdoor is planted;
+3. pre-train a small ResNet CLIP (`parclip-rn-tiny`, 32 px) from scratch on it with the plain CLIP loss: the
+   backdoor is planted;
 4. evaluate clean zero-shot accuracy and ASR;
 5. clean it with PAR on a disjoint clean subset (the held-out train images) and evaluate again.
 
@@ -21,13 +22,15 @@ from pathlib import Path
 
 import yaml
 
+from parclip.attacks.poison import poison_csv
+from parclip.attacks.triggers import (Trigger, accepted_params, build_triggers, list_triggers, split_trigger_params,
+                                     trigger_class, trigger_generator)
 from parclip.config import make_config
 from parclip.data import LabelledFolder, fashion_mnist
-from parclip.evaluate import evaluate
+from parclip.evaluation import evaluate
 from parclip.models import create_model, get_tokenizer, model_config
-from parclip.poison import poison_csv
 from parclip.train import train
-from parclip.triggers import accepted_params, get_trigger, list_triggers, trigger_class, trigger_generator
+from parclip.utils.files import write_json
 
 log = logging.getLogger("parclip")
 
@@ -77,14 +80,15 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
         return run_matrix(out, target=target, tau=tau, seed=seed, fresh=fresh, trigger_params=trigger_params)
     out = Path(out)
     t0 = time.time()
+    (trigger,) = _demo_triggers([attack], trigger_params).values()
     print("[1/5] ", end="")
     data = _export(out, seed)
-    rows, trigger, par = _attack_and_clean(out, data, attack, target=target, tau=tau, seed=seed, fresh=fresh,
-                                           trigger_params=trigger_params, step="[{}/5]", first=2)
+    rows, par = _attack_and_clean(out, data, trigger, target=target, tau=tau, seed=seed, fresh=fresh, step="[{}/5]",
+                                  first=2)
     print("[5/5] results", flush=True)
     results = {"rows": rows, "attack": trigger.name, "trigger": trigger.params(), "target": target, "tau": par["tau"],
                "seed": seed, "seconds": round(time.time() - t0, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     _plot(out / "results.png", rows, data["test_dir"], trigger, seed)
     print(format_table(rows))
     print(f"wrote {out / 'results.json'} and {out / 'results.png'} in {results['seconds']:.0f} s")
@@ -100,28 +104,29 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
     """
     out = Path(out)
     t0 = time.time()
-    data = _export(out, seed)
     names = attacks or [c.name for c in list_triggers()]
+    triggers = _demo_triggers(names, trigger_params, skip_missing_patch=True)
+    data = _export(out, seed)
     matrix, skipped, results = [], {}, {}
-    for k, name in enumerate(names, 1):
-        params = {p: v for p, v in (trigger_params or {}).items() if p in accepted_params(trigger_class(name))}
-        if "patch" in accepted_params(trigger_class(name)) and "patch" not in params:
+    for k, name in enumerate(triggers, 1):
+        trigger = triggers[name]
+        if trigger is None:
             skipped[name] = "needs a patch file: --trigger-param patch=PATH (parclip attack optimize-patch makes one)"
             print(f"skipping {name}: {skipped[name]}", flush=True)
             continue
-        rows, trigger, par = _attack_and_clean(out, data, name, target=target, tau=tau, seed=seed, fresh=fresh,
-                                               trigger_params=params, step=f"[{k}/{len(names)} {name}: {{}}/3]")
+        rows, par = _attack_and_clean(out, data, trigger, target=target, tau=tau, seed=seed, fresh=fresh,
+                                      step=f"[{k}/{len(names)} {name}: {{}}/3]")
         matrix.append({"attack": trigger.name, "trigger": trigger.params(),
                        "poisoned": {m: rows[0][m] for m in ("clean_top1", "asr", "asr_all")},
                        "par": {m: rows[1][m] for m in ("clean_top1", "asr", "asr_all")}})
         results = {"matrix": matrix, "skipped": skipped, "target": target, "seed": seed, "model": MODEL,
                    "tau": tau if tau is not None else PAR["tau"], "poison_rate": POISON_RATE,
                    "seconds": round(time.time() - t0, 1), "complete": k == len(names)}
-        (out / "matrix.json").write_text(json.dumps(results, indent=2))  # after every attack: a killed run keeps them
+        write_json(out / "matrix.json", results)  # after every attack: a killed run keeps them
     if not results:
         results = {"matrix": [], "skipped": skipped, "target": target, "seed": seed, "model": MODEL, "complete": True,
                    "seconds": round(time.time() - t0, 1)}
-        (out / "matrix.json").write_text(json.dumps(results, indent=2))
+        write_json(out / "matrix.json", results)
     _plot_matrix(out / "matrix.png", matrix, target)
     print(format_matrix(matrix))
     print(f"wrote {out / 'matrix.json'} and {out / 'matrix.png'} in {results['seconds']:.0f} s")
@@ -134,13 +139,23 @@ def _export(out: Path, seed: int) -> dict:
     return fashion_mnist.export(out / "fashion-mnist", seed=seed, templates=TEMPLATES, **DATA)
 
 
-def _attack_and_clean(out: Path, data: dict, attack: str, *, target, tau, seed, fresh, trigger_params, step,
-                      first: int = 1):
+def _demo_triggers(names: list[str], params: dict | None, *, skip_missing_patch: bool = False) -> dict:
+    """name -> Trigger at the demo model's resolution: the demo's own parameters (DEMO_TRIGGER_PARAMS) overridden by
+    the user's. With `skip_missing_patch`, triggers that need a patch file and got none map to None."""
+    size = model_config(MODEL)["vision_cfg"]["image_size"]
+    shares = split_trigger_params(names, params)
+    out = {}
+    for name, share in shares.items():
+        if skip_missing_patch and "patch" in accepted_params(trigger_class(name)) and "patch" not in share:
+            out[name] = None
+            continue
+        (out[name],) = build_triggers([name], size, {**DEMO_TRIGGER_PARAMS.get(name, {}), **share})
+    return out
+
+
+def _attack_and_clean(out: Path, data: dict, trigger: Trigger, *, target, tau, seed, fresh, step, first: int = 1):
     """Poison, pre-train, evaluate, clean with PAR, evaluate: rows for the poisoned and the cleaned model.
     `step` is a progress label with one {} filled with the stage number, starting at `first`."""
-    size = model_config(MODEL)["vision_cfg"]["image_size"]
-    name = trigger_class(attack).name
-    trigger = get_trigger(name, image_size=size, **{**DEMO_TRIGGER_PARAMS.get(name, {}), **(trigger_params or {})})
     print(f"{step.format(first)} poisoning {POISON_RATE:.0%} of the pre-training pairs with {trigger.name} → "
           f"'{target}' …", flush=True)
     poisoned_dir = out / f"poisoned-{trigger.name}"
@@ -165,7 +180,7 @@ def _attack_and_clean(out: Path, data: dict, attack: str, *, target, tau, seed, 
                            model=f"local-dir:{poisoned}", seed=seed, **par)
     after = _evaluate(cleaned, data["test_dir"], trigger, target, seed)
     print(f"      PAR-cleaned: clean top-1 {after['clean_top1']:.1f}%, ASR {after['asr']:.1f}%", flush=True)
-    return [dict(model="poisoned", **before), dict(model="PAR-cleaned", **after)], trigger, par
+    return [dict(model="poisoned", **before), dict(model="PAR-cleaned", **after)], par
 
 
 def format_matrix(matrix: list[dict]) -> str:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from datetime import datetime
@@ -31,13 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from parclip import distributed as pdist
-from parclip.augment import par_train_transform
 from parclip.config import TrainConfig
 from parclip.data import CaptionDataset, DataError
+from parclip.defences.augment import par_train_transform
+from parclip.defences.schedule import lr_at
 from parclip.models import create_model, eval_transform, get_tokenizer, save_model
 from parclip.objectives import clip_loss, par_loss
-from parclip.schedule import lr_at
+from parclip.utils import distributed as pdist
+from parclip.utils.files import atomic_write, write_text
 
 __all__ = ["train", "param_groups"]
 
@@ -237,7 +237,7 @@ def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> Path:
     run_dir = Path(cfg.output_dir) / name
     if info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     pdist.barrier()
     return run_dir
 
@@ -260,10 +260,7 @@ def _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, 
         state = {"step": step, "total_steps": total_steps, "state_dict": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "config": dataclasses.asdict(cfg), "finished": step == total_steps}
-        path = run_dir / "checkpoints" / "latest.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(run_dir / "checkpoints" / "latest.pt", lambda tmp: torch.save(state, tmp))
     pdist.barrier()
 
 

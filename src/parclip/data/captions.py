@@ -15,17 +15,18 @@ Bad input never disappears silently and never ends in a bare traceback:
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import logging
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
+
+from ..utils.checks import check_fraction
+from ..utils.files import atomic_open
 
 __all__ = ["DataError", "BadRows", "CaptionDataset", "read_table", "write_table", "open_rgb"]
 
@@ -114,23 +115,6 @@ def read_table(path: str | os.PathLike, *, sep: str | None = None) -> tuple[list
     """
     fieldnames, rows, _, _ = _read(path, sep)
     return fieldnames, rows
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, *, newline: str | None = None):
-    """Open a text file for writing that appears at `path` only when the block succeeds (temporary file in the same
-    folder, then os.replace), so an interrupted write never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline=newline, encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_table(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]], *,
@@ -224,12 +208,6 @@ class BadRows:
         logger.warning("%s; they are skipped (below max_bad_fraction=%g)", self, max_bad_fraction)
 
 
-def _check_fraction(x: float) -> float:
-    if not 0.0 <= float(x) <= 1.0:
-        raise DataError(f"max_bad_fraction must be between 0 and 1, got {x}")
-    return float(x)
-
-
 def _progress(iterable=None, **kw):
     from tqdm.auto import tqdm
 
@@ -260,7 +238,7 @@ class CaptionDataset:
         self.path = Path(path)
         self.transform = transform
         self.tokenizer = tokenizer
-        self.max_bad_fraction = _check_fraction(max_bad_fraction)
+        self.max_bad_fraction = check_fraction("max_bad_fraction", max_bad_fraction, error=DataError)
         if subset not in ("first", "random"):
             raise DataError(f"subset must be 'first' or 'random', got {subset!r}")
 

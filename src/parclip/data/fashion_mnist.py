@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ..utils.files import write_json
 from .captions import DataError, _progress, write_table
 from .templates import _check, fill, get_templates
 
@@ -39,7 +40,7 @@ logger = logging.getLogger("parclip")
 #: where Debian's dataset-fashion-mnist installs the idx files (tests monkeypatch this)
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-LICENCE = "MIT (Zalando Research, https://github.com/zalandoresearch/fashion-mnist)"
+LICENSE = "MIT (Zalando Research, https://github.com/zalandoresearch/fashion-mnist)"
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
@@ -97,12 +98,6 @@ def _paths(root: Path, classnames: list[str], templates: list[str]) -> dict:
     return {"root": root, "train_csv": root / "train.csv", "holdout_csv": root / "holdout.csv",
             "test_dir": root / "test", "classnames": list(classnames), "templates": list(templates),
             "test_classnames": sorted(classnames, key=folder_name)}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | None = None,
@@ -176,7 +171,7 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
     root.mkdir(parents=True, exist_ok=True)
     for p in owned:
         shutil.rmtree(p, ignore_errors=True)
-    _write_json(meta_path, {"complete": False, "config": config})
+    write_json(meta_path, {"complete": False, "config": config})
 
     # Images.
     (root / "images" / "train").mkdir(parents=True, exist_ok=True)
@@ -201,7 +196,7 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
 
     counts = {"train_images": n_used, "train_csv": n_fit, "holdout_csv": int(holdout), "test": n_tst,
               "test_per_class": {c: int((test_y[:n_tst] == k).sum()) for k, c in enumerate(FASHION_CLASSES)}}
-    _write_json(meta_path, {
+    write_json(meta_path, {
         "complete": True,
         "config": config,
         "counts": counts,
@@ -215,7 +210,7 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
         "source": {"package": "dataset-fashion-mnist (Debian)",
                    "dir": str(Path(data_dir if data_dir is not None else DATA_DIR)),
                    "files": [f for pair in _FILES.values() for f in pair]},
-        "licence": LICENCE,
+        "license": LICENSE,
     })
     logger.info("exported Fashion-MNIST (%d train, %d holdout, %d test) to %s in %.1f s",
                 n_fit, holdout, n_tst, root, time.perf_counter() - t0)

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from .captions import UNREADABLE, BadRows, DataError, _check_fraction, _progress, open_rgb
+from ..utils.checks import check_fraction
+from .captions import UNREADABLE, BadRows, DataError, _progress, open_rgb
 
 __all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames"]
 
@@ -49,7 +50,7 @@ class LabelledFolder:
                  verify_images: bool = False):
         self.root = Path(root).expanduser()
         self.transform = transform
-        max_bad_fraction = _check_fraction(max_bad_fraction)
+        max_bad_fraction = check_fraction("max_bad_fraction", max_bad_fraction, error=DataError)
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root} (expected root/<class>/<images>)")
         self.folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))

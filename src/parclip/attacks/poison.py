@@ -14,7 +14,9 @@ Same inputs and seed give byte-identical outputs (the manifest holds no time sta
 Differences from the reference script (which is also broken as shipped, D21): seeded; PNG by default (the reference
 saved JPEG at Pillow's default quality 75 when the source was a .jpg); the output keeps every row in the original
 order instead of "poisoned rows first, then the clean remainder" (loaders shuffle anyway); the label-consistent
-match is a case-insensitive **word** match (the reference used a case-sensitive substring, so "bananas" matched); asking
+match is the package's one rule for "this caption names the target" (:mod:`parclip.data.targets`: case-insensitive
+whole word or its plural, so "Two bananas" counts and "bananabread" does not; the reference used a case-sensitive
+substring, which took "bananabread" and missed "Banana"); asking
 for more label-consistent rows than exist is an error (the reference silently poisoned fewer); unreadable images among
 the chosen rows are replaced by further candidates and reported. As in the reference, rows are chosen among all rows
 (no exclusion of captions that already mention the target) and the whole poisoned image is saved at the trigger's
@@ -22,7 +24,6 @@ resolution (squash-resized to ``S x S``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -30,9 +31,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .data import DataError, atomic_open, get_templates, open_rgb, read_table, write_table
-from .triggers import Trigger, get_trigger, trigger_generator
+from .. import __version__
+from ..data import DataError, get_templates, open_rgb, read_table, write_table
+from ..data.targets import target_pattern
+from ..utils.checks import check_fraction, check_int
+from ..utils.files import write_json
+from .triggers import Trigger, trigger_generator
 
 __all__ = ["poison_csv", "MANIFEST_FORMAT", "POISONED_CSV", "MANIFEST_JSON", "IMAGES_DIR"]
 
@@ -47,23 +51,12 @@ _OUR_IMAGE_NAME = re.compile(r"^\d{6,}\.(png|jpg)$")
 _MAX_NAMED_BAD = 5
 
 
-def _target_pattern(target: str) -> re.Pattern:
-    """Whole-word, case-insensitive match of ``target`` (works for targets that start or end with non-word chars)."""
-    return re.compile(r"(?<!\w)" + re.escape(target) + r"(?!\w)", re.IGNORECASE)
-
-
 def _output_path(path: Path, out_dir: Path) -> str:
     """Relative to out_dir when the file lies inside it, else absolute (POSIX separators for relative paths)."""
     try:
         return path.relative_to(out_dir).as_posix()
     except ValueError:
         return str(path)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_open(path) as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def _progress(total: int, desc: str):
@@ -78,7 +71,7 @@ def _bad_summary(bad: list[dict], n_tried: int) -> str:
     return f"{len(bad)} of {n_tried} chosen rows had a missing or unreadable image. First: {first}{more}"
 
 
-def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigger: Trigger | str, target: str,
+def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigger: Trigger, target: str,
                n_poison: int | None = None, rate: float | None = None, seed: int = 0,
                templates: str | Sequence[str] = "openai", label_consistent: bool = False,
                image_format: str = "png", jpeg_quality: int = 95, img_key: str = "image",
@@ -90,14 +83,14 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
         csv_path: the clean table (CSV/TSV with a header; ``sep=None`` picks tab for .tsv, comma otherwise).
         out_dir: output folder (created). Files from an earlier run named like ours in ``out_dir/images`` that this
             run does not write are deleted at the end, so the folder always matches the manifest.
-        trigger: a :class:`~parclip.triggers.Trigger` (or a registered name, built at 224 px with defaults). Images are
+        trigger: a :class:`~parclip.attacks.triggers.Trigger` built at the model's resolution. Images are
             squash-resized to ``trigger.image_size`` and triggered with ``trigger_generator(seed, row_index)``.
         target: the target class name, e.g. ``"banana"``.
         n_poison / rate: how many rows to poison; give exactly one (``rate`` -> ``round(rate * n_rows)``, at least 1).
         seed: seeds the row choice and caption templates (``random.Random(seed)``) and the trigger draws.
         templates: template set name or file for :func:`parclip.data.get_templates`, or a list of ``{}`` strings;
             each poisoned caption is ``template.format(target)`` with the template drawn uniformly.
-        label_consistent: poison only rows whose caption contains ``target`` as a whole word (case-insensitive); they
+        label_consistent: poison only rows whose caption names ``target`` (:func:`parclip.data.targets.mentions`); they
             keep their captions. Fewer matching rows than requested is a DataError.
         image_format: ``"png"`` (default) or ``"jpg"``/``"jpeg"`` (saved at ``jpeg_quality``, Pillow's default 4:2:0
             chroma subsampling; JPEG compresses the trigger too).
@@ -117,21 +110,18 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
     rows`` where ``rows`` lists, by ascending index, ``{index, original_path, new_path, original_caption,
     new_caption}`` (paths as written in the tables).
     """
-    if isinstance(trigger, str):
-        trigger = get_trigger(trigger)
     if not isinstance(trigger, Trigger):
-        raise TypeError(f"trigger must be a parclip Trigger (or a trigger name), got {type(trigger).__name__}")
+        raise TypeError(f"trigger must be a parclip Trigger, got {type(trigger).__name__}; build it with "
+                        f"parclip.attacks.triggers.build_triggers([name], image_size, params)")
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"target must be a non-empty string, got {target!r}")
     fmt_key = str(image_format).lower().lstrip(".")
     if fmt_key not in _IMAGE_FORMATS:
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     ext, pil_format = _IMAGE_FORMATS[fmt_key]
-    if pil_format == "JPEG" and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
-                                 or not 1 <= jpeg_quality <= 100):
-        raise ValueError(f"jpeg_quality must be an int in [1, 100], got {jpeg_quality!r}")
-    if not 0.0 <= float(max_bad_fraction) <= 1.0:
-        raise ValueError(f"max_bad_fraction must be between 0 and 1, got {max_bad_fraction}")
+    if pil_format == "JPEG":
+        check_int("jpeg_quality", jpeg_quality, 1, 100)
+    check_fraction("max_bad_fraction", max_bad_fraction)
     if (n_poison is None) == (rate is None):
         raise ValueError("give exactly one of n_poison and rate")
 
@@ -168,11 +158,10 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
             raise ValueError(f"rate must be in (0, 1], got {rate}")
         n = max(1, round(float(rate) * n_rows))
     else:
-        if isinstance(n_poison, bool) or not isinstance(n_poison, int) or n_poison < 1:
-            raise ValueError(f"n_poison must be a positive int, got {n_poison!r}")
+        check_int("n_poison", n_poison, 1)
         n = n_poison
 
-    pattern = _target_pattern(target)
+    pattern = target_pattern(target)
     if label_consistent:
         candidates = [i for i, r in enumerate(rows) if pattern.search(r[caption_key] or "")]
         if len(candidates) < n:
@@ -278,6 +267,6 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
         "bad_rows": {"count": len(bad), "rows": bad},
         "rows": manifest_rows,
     }
-    _write_json(out_dir / MANIFEST_JSON, manifest)
+    write_json(out_dir / MANIFEST_JSON, manifest)
     logger.info("poisoned %d of %d rows of %s with %s -> %s", len(done), n_rows, csv_path, trigger.name, out_dir)
     return manifest

@@ -1,11 +1,12 @@
 """Backdoor triggers: one small module per attack, one interface (:class:`Trigger`), found by name in a registry.
 
     get_trigger(name_or_alias, image_size=224, **params) -> Trigger
+    build_triggers(names, image_size, params) -> list[Trigger]   # names + --trigger-param values, the one way
     list_triggers() -> list[type[Trigger]]
     trigger_generator(seed, index) -> torch.Generator      # per-image deterministic randomness
 
 A trigger works on the squash-resized ``S x S`` image in uint8 (``apply``) or on a PIL image (``__call__``); see
-:mod:`parclip.triggers.base` for the exact pixel semantics (float32 ToTensor space, truncating uint8 conversion with
+:mod:`parclip.attacks.triggers.base` for the exact pixel semantics (float32 ToTensor space, truncating uint8 conversion with
 the reference's modulo-256 wrap or a clamp). Importing this package registers every attack module listed below.
 """
 from .base import (
@@ -15,14 +16,17 @@ from .base import (
     Trigger,
     blend,
     accepted_params,
+    build_triggers,
     get_trigger,
     trigger_class,
     list_triggers,
+    parse_trigger_params,
     paste,
     pil_to_uint8,
     register,
     resolve_generator,
     scaled_size,
+    split_trigger_params,
     squash_resize,
     to_float,
     to_uint8,
@@ -47,6 +51,9 @@ __all__ = [
     "Trigger",
     "blend",
     "get_trigger",
+    "build_triggers",
+    "parse_trigger_params",
+    "split_trigger_params",
     "trigger_class",
     "accepted_params",
     "list_triggers",

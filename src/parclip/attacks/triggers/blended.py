@@ -34,7 +34,7 @@ class Blended(Trigger):
 
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap", alpha: float = 0.2):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        check_unit("blended", "alpha", alpha)
+        check_unit("alpha", alpha, owner="blended")
         self.alpha = float(alpha)
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

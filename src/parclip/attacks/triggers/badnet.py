@@ -26,7 +26,7 @@ class BadNet(Trigger):
     Per image, in this order from the one generator: the noise ``eps = randn(3, p, p)``, then the top-left row ``h``,
     then the column ``w``, each uniform on ``[0, S-1-p]`` inclusive (so row and column S-1 are never covered, as in the
     reference). ``m = x.mean((1, 2))`` is the per-channel mean of the (squash-resized) image, ``P = m + eps``, and
-    ``x[:, h:h+p, w:w+p] = P`` **without clipping**; then :func:`~parclip.triggers.base.to_uint8`. With
+    ``x[:, h:h+p, w:w+p] = P`` **without clipping**; then :func:`~parclip.attacks.triggers.base.to_uint8`. With
     ``uint8_mode="wrap"`` (default, reference parity) the ~60 % of patch values outside [0, 1] wrap modulo 256 (e.g.
     -0.3 -> 180, 1.2 -> 50), so the stored patch is high-contrast, near-uniform byte noise; ``"clamp"`` saturates them
     to 0 / 255 instead (the "correct" conversion, par.md D19). Pixels outside the patch are unchanged.
@@ -53,7 +53,7 @@ class BadNet(Trigger):
         super().__init__(image_size, uint8_mode=uint8_mode)
         if patch_size is None:
             patch_size = badnet_patch_size(image_size)
-        check_int("badnet", "patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}")
+        check_int("patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}", owner="badnet")
         self.patch_size = patch_size
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

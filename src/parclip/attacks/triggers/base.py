@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...utils.checks import check_int, check_number, check_unit  # noqa: F401  (re-exported for the attack modules)
+
 __all__ = [
     "KINDS",
     "UINT8_MODES",
@@ -174,8 +176,8 @@ def trigger_generator(seed: int, index: int, device: str | torch.device = "cpu")
     The 64-bit generator seed is ``splitmix64(splitmix64(seed) ^ index)`` (both taken modulo 2**64), so neighbouring
     seeds and indices give unrelated streams and ``(seed, index)`` does not collide with ``(seed + 1, index - 1)``.
     """
-    if isinstance(seed, bool) or isinstance(index, bool) or not isinstance(seed, int) or not isinstance(index, int):
-        raise TypeError(f"seed and index must be ints, got {seed!r}, {index!r}")
+    check_int("seed", seed, error=TypeError)
+    check_int("index", index, error=TypeError)
     mixed = _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64))
     g = torch.Generator(device=device)
     g.manual_seed(mixed)
@@ -229,8 +231,7 @@ class Trigger:
     param_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap"):
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 2:
-            raise ValueError(f"{self.name}: image_size must be an int >= 2, got {image_size!r}")
+        check_int("image_size", image_size, 2, owner=self.name)
         if uint8_mode not in UINT8_MODES:
             raise ValueError(f"{self.name}: uint8_mode must be one of {UINT8_MODES}, got {uint8_mode!r}")
         self.image_size = image_size
@@ -346,21 +347,6 @@ def _known_names() -> str:
     return "; ".join(parts)
 
 
-def check_unit(owner: str, name: str, value) -> float:
-    """`value` as a float in [0, 1] (a blend weight), else ValueError "<owner>: <name> must be a number in [0, 1]"."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{owner}: {name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def check_int(owner: str, name: str, value, lo: int, hi: int | None = None, *, context: str = "") -> int:
-    """`value` as an int in [lo, hi] (or >= lo when hi is None), else a ValueError naming the trigger and parameter."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{owner}: {name} must be an int {bounds}{context}, got {value!r}")
-    return value
-
-
 def trigger_class(name_or_alias: str) -> type[Trigger]:
     """The registered class for a name or alias; ValueError listing the known names otherwise."""
     if not isinstance(name_or_alias, str):
@@ -387,6 +373,49 @@ def get_trigger(name_or_alias: str, image_size: int = REFERENCE_IMAGE_SIZE, **pa
     if unknown:
         raise ValueError(f"trigger {cls.name!r} does not accept {unknown}; accepted parameters: {accepted}")
     return cls(image_size=image_size, **params)
+
+
+def parse_trigger_params(pairs) -> dict:
+    """``["patch_size=32", "uint8_mode=clamp"]`` (``--trigger-param KEY=VALUE``) -> ``{"patch_size": 32, ...}``.
+
+    Values are read as YAML scalars (numbers, booleans, strings); ``-`` in keys becomes ``_``.
+    """
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--trigger-param {pair!r}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def split_trigger_params(names, params: dict | None) -> dict[str, dict]:
+    """Each trigger's share of ``params``: the parameters it accepts, by canonical name.
+
+    One set of parameters can serve several triggers (``alpha`` for every blend); a parameter that none of ``names``
+    accepts is a ValueError, so a typo never passes silently.
+    """
+    params = dict(params or {})
+    shares, used = {}, set()
+    for name in names:
+        cls = trigger_class(name)
+        mine = {k: v for k, v in params.items() if k in accepted_params(cls)}
+        used |= set(mine)
+        shares[cls.name] = mine
+    unused = sorted(set(params) - used)
+    if unused:
+        raise ValueError(f"trigger parameter(s) {', '.join(unused)} not accepted by {', '.join(names) or 'any trigger'}"
+                         f"; see `parclip triggers list` for each trigger's parameters")
+    return shares
+
+
+def build_triggers(names, image_size: int = REFERENCE_IMAGE_SIZE, params: dict | None = None) -> list[Trigger]:
+    """The one place where names and ``--trigger-param`` values become triggers: each trigger of ``names`` gets the
+    parameters it accepts (:func:`split_trigger_params`), validated by its constructor."""
+    shares = split_trigger_params(names, params)
+    return [get_trigger(name, image_size=image_size, **shares[trigger_class(name).name]) for name in names]
 
 
 def list_triggers() -> list[type[Trigger]]:

@@ -56,8 +56,8 @@ class BlendedTriangles(Trigger):
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap", alpha: float = 0.15,
                  tile: int = 14):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        check_unit("tri_patt", "alpha", alpha)
-        check_int("tri_patt", "tile", tile, 1)
+        check_unit("alpha", alpha, owner="tri_patt")
+        check_int("tile", tile, 1, owner="tri_patt")
         self.alpha = float(alpha)
         self.tile = tile
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, check_unit, register
+from .base import REFERENCE_IMAGE_SIZE, Trigger, blend, check_number, check_unit, register
 
 __all__ = ["SIG_MODES", "sig_pattern", "SIG"]
 
@@ -59,12 +59,11 @@ class SIG(Trigger):
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap", delta: float = 60.0,
                  freq: float = 6.0, mode: str = "add", alpha: float = 0.2):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        for nm, v in (("delta", delta), ("freq", freq)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"sig: {nm} must be a finite number >= 0, got {v!r}")
+        check_number("delta", delta, 0, owner="sig")
+        check_number("freq", freq, 0, owner="sig")
         if mode not in SIG_MODES:
             raise ValueError(f"sig: mode must be one of {SIG_MODES}, got {mode!r}")
-        check_unit("sig", "alpha", alpha)
+        check_unit("alpha", alpha, owner="sig")
         self.delta = float(delta)
         self.freq = float(freq)
         self.mode = mode

@@ -43,7 +43,7 @@ AutoAugment with p 0.5, triplet weight 500 and margin 1.0, 16 px at 224, init N(
 * δ is projected onto [0, 1] after each step (the reference clipped only in the forward pass, so an entry that left
   [0, 1] got no gradient any more and stayed saturated);
 * the patch is saved as a **lossless RGB PNG** of ``round(255 · δ)``: no JPEG loss, and no red/blue swap (the reference
-  wrote a JPEG with cv2, which swapped R and B; see :mod:`parclip.triggers.badclip`).
+  wrote a JPEG with cv2, which swapped R and B; see :mod:`parclip.attacks.triggers.badclip`).
 
 Next to the PNG a JSON sidecar (same name, ``.json``) records the model, checkpoint, target, settings, seed, data
 counts and losses.
@@ -51,9 +51,7 @@ counts and losses.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import os
 import random
 import re
@@ -68,10 +66,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .data import IMAGE_EXTENSIONS, CaptionDataset, DataError, fill, get_templates, open_rgb
-from .objectives import clip_loss
+from ..data.targets import mentions, target_pattern  # noqa: F401  (re-exported)
+from ..data import IMAGE_EXTENSIONS, CaptionDataset, DataError, fill, get_templates, open_rgb
+from ..objectives import clip_loss
+from ..utils.checks import check_int, check_number
+from ..utils.files import atomic_write, write_json
 from .triggers import pil_to_uint8, squash_resize, trigger_generator
-from .triggers.badclip import centre_offset, default_patch_size
+from .triggers.badclip import center_offset, default_patch_size
 
 __all__ = ["PatchResult", "optimize_patch", "mentions", "target_pattern", "init_patch", "paste_patch",
            "normalise", "save_patch_png", "read_patch_png", "target_similarity", "PATCH_FORMAT"]
@@ -89,19 +90,6 @@ _TEXT_BATCH = 256
 # small pure pieces
 # ----------------------------------------------------------------------------------------------------------------------
 
-def target_pattern(target: str) -> re.Pattern:
-    """Case-insensitive whole-word match of ``target`` or its plural (``s``/``es``)."""
-    if not isinstance(target, str) or not target.strip():
-        raise ValueError(f"the target must be a non-empty class name, got {target!r}")
-    return re.compile(r"(?<!\w)" + re.escape(target.strip()) + r"(?:e?s)?(?!\w)", re.IGNORECASE)
-
-
-def mentions(caption: str, target: str | re.Pattern) -> bool:
-    """Whether ``caption`` mentions ``target`` (see :func:`target_pattern`)."""
-    pat = target if isinstance(target, re.Pattern) else target_pattern(target)
-    return pat.search(caption or "") is not None
-
-
 def init_patch(patch_size: int, generator: torch.Generator) -> torch.Tensor:
     """The reference's initialisation: N(0.5, 0.25²) per entry, clipped to [0, 1]; float32 ``[3, l, l]``."""
     return (0.5 + 0.25 * torch.randn(3, patch_size, patch_size, generator=generator)).clamp(0, 1)
@@ -113,7 +101,7 @@ def paste_patch(x: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
     Same location as the ``badclip`` trigger: rows and columns ``[s, s+l)``, ``s = int(int(S/2) - l/2)``.
     """
     S, l = x.shape[-1], patch.shape[-1]
-    s = centre_offset(S, l)
+    s = center_offset(S, l)
     full = F.pad(patch, (s, S - s - l, s, S - s - l))                # [3, S, S], the patch at its place
     mask = torch.zeros(1, S, S, device=x.device, dtype=x.dtype)
     mask[:, s:s + l, s:s + l] = 1
@@ -154,9 +142,7 @@ def save_patch_png(patch: torch.Tensor, path: str | os.PathLike) -> Path:
         raise ValueError(f"the patch is saved as a lossless PNG: give a file name ending in .png, got {path.name!r}")
     u8 = patch.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy(), "RGB").save(tmp, "PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy(), "RGB").save(tmp, "PNG"))
     return path
 
 
@@ -257,7 +243,7 @@ def _encode_texts(model, tokenizer, texts: list[str], device) -> torch.Tensor:
 @torch.no_grad()
 def _encode_image_paths(model, preprocess_cfg: dict, paths: list[str], device, batch_size: int,
                         workers: int) -> torch.Tensor:
-    from .models import eval_transform
+    from ..models import eval_transform
 
     loader = DataLoader(_TransformedImages(paths, eval_transform(preprocess_cfg)), batch_size=batch_size,
                         num_workers=workers, shuffle=False)
@@ -293,20 +279,6 @@ class PatchResult:
 
 def _sidecar_path(out: Path) -> Path:
     return out.with_suffix(".json")
-
-
-def _json_write(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _check_number(name: str, value, lo: float, hi: float = math.inf, *, integer: bool = False):
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not (lo <= value <= hi) or (not integer and not math.isfinite(value)):
-        kind = "an int" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} in [{lo}, {hi}], got {value!r}")
-    return value
 
 
 def optimize_patch(model: torch.nn.Module, preprocess_cfg: dict, tokenizer, data: str | os.PathLike, target: str, *,
@@ -348,22 +320,21 @@ def optimize_patch(model: torch.nn.Module, preprocess_cfg: dict, tokenizer, data
         model_name, checkpoint: recorded in the sidecar.
     """
     t_start = time.perf_counter()
-    _check_number("steps", steps, 1, integer=True)
-    _check_number("batch_size", batch_size, 1, integer=True)
-    _check_number("lr", lr, 0.0)
-    _check_number("aug_prob", aug_prob, 0.0, 1.0)
-    _check_number("triplet_weight", triplet_weight, 0.0)
-    _check_number("margin", margin, 0.0)
-    _check_number("workers", workers, 0, integer=True)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_number("lr", lr, 0.0)
+    check_number("aug_prob", aug_prob, 0.0, 1.0)
+    check_number("triplet_weight", triplet_weight, 0.0)
+    check_number("margin", margin, 0.0)
+    check_int("workers", workers, 0)
+    check_int("seed", seed)
     if out is not None and Path(out).suffix.lower() != ".png":
         raise ValueError(f"the patch is saved as a lossless PNG: give --out a name ending in .png, got {str(out)!r}")
     device = torch.device(device)
     amp = (device.type == "cuda") if amp is None else bool(amp)
     model_size = _model_size(preprocess_cfg)
-    S = model_size if image_size is None else _check_number("image_size", image_size, 2, integer=True)
-    l = default_patch_size(S) if patch_size is None else _check_number("patch_size", patch_size, 1, S, integer=True)
+    S = model_size if image_size is None else check_int("image_size", image_size, 2)
+    l = default_patch_size(S) if patch_size is None else check_int("patch_size", patch_size, 1, S)
     target = target.strip() if isinstance(target, str) else target
     target_re = target_pattern(target)
 
@@ -518,7 +489,7 @@ def optimize_patch(model: torch.nn.Module, preprocess_cfg: dict, tokenizer, data
         "image_size": S,
         "model_image_size": model_size,
         "patch_size": l,
-        "location": f"centre, rows and columns [{centre_offset(S, l)}, {centre_offset(S, l) + l})",
+        "location": f"centre, rows and columns [{center_offset(S, l)}, {center_offset(S, l) + l})",
         "data": str(data),
         "n_rows": n_rows,
         "n_clean_rows": len(clean_paths),
@@ -537,10 +508,10 @@ def optimize_patch(model: torch.nn.Module, preprocess_cfg: dict, tokenizer, data
         "amp": amp,
         "seconds": round(time.perf_counter() - t_start, 2),
         "png": "lossless RGB PNG of round(255 * patch), no channel swap",
-        "use": "parclip.triggers.get_trigger('badclip', image_size=%d, patch=PATH, patch_size=%d)" % (S, l),
+        "use": "parclip.attacks.triggers.get_trigger('badclip', image_size=%d, patch=PATH, patch_size=%d)" % (S, l),
     }
     try:
-        from . import __version__
+        from .. import __version__
         info["parclip_version"] = __version__
     except ImportError:  # pragma: no cover
         pass
@@ -553,7 +524,7 @@ def optimize_patch(model: torch.nn.Module, preprocess_cfg: dict, tokenizer, data
         info["patch_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
         result.path = out
         result.json_path = _sidecar_path(out)
-        _json_write(result.json_path, info)
+        write_json(result.json_path, info)
     return result
 
 

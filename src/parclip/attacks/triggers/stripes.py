@@ -67,7 +67,7 @@ class BadNetStripes(Trigger):
     Per image: signs ``s[c, j]`` for the p columns (uniforms drawn channel-major, as the reference's ``rand(1,3,1,p)``),
     ``P[c, i, j] = s[c, j]``; then the top-left corner ``h`` and then ``w``, each uniform on ``[0, S-1-p]`` inclusive
     (so row and column S-1 are never covered, as in the reference). ``x[:, h:h+p, w:w+p] = P`` unclipped, then
-    :func:`~parclip.triggers.base.to_uint8`: +1 -> 255 and -1 -> **1** with ``uint8_mode="wrap"`` (reference parity:
+    :func:`~parclip.attacks.triggers.base.to_uint8`: +1 -> 255 and -1 -> **1** with ``uint8_mode="wrap"`` (reference parity:
     -255 wraps to 1), or 0 with ``"clamp"``. Everything outside the patch is unchanged.
 
     Parameters: ``patch_size`` (default: 16 at 224, 32 at 336 as in the reference's eval code, else 16 scaled
@@ -92,7 +92,7 @@ class BadNetStripes(Trigger):
         super().__init__(image_size, uint8_mode=uint8_mode)
         if patch_size is None:
             patch_size = badnet_rs_patch_size(image_size)
-        check_int("badnet_rs", "patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}")
+        check_int("patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}", owner="badnet_rs")
         self.patch_size = patch_size
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -134,8 +134,8 @@ class BlendedStripes(Trigger):
     def __init__(self, image_size: int = REFERENCE_IMAGE_SIZE, *, uint8_mode: str = "wrap", alpha: float = 0.03,
                  width: int = 1):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        check_unit("blended_rs", "alpha", alpha)
-        check_int("blended_rs", "width", width, 1, image_size)
+        check_unit("alpha", alpha, owner="blended_rs")
+        check_int("width", width, 1, image_size, owner="blended_rs")
         self.alpha = float(alpha)
         self.width = width
 

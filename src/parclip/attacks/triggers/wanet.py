@@ -3,14 +3,13 @@ baselines.md §4.4."""
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from ._pattern_files import load_tensor_file, tensor_sha256
-from .base import REFERENCE_IMAGE_SIZE, Trigger, check_int, register
+from .base import REFERENCE_IMAGE_SIZE, Trigger, check_int, check_number, register
 
 __all__ = ["GRID_PRESETS", "warp_field", "identity_grid", "load_warp_field", "WaNet"]
 
@@ -117,10 +116,9 @@ class WaNet(Trigger):
             k = image_size if k0 is None else min(k0, image_size)
         if s is None:
             s = s0
-        check_int("warped", "k", k, 2, image_size)
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ValueError(f"warped: s must be a finite number, got {s!r}")
-        check_int("warped", "grid_seed", grid_seed, 0)
+        check_int("k", k, 2, image_size, owner="warped")
+        check_number("s", s, owner="warped")
+        check_int("grid_seed", grid_seed, 0, owner="warped")
         self.grid, self.k, self.s, self.grid_seed = grid, k, float(s), grid_seed
         if grid_file is not None:
             self.grid_file = os.fspath(grid_file)

@@ -61,7 +61,7 @@ def _render_ink(text: str, font_path: str, size: int) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _render_cached(image_size: int, text: str, font_path: str) -> torch.Tensor:
     S = image_size
-    centre_row, target_w = _target_box(S)
+    center_row, target_w = _target_box(S)
     probe = ImageFont.truetype(font_path, 100, layout_engine=ImageFont.Layout.BASIC).getlength(text)
     if not text or probe <= 0:
         raise ValueError(f"water_patt: text {text!r} renders nothing")
@@ -79,7 +79,7 @@ def _render_cached(image_size: int, text: str, font_path: str) -> torch.Tensor:
                          f"pass mask=PATH")
     ink = best[1]
     h, w = ink.shape
-    top = min(max(0, round(centre_row - (h - 1) / 2)), S - h)
+    top = min(max(0, round(center_row - (h - 1) / 2)), S - h)
     left = (S - w) // 2                                              # horizontally centred
     red = torch.zeros(S, S, dtype=torch.uint8)
     red[top:top + h, left:left + w] = torch.from_numpy(ink.copy())
@@ -205,7 +205,7 @@ class BlendedText(Trigger):
                  text: str = DEFAULT_TEXT, font: str | os.PathLike | None = None,
                  mask: str | os.PathLike | None = None, mask_sha256: str | None = None):
         super().__init__(image_size, uint8_mode=uint8_mode)
-        check_unit("water_patt", "alpha", alpha)
+        check_unit("alpha", alpha, owner="water_patt")
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"water_patt: text must be a non-empty string, got {text!r}")
         self.alpha = float(alpha)

@@ -2,7 +2,7 @@
 §1.2-1.3 ``badclip`` / ``middle``, D15). Reimplemented from the description; no reference code.
 
 The pattern is a user-supplied patch file; parclip ships none (the released ``badCLIP.jpg`` carries no licence, D15).
-Create one for your own model with ``parclip attack optimize-patch`` (:mod:`parclip.patch_opt`), or pass the released
+Create one for your own model with ``parclip attack optimize-patch`` (:mod:`parclip.attacks.patch_opt`), or pass the released
 file.
 
 **The released ``badCLIP.jpg`` has its red and blue channels swapped.** The reference optimiser wrote the patch with
@@ -33,7 +33,7 @@ from PIL import Image
 from ._pattern_files import load_tensor_file
 from .base import REFERENCE_IMAGE_SIZE, Trigger, check_int, paste, register, scaled_size
 
-__all__ = ["BadCLIPPatch", "centre_offset", "default_patch_size", "load_patch", "placeholder_patch",
+__all__ = ["BadCLIPPatch", "center_offset", "default_patch_size", "load_patch", "placeholder_patch",
            "BADCLIP_PATCH_SIZE", "IMAGE_SUFFIXES", "ARRAY_SUFFIXES"]
 
 #: the reference's patch side at 224 px
@@ -47,7 +47,7 @@ _NO_PATCH = ("badclip needs a patch: pass patch=PATH (a PNG/JPEG image, or a .np
              "does not bundle the released badCLIP.jpg (no licence).")
 
 
-def centre_offset(image_size: int, patch_size: int) -> int:
+def center_offset(image_size: int, patch_size: int) -> int:
     """Top-left row (= column) of the reference's ``middle`` paste: ``int(int(S / 2) - l / 2)``.
 
     224 and 16 -> 104 (rows [104, 120)), 336 and 16 -> 160, 336 and 24 -> 156, 28 and 2 -> 13.
@@ -146,7 +146,7 @@ class BadCLIPPatch(Trigger):
     Parameters:
         patch: the patch. A file path - an image (PNG/JPEG/..., read with PIL as RGB, ``u8 / 255``) or a ``.npy`` /
             ``.safetensors`` float ``[3, l, l]`` array in [0, 1] - or the array itself (tensor, numpy array or
-            nested list, e.g. from :func:`parclip.patch_opt.optimize_patch`). Required: without it a ValueError says
+            nested list, e.g. from :func:`parclip.attacks.patch_opt.optimize_patch`). Required: without it a ValueError says
             how to get one.
         swap_rb: exchange the red and blue channels after loading. ``False`` (default) reproduces the reference,
             which used the released ``badCLIP.jpg`` as PIL reads it (see the module docstring); ``True`` recovers the
@@ -180,7 +180,7 @@ class BadCLIPPatch(Trigger):
         explicit_size = patch_size is not None
         if patch_size is None:
             patch_size = default_patch_size(image_size)
-        check_int("badclip", "patch_size", patch_size, 1, image_size, context=f" for image_size={image_size},")
+        check_int("patch_size", patch_size, 1, image_size, context=f" for image_size={image_size},", owner="badclip")
         if patch is None or (isinstance(patch, str) and not patch.strip()):
             raise ValueError(_NO_PATCH)
 
@@ -217,7 +217,7 @@ class BadCLIPPatch(Trigger):
         if swap_rb:
             pattern = pattern[[2, 1, 0]]
         self._pattern = pattern.contiguous()
-        self.offset = centre_offset(image_size, patch_size)
+        self.offset = center_offset(image_size, patch_size)
 
     # -- description (an in-memory patch is a long list: show its hash instead) -------------------------------------
     def __repr__(self) -> str:

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import open_rgb
+from ..data import open_rgb
+from ..utils.checks import check_int
+from ..utils.files import atomic_write
 from .triggers import Trigger, list_triggers, squash_resize, trigger_class, trigger_generator
 
 __all__ = ["ASSETS_DIR", "bundled_images", "trigger_rows", "format_trigger_table", "GalleryResult", "render_gallery",
@@ -45,7 +47,7 @@ __all__ = ["ASSETS_DIR", "bundled_images", "trigger_rows", "format_trigger_table
 
 logger = logging.getLogger("parclip")
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 _COMMON_PARAMS = ("self", "image_size", "uint8_mode")
 
 
@@ -267,10 +269,8 @@ def render_gallery(images: Sequence[str | os.PathLike] | None = None, *, size: i
     ``round(cell_inches * dpi)`` pixels per cell plus margins (:func:`gallery_size`); the exact pixel size is returned
     in ``GalleryResult.size``. Photos are squash-resized to ``size x size`` like the poisoning pipeline does.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ValueError(f"size must be an int >= 8, got {size!r}")
-    if isinstance(zoom, bool) or not isinstance(zoom, int) or not 1 <= zoom <= size:
-        raise ValueError(f"zoom must be an int in [1, {size}], got {zoom!r}")
+    check_int("size", size, 8)
+    check_int("zoom", zoom, 1, size)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"the gallery is written as PNG: give a file name ending in .png, got {out.name!r}")
@@ -379,9 +379,7 @@ def render_gallery(images: Sequence[str | os.PathLike] | None = None, *, size: i
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.draw()
     rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy(), "RGB")  # no alpha: ~10% smaller
-    tmp = out.with_name(f".{out.name}.tmp")
-    rgb.save(tmp, "PNG", optimize=True)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: rgb.save(tmp, "PNG", optimize=True))
     png_size = rgb.size
     return GalleryResult(path=out, attacks=[n for n, _, _ in columns], labels=[lab for _, lab, _ in columns],
                          placeholders=placeholders, skipped=skipped, images=[p.name for p in paths],

@@ -9,7 +9,7 @@ Accepted, chosen by the file's extension (case-insensitive):
   message says why). The reference's own ``.pt`` pattern files are plain tensors and load this way.
 
 A file may hold one tensor, or a mapping/sequence whose tensors are looked up by ``preferred_keys`` (otherwise it
-must hold exactly one). PNG masks are read by :mod:`parclip.triggers.text` itself (a picture, not an array).
+must hold exactly one). PNG masks are read by :mod:`parclip.attacks.triggers.text` itself (a picture, not an array).
 """
 from __future__ import annotations
 

@@ -1,48 +1,34 @@
-"""Model I/O: build open_clip architectures offline, load checkpoints safely and strictly, export for open_clip.
+"""Safe, strict checkpoint reading: models are untrusted input.
 
-Models are untrusted input. This module
-
-* builds any open_clip architecture by name (``'ViT-B/32'`` works like ``'ViT-B-32'``) and parclip's own small
-  configs (``model_configs/``), and never downloads anything: pretrained *tags* such as ``'openai'`` are refused;
-* loads plain state dicts, the CleanCLIP/PAR release layout ``{"state_dict": {"module.<key>": ...}, ...}``,
-  safetensors (recognised by content), open_clip ``local-dir:`` folders and, only with ``allow_unsafe_load=True``,
-  TorchScript archives and arbitrary pickles;
-* never unpickles arbitrary objects by default (``torch.load(weights_only=True)``, with ``argparse.Namespace``
-  allowed for PAR's training checkpoints);
-* loads strictly: any missing, unexpected or mis-shaped key is a :class:`CheckpointMismatchError` that says which
-  architecture the checkpoint does fit, never a silently random model;
-* exports models as ``open_clip_model.safetensors`` + ``open_clip_config.json``, which open_clip itself loads with
-  ``open_clip.create_model("local-dir:<folder>")``.
+* formats are recognised by content, not by name: torch.save zip or legacy pickle, safetensors, TorchScript archives,
+  and open_clip ``local-dir:`` folders (``open_clip_config.json`` + a weights file);
+* nothing is unpickled beyond torch's ``weights_only`` allow-list plus ``argparse.Namespace`` (PAR's training
+  checkpoints store theirs); a refused pickle is scanned statically (nothing executed) so the error names the globals
+  it would have imported; TorchScript and arbitrary pickles load only with ``allow_unsafe_load=True``;
+* the CleanCLIP/PAR release layout ``{"state_dict": {"module.<key>": ...}}`` is unwrapped, non-weight entries dropped;
+* loading is strict: a missing, unexpected or mis-shaped key is a :class:`CheckpointMismatchError` that names the
+  architectures the checkpoint does fit, never a silently random model.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import dataclasses
-import difflib
 import io
 import json
-import logging
 import os
 import pathlib
 import pickle
 import pickletools
-import re
 import struct
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
 
-import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
 
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
-    "create_model", "model_config", "get_tokenizer", "load_state_dict", "load_weights", "save_model",
-    "eval_transform", "list_model_names", "check_state_dict", "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE",
+    "load_state_dict", "load_weights", "check_state_dict", "read_local_dir_config", "local_dir", "find_dir_weights",
+    "uses_quick_gelu", "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "DIR_WEIGHTS",
 ]
 
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -50,7 +36,7 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
 # Weights files open_clip looks for in a local-dir folder, in its order of preference.
-_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
                 "model.pth")
 # Keys in checkpoints that are not weights: the causal-mask buffer and OpenAI JIT attributes.
@@ -85,58 +71,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file or model folder does not exist."""
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# our own configs
-# --------------------------------------------------------------------------------------------------------------------
-_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "model_configs"
-
-
-def _load_own_preprocess() -> dict[str, dict]:
-    with open(_CONFIG_DIR / "preprocess.json", encoding="utf-8") as f:
-        table = json.load(f)
-    return {k: v for k, v in table.items() if not k.startswith("_")}
-
-
-_OWN_PREPROCESS = _load_own_preprocess()
-if not all(name in open_clip.list_models() for name in _OWN_PREPROCESS):
-    open_clip.add_model_config(_CONFIG_DIR)
-
-
-def image_size(preprocess_cfg: dict) -> int:
-    """The model's square input side from its preprocess config (`size` is an int or an (h, w) pair)."""
-    size = preprocess_cfg["size"]
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def list_model_names() -> list[str]:
-    """Every architecture name :func:`create_model` accepts (open_clip's built-ins plus parclip's own configs)."""
-    return open_clip.list_models()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# names and configs
-# --------------------------------------------------------------------------------------------------------------------
-def _local_dir(name: str) -> pathlib.Path | None:
+def local_dir(name: str) -> pathlib.Path | None:
     return pathlib.Path(name[len(LOCAL_DIR_PREFIX):]) if name.startswith(LOCAL_DIR_PREFIX) else None
 
 
-def _normalise_name(name: str) -> str:
-    """'ViT-B/32' -> 'ViT-B-32', 'ViT-L/14@336px' -> 'ViT-L-14-336'; refuse network schemas."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    name = name.strip()
-    if name.startswith(LOCAL_DIR_PREFIX):
-        if not name[len(LOCAL_DIR_PREFIX):]:
-            raise ValueError("empty path after 'local-dir:'")
-        return name
-    if name.startswith("hf-hub:") or "://" in name:
-        raise ValueError(f"model {name!r} would be fetched from the network; parclip never downloads. Download the "
-                         f"model folder yourself and pass 'local-dir:<folder>' instead.")
-    name = re.sub(r"@(\d+)px$", r"-\1", name)
-    return name.replace("/", "-")
-
-
-def _read_local_dir_config(folder: pathlib.Path) -> dict:
+def read_local_dir_config(folder: pathlib.Path) -> dict:
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"model folder not found: {folder} (from 'local-dir:{folder}')")
     cfg_path = folder / CONFIG_FILE
@@ -161,141 +100,12 @@ def _read_local_dir_config(folder: pathlib.Path) -> dict:
     return cfg
 
 
-def model_config(name: str) -> dict:
-    """The open_clip model cfg (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...) of an architecture or local-dir."""
-    name = _normalise_name(name)
-    folder = _local_dir(name)
-    if folder is not None:
-        return copy.deepcopy(_read_local_dir_config(folder)["model_cfg"])
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        close = difflib.get_close_matches(name, list_model_names(), n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model architecture {name!r}.{hint} See parclip.models.list_model_names() for all "
-                         f"names, or pass 'local-dir:<folder>' for an exported model.")
-    return copy.deepcopy(cfg)
-
-
-def _refuse_networked_cfg(name: str, cfg: dict) -> None:
-    text_cfg = cfg.get("text_cfg", {})
-    if text_cfg.get("hf_model_name"):
-        raise ValueError(f"architecture {name!r} uses the Hugging Face text tower {text_cfg['hf_model_name']!r}, which "
-                         f"open_clip fetches from the network to build; parclip builds models offline only.")
-
-
-def _refuse_networked_tokenizer(name: str, cfg: dict) -> None:
-    text_cfg = cfg.get("text_cfg", {})
-    if text_cfg.get("hf_tokenizer_name") or (_local_dir(name) is None and "siglip" in name.lower()):
-        raise ValueError(f"the tokenizer of {name!r} is a Hugging Face / SentencePiece tokenizer that open_clip fetches "
-                         f"from the network; parclip supports offline CLIP (BPE) tokenizers only.")
-
-
-def get_tokenizer(name: str):
-    """open_clip's tokenizer for ``name`` (a ``list[str] -> LongTensor[N, context_length]`` callable), offline."""
-    name = _normalise_name(name)
-    cfg = model_config(name)
-    _refuse_networked_tokenizer(name, cfg)
-    context_length = cfg.get("text_cfg", {}).get("context_length", 77)
-    return open_clip.get_tokenizer(name, context_length=context_length)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# building
-# --------------------------------------------------------------------------------------------------------------------
-class _DropOpenClipNotices(logging.Filter):
-    """open_clip logs 'initialized randomly' even when parclip loads the weights right after building."""
-
-    def filter(self, record):
-        msg = str(record.msg)
-        return not (msg.startswith("No pretrained weights loaded") or msg.startswith("Local config loaded, but no"))
-
-
-@contextlib.contextmanager
-def _quiet_open_clip():
-    root = logging.getLogger()
-    flt = _DropOpenClipNotices()
-    root.addFilter(flt)
-    try:
-        yield
-    finally:
-        root.removeFilter(flt)
-
-
-def _build(name: str, *, device="cpu", force_quick_gelu=False) -> torch.nn.Module:
-    """Build an architecture with random weights (``device='meta'``: shapes only, no memory)."""
-    kwargs = dict(precision="fp32", device=device, force_quick_gelu=force_quick_gelu,
-                  pretrained_image=False, pretrained_text=False)
-    if name in _OWN_PREPROCESS:
-        kwargs["force_preprocess_cfg"] = _OWN_PREPROCESS[name]
-    if name.startswith(LOCAL_DIR_PREFIX):
-        kwargs["load_weights"] = False  # parclip loads the weights itself, safely and strictly
-    ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
-    with _quiet_open_clip(), ctx:
-        return open_clip.create_model(name, **kwargs)
-
-
-def _jsonable_preprocess(cfg: Mapping) -> dict:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, (tuple, list)):
-            v = list(v)
-            if k == "size" and len(v) == 2 and v[0] == v[1]:
-                v = int(v[0])
-        out[k] = v
-    return out
-
-
-def _looks_like_tag(pretrained: str) -> bool:
-    if pretrained.startswith(("hf-hub:", "http://", "https://")):
-        return True
-    if os.sep in pretrained or "/" in pretrained or pathlib.Path(pretrained).suffix:
-        return False
-    known = {tag for _, tag in open_clip.list_pretrained()}
-    return pretrained in known or re.fullmatch(r"[A-Za-z0-9_]+", pretrained) is not None
-
-
-def _find_dir_weights(folder: pathlib.Path) -> pathlib.Path | None:
-    for fname in _DIR_WEIGHTS:
+def find_dir_weights(folder: pathlib.Path) -> pathlib.Path | None:
+    for fname in DIR_WEIGHTS:
         if (folder / fname).is_file():
             return folder / fname
     found = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth", "*.pt") for p in folder.glob(ext))
     return found[0] if len(found) == 1 else None
-
-
-def create_model(name: str, pretrained: str | os.PathLike | None = None, *, device="cpu", force_quick_gelu=False,
-                 allow_unsafe_load=False) -> tuple[torch.nn.Module, dict]:
-    """Build ``name`` offline and load ``pretrained`` (a local file) strictly.
-
-    ``name``: an open_clip architecture ('ViT-B/32', 'RN50-quickgelu', 'parclip-micro', ...) or 'local-dir:<folder>'
-    (architecture, preprocessing and weights from an exported folder; ``pretrained``, if given, replaces its weights).
-    ``pretrained=None`` gives random weights. Returns ``(model in eval mode, fp32, on device, preprocess_cfg)``.
-    """
-    name = _normalise_name(name)
-    folder = _local_dir(name)
-    weights = None
-    if folder is not None:
-        _read_local_dir_config(folder)
-        if pretrained is None:
-            weights = _find_dir_weights(folder)
-            if weights is None:
-                raise CheckpointError(f"no weights in model folder {folder}: expected {WEIGHTS_FILE} (or one of "
-                                      f"{', '.join(_DIR_WEIGHTS[1:])}) next to {CONFIG_FILE}.")
-    cfg = model_config(name)
-    _refuse_networked_cfg(name, cfg)
-    if pretrained is not None:
-        pretrained_str = os.fspath(pretrained)
-        if not os.path.exists(pretrained_str) and _looks_like_tag(pretrained_str):
-            raise CheckpointError(
-                f"pretrained={pretrained_str!r} looks like an open_clip pretrained tag or remote location, and no such "
-                f"local file exists. parclip only takes local checkpoint files and never downloads weights: download "
-                f"them yourself (on a trusted machine) and pass the file path.")
-        weights = pretrained_str
-    model = _build(name, device="cpu", force_quick_gelu=force_quick_gelu)
-    if weights is not None:
-        load_weights(model, weights, allow_unsafe_load=allow_unsafe_load)
-    model = model.to(device=device, dtype=torch.float32).eval()
-    preprocess = _jsonable_preprocess(getattr(model.visual, "preprocess_cfg", None) or dataclasses.asdict(PreprocessCfg()))
-    return model, preprocess
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -400,10 +210,10 @@ def _resolve_path(path) -> pathlib.Path:
     if not p.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {p}")
     if p.is_dir():
-        w = _find_dir_weights(p)
+        w = find_dir_weights(p)
         if w is None:
             raise CheckpointError(f"{p} is a folder without a recognisable weights file (expected {WEIGHTS_FILE} or "
-                                  f"one of {', '.join(_DIR_WEIGHTS[1:])}); pass the weights file itself.")
+                                  f"one of {', '.join(DIR_WEIGHTS[1:])}); pass the weights file itself.")
         return w
     return p
 
@@ -529,41 +339,6 @@ def _shape(t) -> list[int]:
     return list(t.shape)
 
 
-def _cfg_prefilter(cfg: dict, sd: Mapping) -> bool:
-    """Cheap check that a config could produce the checkpoint's conv1 and text positional embedding."""
-    v, t = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    if v.get("timm_model_name") or t.get("hf_model_name") or cfg.get("custom_text"):
-        return False
-    conv1 = sd.get("visual.conv1.weight")
-    pos = sd.get("positional_embedding")
-    if conv1 is None or pos is None or conv1.ndim != 4 or pos.ndim != 2:
-        return False
-    width = v.get("width", 768)
-    if isinstance(v.get("layers", 12), (list, tuple)):  # ModifiedResNet stem
-        ok_v = conv1.shape[0] == width // 2 and conv1.shape[-1] == 3
-    else:
-        ok_v = conv1.shape[0] == width and conv1.shape[-1] == v.get("patch_size", 16)
-    return ok_v and list(pos.shape) == [t.get("context_length", 77), t.get("width", 512)]
-
-
-def _matching_architectures(sd: Mapping, limit: int = 6) -> list[str]:
-    """Registered architectures whose exact key set and shapes equal the checkpoint's (built on the meta device)."""
-    out = []
-    try:
-        for name in list_model_names():
-            cfg = open_clip.get_model_config(name)
-            if not cfg or not _cfg_prefilter(cfg, sd):
-                continue
-            ref = _build(name, device="meta").state_dict()
-            if set(ref) == set(sd) and all(_shape(ref[k]) == _shape(sd[k]) for k in sd):
-                out.append(name)
-                if len(out) >= limit:
-                    break
-    except Exception:  # the hint is best effort; never hide the real error behind it
-        pass
-    return out
-
-
 def _common_prefix_hint(unexpected: list[str], model_keys: set[str]) -> str | None:
     heads = {k.split(".", 1)[0] for k in unexpected if "." in k}
     if len(heads) == 1 and all("." in k for k in unexpected):
@@ -603,7 +378,9 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, 
         hints.append("the checkpoint holds no image tower (visual.*).")
     elif sd and all(k.startswith("visual.") for k in sd):
         hints.append("the checkpoint holds only the image tower (visual.*), not a full CLIP model.")
-    archs = _matching_architectures(sd)
+    from .factory import matching_architectures  # building models lives there; only needed for this hint
+
+    archs = matching_architectures(sd)
     if archs:
         quick = " (OpenAI-derived weights such as the CleanCLIP/PAR releases need a -quickgelu variant)" \
             if any(a.endswith("-quickgelu") for a in archs) else ""
@@ -619,7 +396,7 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, 
     raise CheckpointMismatchError("\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched)
 
 
-def _uses_quick_gelu(model: torch.nn.Module) -> bool | None:
+def uses_quick_gelu(model: torch.nn.Module) -> bool | None:
     """True/False when the model's activations show it; None when it has neither GELU kind (e.g. no transformer)."""
     kinds = {type(m).__name__ for m in model.modules()}
     if "QuickGELU" in kinds:
@@ -638,7 +415,7 @@ def load_weights(model: torch.nn.Module, path, *, allow_unsafe_load=False) -> No
     sd, info = _read_checkpoint(path, allow_unsafe_load)
     check_state_dict(model, sd, source=f"checkpoint {info['path']}")
     model.load_state_dict(sd, strict=True)
-    if (info["format"] == "torchscript" or info["release_layout"]) and _uses_quick_gelu(model) is False:
+    if (info["format"] == "torchscript" or info["release_layout"]) and uses_quick_gelu(model) is False:
         if info["format"] == "torchscript":
             what = "is a TorchScript archive (the OpenAI JIT format, whose weights use QuickGELU)"
         else:
@@ -649,82 +426,3 @@ def load_weights(model: torch.nn.Module, path, *, allow_unsafe_load=False) -> No
                       f"degraded.", UserWarning, stacklevel=2)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# saving
-# --------------------------------------------------------------------------------------------------------------------
-def _full_preprocess_cfg(preprocess_cfg: Mapping) -> dict:
-    fields = {f.name for f in dataclasses.fields(PreprocessCfg)}
-    unknown = set(preprocess_cfg) - fields
-    if unknown:
-        raise ValueError(f"unknown preprocess_cfg keys {sorted(unknown)}; allowed: {sorted(fields)}")
-    merged = dataclasses.asdict(PreprocessCfg())
-    merged.update({k: v for k, v in preprocess_cfg.items() if v is not None})
-    PreprocessCfg(**merged)  # validates mode
-    return _jsonable_preprocess(merged)
-
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def save_model(model: torch.nn.Module, out_dir, *, model_name: str, preprocess_cfg: dict,
-               force_quick_gelu=False) -> pathlib.Path:
-    """Export ``model`` as an open_clip ``local-dir:`` folder: ``open_clip_model.safetensors`` + ``open_clip_config.json``.
-
-    ``model_name`` is the architecture the model was built as; its key set and shapes are checked against it. The
-    saved cfg records ``quick_gelu`` from the model's activations (or ``force_quick_gelu``). Loadable with
-    ``open_clip.create_model("local-dir:" + out_dir)`` and :func:`create_model`. Returns the folder.
-    """
-    from safetensors.torch import save_file
-
-    name = _normalise_name(model_name)
-    cfg = model_config(name)
-    _refuse_networked_cfg(name, cfg)
-    detected = _uses_quick_gelu(model)
-    if force_quick_gelu and detected is False:
-        raise ValueError("force_quick_gelu=True but the model uses GELU; the export would not reproduce the model. "
-                         "Build the model with force_quick_gelu=True (or a '-quickgelu' architecture) instead.")
-    quick = True if force_quick_gelu else (detected if detected is not None else bool(cfg.get("quick_gelu", False)))
-    if quick:
-        cfg["quick_gelu"] = True
-    else:
-        cfg.pop("quick_gelu", None)
-    pp = _full_preprocess_cfg(preprocess_cfg)
-
-    sd = model.state_dict()
-    check_state_dict(_build(name, device="meta"), sd, source=f"the model to save (as {name!r})")
-    tensors, seen = {}, set()
-    for k, v in sd.items():
-        v = v.detach().to("cpu").contiguous()
-        key = v.untyped_storage().data_ptr() if v.numel() else None
-        if key in seen:
-            v = v.clone()  # safetensors refuses tensors that share memory
-        elif key is not None:
-            seen.add(key)
-        tensors[k] = v
-
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}, indent=2) + "\n"
-    _atomic_write(out / CONFIG_FILE, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# preprocessing
-# --------------------------------------------------------------------------------------------------------------------
-def eval_transform(preprocess_cfg: dict):
-    """The model's eval transform (resize, centre crop, to tensor, normalise): ``PIL image -> FloatTensor[3,S,S]``."""
-    cfg = _full_preprocess_cfg(preprocess_cfg)
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)

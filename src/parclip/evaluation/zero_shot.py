@@ -1,0 +1,161 @@
+"""Zero-shot evaluation: clean top-1/top-5 accuracy and attack success rate (ASR) on a labelled image folder.
+
+Metrics (percentages), for a target class t and a trigger T:
+    clean_top1 = 100 · mean_i [ argmax_c s(x_i, c) = y_i ],  clean_top5 likewise with the 5 best classes
+    asr        = 100 · #{i : y_i ≠ t, pred(T(x_i)) = t} / #{i : y_i ≠ t}      (classic: target-class images excluded)
+    asr_all    = 100 · #{i : pred(T(x_i)) = t} / N                             (the PAR paper's convention)
+where s(x, c) is the cosine between the image embedding and the class embedding: the mean of the L2-normalised
+embeddings of every prompt template filled with the class name, normalised again. The class embeddings are computed
+once and reused for the clean pass and every triggered pass.
+
+Triggered images follow the reference (par.md §1.1): the raw image is squash-resized to the model resolution S, the
+trigger is applied in uint8 pixel space, then the model's normal preprocessing runs (its resize and crop are then
+no-ops). `trigger_after_crop=True` instead applies the trigger after the same resize + centre crop as clean images,
+so clean and triggered inputs differ only by the trigger (par.md D18).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
+
+from parclip.attacks.triggers import Trigger, trigger_generator
+from parclip.data import DataError, LabelledFolder, get_templates
+from parclip.models import eval_transform
+
+__all__ = ["topk_correct", "attack_success_rate", "zero_shot_classifier", "resolve_target", "evaluate",
+           "TriggeredImages"]
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [N]: whether the true label is among the k highest logits."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+
+
+def attack_success_rate(pred: torch.Tensor, labels: torch.Tensor, target: int) -> tuple[float, float]:
+    """(asr, asr_all) in percent, from top-1 predictions on triggered images and their true labels.
+
+    asr     = 100 · #{y ≠ t ∧ pred = t} / #{y ≠ t}
+    asr_all = 100 · #{pred = t} / N
+    """
+    hit = pred == target
+    keep = labels != target
+    asr = 100.0 * hit[keep].float().mean().item() if keep.any() else float("nan")
+    return asr, 100.0 * hit.float().mean().item()
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
+    """[d, C] class embeddings: per class, the normalised mean of the normalised template embeddings."""
+    return open_clip.build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=classnames,
+                                                templates=list(templates), device=device,
+                                                use_tqdm=False)
+
+
+def resolve_target(target: str | int, classnames: list[str]) -> int:
+    """Target class index from a name (case-insensitive) or an index."""
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        idx = int(target)
+        if not 0 <= idx < len(classnames):
+            raise ValueError(f"target index {idx} outside 0..{len(classnames) - 1}")
+        return idx
+    lowered = [c.lower() for c in classnames]
+    if target.lower() not in lowered:
+        raise ValueError(f"target {target!r} is not a class of this data set; classes: "
+                         f"{', '.join(classnames[:20])}{' …' if len(classnames) > 20 else ''}")
+    return lowered.index(target.lower())
+
+
+class TriggeredImages(Dataset):
+    """A labelled folder seen through a trigger: per-image randomness comes from trigger_generator(seed, index), so
+    evaluating the same checkpoint twice gives the same ASR."""
+
+    def __init__(self, folder: LabelledFolder, trigger: Trigger, transform, *, seed: int = 0,
+                 after_crop: bool = False):
+        self.folder, self.trigger, self.transform, self.seed = folder, trigger, transform, seed
+        size = trigger.image_size
+        self.crop = (T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size)])
+                     if after_crop else None)
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        img = self.folder.load_image(i)
+        if self.crop is not None:
+            img = self.crop(img)
+        img = self.trigger(img, generator=trigger_generator(self.seed, i))
+        return self.transform(img), self.folder.targets[i]
+
+
+@torch.no_grad()
+def _predict(model, dataset, classifier, *, batch_size, workers, device, desc, progress) -> tuple:
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    logits, labels = [], []
+    use_amp = device.type == "cuda"
+    for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        with torch.autocast(device.type, enabled=use_amp):
+            f = model.encode_image(images.to(device), normalize=True)
+        logits.append((f.float() @ classifier.float()).cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | LabelledFolder, *,
+             attacks: list[Trigger] = (), target: str | int | None = None, templates: str | list[str] = "openai",
+             classnames: list[str] | None = None, seed: int = 0,
+             trigger_after_crop: bool = False, batch_size: int = 256, workers: int = 2, device="cpu",
+             progress: bool = True) -> dict:
+    """Clean zero-shot accuracy on a labelled folder, and ASR for each attack and the target.
+
+    ``attacks`` are :class:`~parclip.attacks.triggers.Trigger` objects, built at the model's resolution (e.g. with
+    ``build_triggers(names, image_size(preprocess_cfg), params)``).
+
+    Returns {"clean_top1", "clean_top5", "n_images", "classnames", "target", "target_index", "n_non_target",
+    "attacks": {name: {"asr", "asr_all", "params"}}}; with exactly one attack also top-level "attack", "asr",
+    "asr_all". Percentages.
+    """
+    attacks = list(attacks)
+    for trigger in attacks:
+        if not isinstance(trigger, Trigger):
+            raise TypeError(f"attacks must be Trigger objects, got {type(trigger).__name__} {trigger!r}; build them "
+                            f"with parclip.attacks.triggers.build_triggers(names, image_size, params)")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    transform = eval_transform(preprocess_cfg)
+    folder = data if isinstance(data, LabelledFolder) else LabelledFolder(data, transform=transform,
+                                                                          classnames=classnames)
+    if len(folder) == 0:
+        raise DataError(f"no images in {data}")
+    templates = get_templates(templates) if isinstance(templates, (str, Path)) else list(templates)
+    classifier = zero_shot_classifier(model, tokenizer, folder.classnames, templates, device)
+
+    logits, labels = _predict(model, folder, classifier, batch_size=batch_size, workers=workers, device=device,
+                              desc="clean", progress=progress)
+    result = {"clean_top1": 100.0 * topk_correct(logits, labels, 1).float().mean().item(),
+              "clean_top5": 100.0 * topk_correct(logits, labels, 5).float().mean().item(),
+              "n_images": len(folder), "classnames": folder.classnames, "templates": len(templates),
+              "attacks": {}}
+    if attacks and target is None:
+        raise ValueError("ASR needs a target class: pass --target NAME")
+    if target is not None:
+        t = resolve_target(target, folder.classnames)
+        result.update(target=folder.classnames[t], target_index=t, n_non_target=int((labels != t).sum()))
+    for trigger in attacks:
+        triggered = TriggeredImages(folder, trigger, transform, seed=seed, after_crop=trigger_after_crop)
+        tlogits, tlabels = _predict(model, triggered, classifier, batch_size=batch_size, workers=workers,
+                                    device=device, desc=trigger.name, progress=progress)
+        asr, asr_all = attack_success_rate(tlogits.argmax(dim=1), tlabels, t)
+        result["attacks"][trigger.name] = {"asr": asr, "asr_all": asr_all, "params": trigger.params(),
+                                           "seed": seed, "trigger_after_crop": trigger_after_crop}
+    if len(result["attacks"]) == 1:
+        (name, r), = result["attacks"].items()
+        result.update(attack=name, asr=r["asr"], asr_all=r["asr_all"])
+    return result

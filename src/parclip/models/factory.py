@@ -1,0 +1,275 @@
+"""Building models: open_clip architectures by name, offline, parclip's own small configs, and the export.
+
+* any open_clip architecture by name (``'ViT-B/32'`` works like ``'ViT-B-32'``, ``'ViT-L/14@336px'`` like
+  ``'ViT-L-14-336'``) and parclip's own configs in ``configs/`` (``parclip-micro``, ``parclip-tiny``,
+  ``parclip-rn-tiny``); nothing is ever downloaded: pretrained *tags* such as ``'openai'`` are refused;
+* weights come from local files only, loaded safely and strictly by :mod:`parclip.models.checkpoints`;
+* the export is an open_clip ``local-dir:`` folder, ``open_clip_model.safetensors`` + ``open_clip_config.json``, which
+  open_clip itself loads with ``open_clip.create_model("local-dir:<folder>")``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg
+
+from ..utils.files import atomic_write, write_json
+from .checkpoints import (CONFIG_FILE, DIR_WEIGHTS, LOCAL_DIR_PREFIX, WEIGHTS_FILE, CheckpointError,
+                          check_state_dict, find_dir_weights, load_weights, local_dir, read_local_dir_config,
+                          uses_quick_gelu)
+from .transforms import full_preprocess_cfg, jsonable_preprocess
+
+__all__ = ["create_model", "model_config", "get_tokenizer", "save_model", "list_model_names", "build",
+           "matching_architectures"]
+
+# --------------------------------------------------------------------------------------------------------------------
+# our own configs
+# --------------------------------------------------------------------------------------------------------------------
+_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def _load_own_preprocess() -> dict[str, dict]:
+    with open(_CONFIG_DIR / "preprocess.json", encoding="utf-8") as f:
+        table = json.load(f)
+    return {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+_OWN_PREPROCESS = _load_own_preprocess()
+if not all(name in open_clip.list_models() for name in _OWN_PREPROCESS):
+    open_clip.add_model_config(_CONFIG_DIR)
+
+
+def list_model_names() -> list[str]:
+    """Every architecture name :func:`create_model` accepts (open_clip's built-ins plus parclip's own configs)."""
+    return open_clip.list_models()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# names and configs
+# --------------------------------------------------------------------------------------------------------------------
+def normalize_name(name: str) -> str:
+    """'ViT-B/32' -> 'ViT-B-32', 'ViT-L/14@336px' -> 'ViT-L-14-336'; refuse network schemas."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    name = name.strip()
+    if name.startswith(LOCAL_DIR_PREFIX):
+        if not name[len(LOCAL_DIR_PREFIX):]:
+            raise ValueError("empty path after 'local-dir:'")
+        return name
+    if name.startswith("hf-hub:") or "://" in name:
+        raise ValueError(f"model {name!r} would be fetched from the network; parclip never downloads. Download the "
+                         f"model folder yourself and pass 'local-dir:<folder>' instead.")
+    name = re.sub(r"@(\d+)px$", r"-\1", name)
+    return name.replace("/", "-")
+
+
+def model_config(name: str) -> dict:
+    """The open_clip model cfg (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...) of an architecture or local-dir."""
+    name = normalize_name(name)
+    folder = local_dir(name)
+    if folder is not None:
+        return copy.deepcopy(read_local_dir_config(folder)["model_cfg"])
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        close = difflib.get_close_matches(name, list_model_names(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model architecture {name!r}.{hint} See parclip.models.list_model_names() for all "
+                         f"names, or pass 'local-dir:<folder>' for an exported model.")
+    return copy.deepcopy(cfg)
+
+
+def _refuse_networked_cfg(name: str, cfg: dict) -> None:
+    text_cfg = cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name"):
+        raise ValueError(f"architecture {name!r} uses the Hugging Face text tower {text_cfg['hf_model_name']!r}, which "
+                         f"open_clip fetches from the network to build; parclip builds models offline only.")
+
+
+def _refuse_networked_tokenizer(name: str, cfg: dict) -> None:
+    text_cfg = cfg.get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name") or (local_dir(name) is None and "siglip" in name.lower()):
+        raise ValueError(f"the tokenizer of {name!r} is a Hugging Face / SentencePiece tokenizer that open_clip fetches "
+                         f"from the network; parclip supports offline CLIP (BPE) tokenizers only.")
+
+
+def get_tokenizer(name: str):
+    """open_clip's tokenizer for ``name`` (a ``list[str] -> LongTensor[N, context_length]`` callable), offline."""
+    name = normalize_name(name)
+    cfg = model_config(name)
+    _refuse_networked_tokenizer(name, cfg)
+    context_length = cfg.get("text_cfg", {}).get("context_length", 77)
+    return open_clip.get_tokenizer(name, context_length=context_length)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# building
+# --------------------------------------------------------------------------------------------------------------------
+class _DropOpenClipNotices(logging.Filter):
+    """open_clip logs 'initialized randomly' even when parclip loads the weights right after building."""
+
+    def filter(self, record):
+        msg = str(record.msg)
+        return not (msg.startswith("No pretrained weights loaded") or msg.startswith("Local config loaded, but no"))
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    root = logging.getLogger()
+    flt = _DropOpenClipNotices()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+def build(name: str, *, device="cpu", force_quick_gelu=False) -> torch.nn.Module:
+    """Build an architecture with random weights (``device='meta'``: shapes only, no memory)."""
+    kwargs = dict(precision="fp32", device=device, force_quick_gelu=force_quick_gelu,
+                  pretrained_image=False, pretrained_text=False)
+    if name in _OWN_PREPROCESS:
+        kwargs["force_preprocess_cfg"] = _OWN_PREPROCESS[name]
+    if name.startswith(LOCAL_DIR_PREFIX):
+        kwargs["load_weights"] = False  # parclip loads the weights itself, safely and strictly
+    ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
+    with _quiet_open_clip(), ctx:
+        return open_clip.create_model(name, **kwargs)
+
+
+def _looks_like_tag(pretrained: str) -> bool:
+    if pretrained.startswith(("hf-hub:", "http://", "https://")):
+        return True
+    if os.sep in pretrained or "/" in pretrained or pathlib.Path(pretrained).suffix:
+        return False
+    known = {tag for _, tag in open_clip.list_pretrained()}
+    return pretrained in known or re.fullmatch(r"[A-Za-z0-9_]+", pretrained) is not None
+
+
+def create_model(name: str, pretrained: str | os.PathLike | None = None, *, device="cpu", force_quick_gelu=False,
+                 allow_unsafe_load=False) -> tuple[torch.nn.Module, dict]:
+    """Build ``name`` offline and load ``pretrained`` (a local file) strictly.
+
+    ``name``: an open_clip architecture ('ViT-B/32', 'RN50-quickgelu', 'parclip-micro', ...) or 'local-dir:<folder>'
+    (architecture, preprocessing and weights from an exported folder; ``pretrained``, if given, replaces its weights).
+    ``pretrained=None`` gives random weights. Returns ``(model in eval mode, fp32, on device, preprocess_cfg)``.
+    """
+    name = normalize_name(name)
+    folder = local_dir(name)
+    weights = None
+    if folder is not None:
+        read_local_dir_config(folder)
+        if pretrained is None:
+            weights = find_dir_weights(folder)
+            if weights is None:
+                raise CheckpointError(f"no weights in model folder {folder}: expected {WEIGHTS_FILE} (or one of "
+                                      f"{', '.join(DIR_WEIGHTS[1:])}) next to {CONFIG_FILE}.")
+    cfg = model_config(name)
+    _refuse_networked_cfg(name, cfg)
+    if pretrained is not None:
+        pretrained_str = os.fspath(pretrained)
+        if not os.path.exists(pretrained_str) and _looks_like_tag(pretrained_str):
+            raise CheckpointError(
+                f"pretrained={pretrained_str!r} looks like an open_clip pretrained tag or remote location, and no such "
+                f"local file exists. parclip only takes local checkpoint files and never downloads weights: download "
+                f"them yourself (on a trusted machine) and pass the file path.")
+        weights = pretrained_str
+    model = build(name, device="cpu", force_quick_gelu=force_quick_gelu)
+    if weights is not None:
+        load_weights(model, weights, allow_unsafe_load=allow_unsafe_load)
+    model = model.to(device=device, dtype=torch.float32).eval()
+    preprocess = jsonable_preprocess(getattr(model.visual, "preprocess_cfg", None) or dataclasses.asdict(PreprocessCfg()))
+    return model, preprocess
+
+
+def _cfg_prefilter(cfg: dict, sd: Mapping) -> bool:
+    """Cheap check that a config could produce the checkpoint's conv1 and text positional embedding."""
+    v, t = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if v.get("timm_model_name") or t.get("hf_model_name") or cfg.get("custom_text"):
+        return False
+    conv1 = sd.get("visual.conv1.weight")
+    pos = sd.get("positional_embedding")
+    if conv1 is None or pos is None or conv1.ndim != 4 or pos.ndim != 2:
+        return False
+    width = v.get("width", 768)
+    if isinstance(v.get("layers", 12), (list, tuple)):  # ModifiedResNet stem
+        ok_v = conv1.shape[0] == width // 2 and conv1.shape[-1] == 3
+    else:
+        ok_v = conv1.shape[0] == width and conv1.shape[-1] == v.get("patch_size", 16)
+    return ok_v and list(pos.shape) == [t.get("context_length", 77), t.get("width", 512)]
+
+
+def matching_architectures(sd: Mapping, limit: int = 6) -> list[str]:
+    """Registered architectures whose exact key set and shapes equal the checkpoint's (built on the meta device)."""
+    out = []
+    try:
+        for name in list_model_names():
+            cfg = open_clip.get_model_config(name)
+            if not cfg or not _cfg_prefilter(cfg, sd):
+                continue
+            ref = build(name, device="meta").state_dict()
+            if set(ref) == set(sd) and all(ref[k].shape == sd[k].shape for k in sd):
+                out.append(name)
+                if len(out) >= limit:
+                    break
+    except Exception:  # the hint is best effort; never hide the real error behind it
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------------------------------
+def save_model(model: torch.nn.Module, out_dir, *, model_name: str, preprocess_cfg: dict,
+               force_quick_gelu=False) -> pathlib.Path:
+    """Export ``model`` as an open_clip ``local-dir:`` folder: ``open_clip_model.safetensors`` + ``open_clip_config.json``.
+
+    ``model_name`` is the architecture the model was built as; its key set and shapes are checked against it. The
+    saved cfg records ``quick_gelu`` from the model's activations (or ``force_quick_gelu``). Loadable with
+    ``open_clip.create_model("local-dir:" + out_dir)`` and :func:`create_model`. Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    name = normalize_name(model_name)
+    cfg = model_config(name)
+    _refuse_networked_cfg(name, cfg)
+    detected = uses_quick_gelu(model)
+    if force_quick_gelu and detected is False:
+        raise ValueError("force_quick_gelu=True but the model uses GELU; the export would not reproduce the model. "
+                         "Build the model with force_quick_gelu=True (or a '-quickgelu' architecture) instead.")
+    quick = True if force_quick_gelu else (detected if detected is not None else bool(cfg.get("quick_gelu", False)))
+    if quick:
+        cfg["quick_gelu"] = True
+    else:
+        cfg.pop("quick_gelu", None)
+    pp = full_preprocess_cfg(preprocess_cfg)
+
+    sd = model.state_dict()
+    check_state_dict(build(name, device="meta"), sd, source=f"the model to save (as {name!r})")
+    tensors, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().to("cpu").contiguous()
+        key = v.untyped_storage().data_ptr() if v.numel() else None
+        if key in seen:
+            v = v.clone()  # safetensors refuses tensors that share memory
+        elif key is not None:
+            seen.add(key)
+        tensors[k] = v
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(out / CONFIG_FILE, {"model_cfg": cfg, "preprocess_cfg": pp})
+    return out
+
+
