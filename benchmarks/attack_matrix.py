@@ -25,8 +25,9 @@ def main() -> int:
     ap.add_argument("--patch", default=None, help="BadCLIP patch file")
     args = ap.parse_args()
 
-    from parclip.demo import _plot_matrix, format_matrix
     from parclip.attacks.triggers import list_triggers
+    from parclip.demo import format_matrix, plot_matrix
+    from parclip.utils.files import write_json
 
     names = args.attacks or [c.name for c in list_triggers() if c.name != "badclip" or args.patch]
     out = Path(args.out)
@@ -53,8 +54,8 @@ def main() -> int:
             skipped.update(r["skipped"])
     matrix.sort(key=lambda m: names.index(m["attack"]))
     result = {"matrix": matrix, "skipped": skipped, "seed": args.seed, "seconds": round(time.time() - t0, 1)}
-    (out / "matrix.json").write_text(json.dumps(result, indent=2))
-    _plot_matrix(out / "matrix.png", matrix, "bag")
+    write_json(out / "matrix.json", result)
+    plot_matrix(out / "matrix.png", matrix, "bag")
     print(format_matrix(matrix))
     print(f"{len(matrix)} attacks in {result['seconds']:.0f} s; wrote {out / 'matrix.json'}, {out / 'matrix.png'}")
     return max(codes) if codes else 0

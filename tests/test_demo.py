@@ -1,7 +1,12 @@
 """The demo pipeline end to end on a small slice (the full demo runs in the README's first command)."""
 import json
 
+import yaml
+
 from parclip import demo
+from parclip.attacks.triggers import get_trigger
+from parclip.evaluation import evaluate
+from parclip.models import create_model, get_tokenizer
 
 
 def test_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path, monkeypatch, capsys):
@@ -31,3 +36,42 @@ def test_matrix_table_format():
     m = [{"attack": "sig", "poisoned": {"clean_top1": 88.0, "asr": 99.0}, "par": {"clean_top1": 86.0, "asr": 3.0}}]
     text = demo.format_matrix(m)
     assert "sig" in text and "99.0%" in text and "3.0%" in text
+
+
+def test_run_matrix_reports_real_evaluations_and_skips_attacks_without_a_patch(tmp_path, monkeypatch, capsys):
+    """Catches run_matrix writing numbers that are not the evaluation of the models it trained (or of the wrong
+    model), losing the skipped attack, or not printing the table: the smallest real run, re-evaluated here."""
+    monkeypatch.setattr(demo, "DATA", dict(holdout=100, n_train=300, n_test=100))
+    monkeypatch.setattr(demo, "PRETRAIN", dict(demo.PRETRAIN, epochs=1, batch_size=50, workers=0))
+    monkeypatch.setattr(demo, "PAR", dict(demo.PAR, epochs=1, batch_size=50, workers=0))
+    r = demo.run_matrix(tmp_path, attacks=["badnet_rs", "badclip"], target="bag")  # badclip needs a patch file
+    out = capsys.readouterr().out
+
+    saved = json.loads((tmp_path / "matrix.json").read_text())
+    assert saved == json.loads(json.dumps(r))
+    assert list(saved["skipped"]) == ["badclip"] and "patch" in saved["skipped"]["badclip"]
+    assert saved["complete"] is True and saved["target"] == "bag" and saved["model"] == demo.MODEL
+    assert saved["tau"] == demo.PAR["tau"] and saved["poison_rate"] == demo.POISON_RATE
+    (entry,) = saved["matrix"]
+    assert entry["attack"] == "badnet_rs" and entry["trigger"]["patch_size"] == 8  # the demo's own trigger size
+
+    runs = tmp_path / "runs"
+    par_cfg = yaml.safe_load((runs / "par-badnet_rs" / "config.yaml").read_text())
+    assert par_cfg["objective"] == "par" and par_cfg["model"] == f"local-dir:{runs / 'poisoned-badnet_rs' / 'model'}"
+    assert yaml.safe_load((runs / "poisoned-badnet_rs" / "config.yaml").read_text())["train_data"].endswith(
+        "poisoned-badnet_rs/poisoned.csv")
+    trigger = get_trigger("badnet_rs", **entry["trigger"])
+    test_dir = tmp_path / "fashion-mnist" / "test"
+    for stage, run in (("poisoned", "poisoned-badnet_rs"), ("par", "par-badnet_rs")):
+        model, pp = create_model(f"local-dir:{runs / run / 'model'}")
+        again = evaluate(model, pp, get_tokenizer(f"local-dir:{runs / run / 'model'}"), test_dir, attacks=[trigger],
+                         target="bag", templates=demo.TEMPLATES, seed=0, workers=0, progress=False)
+        assert again["n_images"] == 100
+        assert entry[stage] == {m: again[m] for m in ("clean_top1", "asr", "asr_all")}, stage
+
+    assert "skipping badclip" in out and demo.format_matrix(saved["matrix"]) in out
+    row = next(line for line in out.splitlines() if line.startswith("badnet_rs "))
+    for value in (entry["poisoned"]["clean_top1"], entry["poisoned"]["asr"], entry["par"]["clean_top1"],
+                  entry["par"]["asr"]):
+        assert f"{value:.1f}%" in row
+    assert (tmp_path / "matrix.png").stat().st_size > 0

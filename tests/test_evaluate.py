@@ -1,10 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from parclip.cli import main
-from parclip.data import LabelledFolder
+from parclip.data import LabelledFolder, get_templates
 from parclip.evaluation.zero_shot import TriggeredImages, attack_success_rate, evaluate, resolve_target, topk_correct
 from parclip.models import create_model, eval_transform, get_tokenizer, image_size
 from parclip.attacks.triggers import build_triggers, get_trigger
@@ -68,3 +71,81 @@ def test_cli_eval_writes_the_documented_json(micro_dir, fmnist_small, tmp_path, 
     rc = main(["eval", "--model", f"local-dir:{micro_dir}", "--data", str(fmnist_small["test_dir"]), "--attack",
                "badnet_rs", "--target", "bag", "--trigger-param", "alpha=0.1"])
     assert rc == 2 and "alpha" in capsys.readouterr().err
+
+
+class _ScoreTableModel(torch.nn.Module):
+    """A fake CLIP whose zero-shot scores are a given table: image j (recognized by its gray level) embeds as
+    scores[j], class c's prompt embeds as the one-hot e_c, so cos(image j, class c) ∝ scores[j, c]."""
+
+    def __init__(self, scores: torch.Tensor, step: int):
+        super().__init__()
+        self.scores, self.step = scores, step
+
+    def encode_image(self, x, normalize=False):
+        idx = (x[:, 0].mean(dim=(1, 2)) * 255 / self.step).round().long() - 1
+        f = self.scores[idx]
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, tokens, normalize=False):
+        return F.one_hot(tokens, self.scores.shape[1]).float()
+
+
+def test_clean_top1_and_top5_on_a_hand_built_score_table(tmp_path):
+    """Catches wrong clean accuracy, e.g. clean_top5 computed as top-1: 6 images whose true class is ranked
+    0, 4, 5, 1, 6, 0 among 7 classes give top-1 2/6 and top-5 4/6."""
+    n_classes, step = 7, 20
+    ranks = [0, 4, 5, 1, 6, 0]  # the true class's place in each image's descending scores
+    scores = torch.zeros(len(ranks), n_classes)
+    for j, r in enumerate(ranks):
+        order = [c for c in range(n_classes) if c != j]
+        order.insert(r, j)  # image j belongs to class j
+        for place, c in enumerate(order):
+            scores[j, c] = n_classes - place
+        folder = tmp_path / f"class_{j}"
+        folder.mkdir()
+        Image.new("L", (8, 8), step * (j + 1)).save(folder / f"{j}.png")
+    (tmp_path / f"class_{n_classes - 1}").mkdir()  # a class without images
+    pp = {"size": 8, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+
+    def tokenizer(texts):  # "class 3" -> 3
+        return torch.tensor([int(t.split()[-1]) for t in texts])
+
+    r = evaluate(_ScoreTableModel(scores, step), pp, tokenizer, tmp_path, templates=["{}"], workers=0,
+                 progress=False)
+    assert r["n_images"] == 6 and len(r["classnames"]) == n_classes
+    assert r["clean_top1"] == pytest.approx(100 * 2 / 6)
+    assert r["clean_top5"] == pytest.approx(100 * 4 / 6)
+
+
+def test_clean_accuracy_matches_an_independent_zero_shot_computation(micro_dir, fmnist_small):
+    """Catches clean_top1/clean_top5 drifting from zero-shot classification as defined: recomputed here with plain
+    torch (eval transform, class embedding = normalized mean of normalized template embeddings, rank of the true
+    class)."""
+    model, pp = create_model(f"local-dir:{micro_dir}")
+    tok = get_tokenizer(f"local-dir:{micro_dir}")
+    r = evaluate(model, pp, tok, fmnist_small["test_dir"], templates="fashion", workers=0, progress=False)
+
+    root = Path(fmnist_small["test_dir"])
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    tf = eval_transform(pp)
+    images, labels = [], []
+    for y, name in enumerate(folders):
+        for f in sorted((root / name).glob("*.png")):
+            images.append(tf(Image.open(f).convert("RGB")))
+            labels.append(y)
+    labels = torch.tensor(labels)
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.stack(images)), dim=-1)
+        classes = []
+        for name in folders:
+            prompts = [t.format(name.replace("_", " ")) for t in get_templates("fashion")]
+            emb = F.normalize(model.encode_text(tok(prompts)), dim=-1).mean(dim=0)
+            classes.append(F.normalize(emb, dim=0))
+        sims = img @ torch.stack(classes).t()
+    true = sims[torch.arange(len(labels)), labels]
+    rank = (sims > true[:, None]).sum(dim=1)  # classes scored above the true one
+    top1, top5 = 100 * (rank == 0).float().mean().item(), 100 * (rank < 5).float().mean().item()
+    assert top5 > top1  # the two metrics differ on this model, so a mix-up shows
+    assert r["n_images"] == len(labels) == 300
+    assert r["clean_top1"] == pytest.approx(top1, abs=1e-6)
+    assert r["clean_top5"] == pytest.approx(top5, abs=1e-6)

@@ -107,7 +107,15 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
     names = attacks or [c.name for c in list_triggers()]
     triggers = _demo_triggers(names, trigger_params, skip_missing_patch=True)
     data = _export(out, seed)
-    matrix, skipped, results = [], {}, {}
+    matrix, skipped = [], {}
+
+    def record(complete: bool) -> dict:  # written after every attack, so a killed run keeps what it finished
+        results = {"matrix": matrix, "skipped": skipped, "target": target, "seed": seed, "model": MODEL,
+                   "tau": tau if tau is not None else PAR["tau"], "poison_rate": POISON_RATE,
+                   "seconds": round(time.time() - t0, 1), "complete": complete}
+        write_json(out / "matrix.json", results)
+        return results
+
     for k, name in enumerate(triggers, 1):
         trigger = triggers[name]
         if trigger is None:
@@ -119,15 +127,9 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
         matrix.append({"attack": trigger.name, "trigger": trigger.params(),
                        "poisoned": {m: rows[0][m] for m in ("clean_top1", "asr", "asr_all")},
                        "par": {m: rows[1][m] for m in ("clean_top1", "asr", "asr_all")}})
-        results = {"matrix": matrix, "skipped": skipped, "target": target, "seed": seed, "model": MODEL,
-                   "tau": tau if tau is not None else PAR["tau"], "poison_rate": POISON_RATE,
-                   "seconds": round(time.time() - t0, 1), "complete": k == len(names)}
-        write_json(out / "matrix.json", results)  # after every attack: a killed run keeps them
-    if not results:
-        results = {"matrix": [], "skipped": skipped, "target": target, "seed": seed, "model": MODEL, "complete": True,
-                   "seconds": round(time.time() - t0, 1)}
-        write_json(out / "matrix.json", results)
-    _plot_matrix(out / "matrix.png", matrix, target)
+        record(complete=False)
+    results = record(complete=True)
+    plot_matrix(out / "matrix.png", matrix, target)
     print(format_matrix(matrix))
     print(f"wrote {out / 'matrix.json'} and {out / 'matrix.png'} in {results['seconds']:.0f} s")
     return results
@@ -232,7 +234,7 @@ def _plot(path: Path, rows: list[dict], test_dir, trigger, seed: int, n_examples
     plt.close(fig)
 
 
-def _plot_matrix(path: Path, matrix: list[dict], target: str) -> None:
+def plot_matrix(path: Path, matrix: list[dict], target: str) -> None:
     """Grouped bars per attack: clean top-1 and ASR of the poisoned and the PAR-cleaned model."""
     import matplotlib
 
