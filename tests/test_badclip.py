@@ -176,11 +176,12 @@ def test_mentions():
 
 
 def test_optimize_patch_improves_target_and_saves_lossless(micro, small_table, tmp_path):
-    from parclip.attacks.patch_opt import optimize_patch, read_patch_png, target_similarity, _encode_texts
+    from parclip.attacks.patch_opt import PatchConfig, optimize_patch, read_patch_png, target_similarity, _encode_texts
 
     model, pp, tok = micro
-    kw = dict(steps=25, batch_size=16, lr=0.05, aug_prob=0.0, patch_size=8, seed=0, progress=False)
-    r = optimize_patch(model, pp, tok, small_table, "bag", out=tmp_path / "p.png", **kw)
+    cfg = PatchConfig(data=small_table, target="bag", out=tmp_path / "p.png", steps=25, batch_size=16, lr=0.05,
+                      aug_prob=0.0, patch_size=8, seed=0, device="cpu", workers=0)
+    r = optimize_patch(model, pp, tok, cfg, progress=False)
     assert r.patch.shape == (3, 8, 8) and 0 <= r.patch.min() and r.patch.max() <= 1
     assert not model.training and all(p.requires_grad for p in model.parameters())  # flags restored
     # the objective goes down and triggered images move towards the target's text embedding
@@ -201,14 +202,15 @@ def test_optimize_patch_improves_target_and_saves_lossless(micro, small_table, t
 
 
 def test_optimize_patch_seeded_and_excludes_target_rows(micro, small_table, tmp_path):
-    from parclip.attacks.patch_opt import mentions, optimize_patch
+    from parclip.attacks.patch_opt import PatchConfig, mentions, optimize_patch
 
     model, pp, tok = micro
-    kw = dict(steps=4, batch_size=8, aug_prob=0.5, seed=3, progress=False, templates="fashion",
-              target_images="data")
-    a = optimize_patch(model, pp, tok, small_table, "bag", **kw)
-    b = optimize_patch(model, pp, tok, small_table, "bag", **kw)
-    c = optimize_patch(model, pp, tok, small_table, "bag", **{**kw, "seed": 4})
+    kw = dict(target="bag", steps=4, batch_size=8, aug_prob=0.5, seed=3, templates="fashion", target_images="data",
+              device="cpu", workers=0)
+    cfg = PatchConfig(data=small_table, **kw)
+    a = optimize_patch(model, pp, tok, cfg, progress=False)
+    b = optimize_patch(model, pp, tok, cfg, progress=False)
+    c = optimize_patch(model, pp, tok, PatchConfig(data=small_table, **{**kw, "seed": 4}), progress=False)
     assert torch.equal(a.patch, b.patch) and a.losses == b.losses
     assert not torch.equal(a.patch, c.patch)
     assert a.info["augmented_steps"] > 0  # AutoAugment was exercised and is seeded too
@@ -223,9 +225,9 @@ def test_optimize_patch_seeded_and_excludes_target_rows(micro, small_table, tmp_
     only = tmp_path / "only_bags.csv"
     write_table(only, ["image", "caption"], [{"image": p, "caption": caption[p]} for p in a.excluded_paths])
     with pytest.raises(DataError, match="mentions the target"):
-        optimize_patch(model, pp, tok, only, "bag", **kw)
+        optimize_patch(model, pp, tok, PatchConfig(data=only, **kw), progress=False)
     with pytest.raises(ValueError, match=r"\.png"):
-        optimize_patch(model, pp, tok, small_table, "bag", out=tmp_path / "p.jpg", **kw)
+        optimize_patch(model, pp, tok, PatchConfig(data=small_table, out=tmp_path / "p.jpg", **kw), progress=False)
 
 
 def test_cli_optimize_patch(small_table, tmp_path, capsys):
@@ -237,3 +239,41 @@ def test_cli_optimize_patch(small_table, tmp_path, capsys):
     assert rc == 0 and out.is_file() and (tmp_path / "cli.json").is_file()
     assert "get_trigger('badclip'" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli.json").read_text())["model"] == "parclip-micro"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(steps=0), "steps must be an int >= 1, got 0"),
+    (dict(batch_size=1.5), "batch_size must be an int >= 1, got 1.5"),
+    (dict(aug_prob=2.0), r"aug_prob must be a number in \[0.0, 1.0\], got 2.0"),
+    (dict(margin=-1.0), r"margin must be a number >= 0.0, got -1.0"),
+    (dict(image_size=16, patch_size=17), r"patch_size must be an int in \[1, 16\], got 17"),
+    (dict(out="p.jpg"), r"\.png"),
+    (dict(target="  "), "non-empty class name"),
+    (dict(max_bad_fraction=1.5), r"max_bad_fraction must be a number in \[0, 1\], got 1.5"),
+])
+def test_patch_config_checks_values(bad, message):
+    from parclip.config import PatchConfig
+
+    with pytest.raises(ValueError, match=message):
+        PatchConfig(**{"data": "t.csv", "target": "bag", **bad})
+
+
+def test_patch_config_flags(tmp_path, capsys):
+    from parclip.cli import build_parser, main
+    from parclip.config import PatchConfig, dataclass_from_args
+
+    base = ["attack", "optimize-patch", "--model", "parclip-micro", "--data", "t.csv", "--target", " bag ", "--out",
+            "p.png"]
+    cfg = dataclass_from_args(PatchConfig, build_parser().parse_args(base))
+    assert cfg == PatchConfig(data="t.csv", target="bag", out="p.png")  # the flags' defaults are the dataclass's
+    assert cfg.amp is None and cfg.workers == 2 and cfg.device == "auto" and cfg.steps == 7800
+    extra = ["--no-amp", "--steps", "5", "--lr", "0.01", "--csv-separator", "\t", "--data-root", "imgs",
+             "--max-bad-fraction", "0.2", "--target-images", "data", "--patch-size", "4"]
+    cfg = dataclass_from_args(PatchConfig, build_parser().parse_args(base + extra))
+    assert (cfg.amp, cfg.steps, cfg.lr, cfg.csv_separator, cfg.data_root, cfg.max_bad_fraction, cfg.target_images,
+            cfg.patch_size) == (False, 5, 0.01, "\t", "imgs", 0.2, "data", 4)
+    assert dataclass_from_args(PatchConfig, build_parser().parse_args(base + ["--amp"])).amp is True
+    # a bad value fails before any model work: the missing checkpoint is never opened
+    rc = main(base + ["--pretrained", str(tmp_path / "missing.pt"), "--steps", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "steps must be an int >= 1, got 0" in err and "missing.pt" not in err

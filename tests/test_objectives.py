@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parclip.objectives import clip_loss, embedding_distance, par_loss, threshold
+from parclip.objectives import clip_loss, embedding_distance, par_loss, threshold, triplet_loss
 
 
 def unit(n, d, seed):
@@ -82,3 +82,18 @@ def test_per_sample_threshold_keeps_near_rows():
     assert batch.perturb == 0  # batch mean ≈ 2 + small > τ: whole term off
     d = embedding_distance(near, img0[2:], per_sample=True)
     assert sample.perturb.item() == pytest.approx(0.5 * d.sum().item() / 4, rel=1e-5)
+
+
+def test_triplet_loss_by_hand():
+    # row 0: ‖a−p‖ = 1, ‖a−n‖ = 5 → max(1 − 5 + 1, 0) = 0;  row 1: ‖a−p‖ = 5, ‖a−n‖ = 1 → 5 − 1 + 1 = 5
+    anchor = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    positive = torch.tensor([[1.0, 0.0], [4.0, 5.0]])
+    negative = torch.tensor([[3.0, 4.0], [1.0, 2.0]])
+    assert triplet_loss(anchor, positive, negative, 1.0).item() == pytest.approx((0.0 + 5.0) / 2)
+    assert triplet_loss(anchor, positive, negative, 5.0).item() == pytest.approx((1.0 + 9.0) / 2)
+    # the positive broadcasts (one prototype for every anchor); only rows that violate the margin give gradient
+    a = anchor.clone().requires_grad_(True)
+    loss = triplet_loss(a, torch.tensor([1.0, 0.0]), negative, 1.0)    # row 1: ‖a−p‖ = 1 → 1 − 1 + 1 = 1
+    assert loss.item() == pytest.approx((0.0 + 1.0) / 2)
+    (g,) = torch.autograd.grad(loss, a)
+    assert torch.isfinite(g).all() and torch.count_nonzero(g[0]) == 0 and torch.count_nonzero(g[1]) > 0

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -58,7 +59,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from parclip import __version__
-    from parclip.config import add_config_arguments
+    from parclip.config import PatchConfig, add_config_arguments, add_dataclass_arguments
 
     parser = argparse.ArgumentParser(prog="parclip", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,35 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     asub = p.add_subparsers(dest="attack_command", metavar="ACTION")
     asub.required = True
     q = asub.add_parser("optimize-patch", help="optimise a BadCLIP patch against a frozen model and a target class",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description="Optimise a patch pasted at the image centre so that the (frozen, eval-mode) "
                         "model embeds patched images near the target: InfoNCE to target captions + weighted triplet "
                         "(pull towards target images, or the target's text embedding without --target-images; push "
                         "from the same clean image). Trains on the rows of --data whose captions do NOT mention the "
                         "target. Writes a lossless PNG and a JSON sidecar (same name, .json). Use the result with "
-                        "the trigger badclip (patch=PATH). Defaults follow the BadCLIP reference run.")
+                        "the trigger badclip (patch=PATH). Defaults follow the BadCLIP reference run; the objective "
+                        "and its differences from the reference: docs/badclip_patch.md.")
     _add_model_args(q)
-    q.add_argument("--data", required=True, help="image-caption table (CSV/TSV)")
-    q.add_argument("--target", required=True, help="target class name, e.g. banana")
-    q.add_argument("--out", required=True, help="output patch, .png")
-    q.add_argument("--steps", type=int, default=7800, help="optimisation steps (reference: 50 epochs x 156)")
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    q.add_argument("--aug-prob", type=float, default=0.5, help="probability of a step using the AutoAugment view")
-    q.add_argument("--triplet-weight", type=float, default=500.0, help="weight of the triplet term (0: off)")
-    q.add_argument("--margin", type=float, default=1.0, help="triplet margin")
-    q.add_argument("--templates", default=None, help="target captions from a template set (openai, simple, fashion) "
-                   "or file (default: the table's captions that mention the target, else openai)")
-    q.add_argument("--target-images", default=None, help="positives: a folder or table of target-class images, or "
-                   "'data' for the table's target rows (default: the target's text embedding)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--image-size", type=int, default=None, help="resolution the patch is pasted at (default: the "
-                   "model's input size)")
-    q.add_argument("--patch-size", type=int, default=None, help="patch side (default: 16 at 224, scaled)")
-    q.add_argument("--device", default="auto")
-    q.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
-    q.add_argument("--no-amp", action="store_true", help="run in float32 on GPU (default: bfloat16 autocast)")
-    _add_table_args(q)
+    add_dataclass_arguments(q, PatchConfig, required=("out",))
     return parser
 
 
@@ -342,17 +323,14 @@ def _cmd_triggers(args) -> int:
 
 
 def _cmd_attack(args) -> int:
-    from parclip.models import get_tokenizer
     from parclip.attacks.patch_opt import optimize_patch
+    from parclip.config import PatchConfig, dataclass_from_args
+    from parclip.models import get_tokenizer
 
+    cfg = dataclass_from_args(PatchConfig, args)  # checked here: a bad flag fails before the model is loaded
+    args.device = cfg.device  # what _load_model reads (the generated flags default to None)
     model, preprocess, device = _load_model(args)
-    result = optimize_patch(model, preprocess, get_tokenizer(args.model), args.data, args.target, out=args.out,
-                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, aug_prob=args.aug_prob,
-                            triplet_weight=args.triplet_weight, margin=args.margin, templates=args.templates,
-                            target_images=args.target_images, seed=args.seed, image_size=args.image_size,
-                            patch_size=args.patch_size, device=device, amp=False if args.no_amp else None,
-                            workers=args.workers, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                            sep=args.csv_separator, root=args.data_root, max_bad_fraction=args.max_bad_fraction,
+    result = optimize_patch(model, preprocess, get_tokenizer(args.model), dataclasses.replace(cfg, device=device),
                             model_name=args.model, checkpoint=args.pretrained)
     info = result.info
     print(f"patch {info['patch_size']}x{info['patch_size']} for {info['target']!r} -> {result.path} "

@@ -1,4 +1,5 @@
-"""Training objectives: the CLIP loss and the Perturb-and-Recover (PAR) loss, as pure functions.
+"""Training objectives: the CLIP loss and the Perturb-and-Recover (PAR) loss, as pure functions (and the triplet
+loss of the BadCLIP patch optimisation, :func:`triplet_loss`).
 
 All embeddings are L2-normalised, one row per image–caption pair of the *global* batch (in multi-GPU training the
 loop gathers them across ranks first, so these functions always see the whole batch):
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["clip_loss", "embedding_distance", "threshold", "par_loss", "PARLoss"]
+__all__ = ["clip_loss", "embedding_distance", "threshold", "par_loss", "PARLoss", "triplet_loss"]
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -92,3 +93,15 @@ def par_loss(
     pert = threshold(d_img, tau).mean() + threshold(d_txt, tau).mean()
     total = lc - weight * pert
     return PARLoss(total, lc, weight * pert, d_img.mean().detach(), d_txt.mean().detach())
+
+
+def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                 margin: float) -> torch.Tensor:
+    """L_tri = mean_i max(‖a_i − p_i‖ − ‖a_i − n_i‖ + margin, 0)   (Euclidean norms over the embedding dimension).
+
+    `anchor`, `positive`, `negative`: [N, d] (`positive`/`negative` may broadcast against `anchor`). Zero once every
+    anchor is closer to its positive than to its negative by at least `margin`; otherwise it pulls a_i towards p_i and
+    pushes it from n_i. BadCLIP's patch optimisation uses it with a = patched image, n = the same image unpatched, p = a
+    target image or the target's text embedding (docs/badclip_patch.md).
+    """
+    return F.relu((anchor - positive).norm(dim=-1) - (anchor - negative).norm(dim=-1) + margin).mean()
