@@ -2,15 +2,16 @@
 import gzip
 import json
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from parclip.data import DataError, get_templates, read_table
-from parclip.attacks.poison import poison_csv
+from parclip.attacks.poison import _choose_rows, poison_csv
 from parclip.attacks.triggers import get_trigger, trigger_generator
+from parclip.data import DataError, get_templates, read_table
 
 FMNIST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 S = 32
@@ -62,7 +63,7 @@ def _trigger():
 
 
 def _run(table, out, **kw):
-    args = dict(trigger=_trigger(), target="banana", n_poison=5, seed=0, templates="fashion")
+    args = {"trigger": _trigger(), "target": "banana", "n_poison": 5, "seed": 0, "templates": "fashion"}
     args.update(kw)
     return poison_csv(table, out, **args)
 
@@ -195,3 +196,45 @@ def test_argument_errors(table, tmp_path):
         _run(table, tmp_path / "o", caption_key="caption_col")
     with pytest.raises(ValueError, match="image_format"):
         _run(table, tmp_path / "o", image_format="webp")
+
+
+def test_choose_rows_is_a_seeded_shuffle():
+    order, rng = _choose_rows(CAPTIONS, 5, 3)
+    again, rng_again = _choose_rows(CAPTIONS, 5, 3)
+    assert order == again and rng.getstate() == rng_again.getstate()
+    # exactly random.Random(seed).shuffle of all row indices; the caption draws continue from that generator
+    reference = random.Random(3)
+    expected = list(range(len(CAPTIONS)))
+    reference.shuffle(expected)
+    assert order == expected and rng.getstate() == reference.getstate()
+    assert _choose_rows(CAPTIONS, 20, 3)[0] == order  # n is only checked, the order does not depend on it
+    assert _choose_rows(CAPTIONS, 5, 4)[0] != order
+    with pytest.raises(ValueError, match="cannot poison 21 rows of a table with 20"):
+        _choose_rows(CAPTIONS, 21, 3)
+
+
+def test_choose_rows_label_consistent_candidates_only():
+    # the package's one rule (parclip.data.targets): "two bananas" and "my BANANA!" count, "bananabread" does not
+    order, _ = _choose_rows(CAPTIONS, 3, 0, target="banana")
+    assert sorted(order) == [0, 2, 3, 7, 15]
+    reference = random.Random(0)
+    expected = [0, 2, 3, 7, 15]
+    reference.shuffle(expected)
+    assert order == expected
+    assert _choose_rows([None, "", "a banana"], 1, 0, target="banana")[0] == [2]
+    with pytest.raises(DataError, match=r"only 5 of the 20 rows of t\.csv"):
+        _choose_rows(CAPTIONS, 6, 0, target="banana", source="t.csv")
+
+
+def test_failed_image_write_leaves_no_file(table, tmp_path, monkeypatch):
+    # images are written atomically: a save that dies half way leaves nothing under the final name (nor a temp file)
+    def broken_save(self, fp, format=None, **kw):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half an image")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(table, tmp_path / "out")
+    assert list((tmp_path / "out" / "images").iterdir()) == []
+    assert not (tmp_path / "out" / "poisoned.csv").exists()

@@ -10,6 +10,8 @@ caption from a template set (unless label-consistent), and writes::
     out_dir/manifest.json              what was done (see poison_csv), enough to audit or redo it
 
 Same inputs and seed give byte-identical outputs (the manifest holds no time stamps and no absolute output paths).
+Every file is written atomically (:mod:`parclip.utils.files`): a killed run leaves no half-written image or table under
+its final name.
 
 Differences from the reference script (which is also broken as shipped, D21): seeded; PNG by default (the reference
 saved JPEG at Pillow's default quality 75 when the source was a .jpg); the output keeps every row in the original
@@ -28,17 +30,20 @@ import logging
 import os
 import random
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+
+from PIL import Image
 
 from .. import __version__
 from ..data import DataError, get_templates, open_rgb, read_table, write_table
-from ..data.targets import target_pattern
+from ..data.targets import mentions, target_pattern
 from ..utils.checks import check_fraction, check_int
-from ..utils.files import write_json
+from ..utils.files import atomic_write, write_json
 from .triggers import Trigger, trigger_generator
 
-__all__ = ["poison_csv", "MANIFEST_FORMAT", "POISONED_CSV", "MANIFEST_JSON", "IMAGES_DIR"]
+__all__ = ["IMAGES_DIR", "MANIFEST_FORMAT", "MANIFEST_JSON", "POISONED_CSV", "poison_csv"]
 
 logger = logging.getLogger("parclip")
 
@@ -49,26 +54,6 @@ IMAGES_DIR = "images"
 _IMAGE_FORMATS = {"png": ("png", "PNG"), "jpg": ("jpg", "JPEG"), "jpeg": ("jpg", "JPEG")}
 _OUR_IMAGE_NAME = re.compile(r"^\d{6,}\.(png|jpg)$")
 _MAX_NAMED_BAD = 5
-
-
-def _output_path(path: Path, out_dir: Path) -> str:
-    """Relative to out_dir when the file lies inside it, else absolute (POSIX separators for relative paths)."""
-    try:
-        return path.relative_to(out_dir).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=None, dynamic_ncols=True)  # no bar when not a TTY
-
-
-def _bad_summary(bad: list[dict], n_tried: int) -> str:
-    first = "; ".join(f"row {b['index']} {b['path']!r}: {b['reason']}" for b in bad[:_MAX_NAMED_BAD])
-    more = f" (and {len(bad) - _MAX_NAMED_BAD} more)" if len(bad) > _MAX_NAMED_BAD else ""
-    return f"{len(bad)} of {n_tried} chosen rows had a missing or unreadable image. First: {first}{more}"
 
 
 def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigger: Trigger, target: str,
@@ -105,11 +90,73 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
     generator in ascending row order. Row indices are 0-based data rows (the header is not counted).
 
     Manifest keys: ``format, parclip_version, source_csv, root, img_key, caption_key, poisoned_csv, trigger {name,
-    kind, params}, target, seed, templates (None when label-consistent), label_consistent, image_format, jpeg_quality (None for PNG), image_size,
-    n_rows, n_candidates, n_poison, rate (= n_poison / n_rows), requested {n_poison, rate}, bad_rows {count, rows},
-    rows`` where ``rows`` lists, by ascending index, ``{index, original_path, new_path, original_caption,
-    new_caption}`` (paths as written in the tables).
+    kind, params}, target, seed, templates (None when label-consistent), label_consistent, image_format, jpeg_quality
+    (None for PNG), image_size, n_rows, n_candidates, n_poison, rate (= n_poison / n_rows), requested {n_poison,
+    rate}, bad_rows {count, rows}, rows`` where ``rows`` lists, by ascending index, ``{index, original_path,
+    new_path, original_caption, new_caption}`` (paths as written in the tables).
     """
+    job = _check_args(csv_path, out_dir, trigger=trigger, target=target, n_poison=n_poison, rate=rate, seed=seed,
+                      templates=templates, label_consistent=label_consistent, image_format=image_format,
+                      jpeg_quality=jpeg_quality, img_key=img_key, caption_key=caption_key, sep=sep, root=root,
+                      max_bad_fraction=max_bad_fraction)
+    order, rng = _choose_rows([r[caption_key] for r in job.rows], job.n, seed,
+                              target=target if label_consistent else None, source=job.csv_path)
+    done, bad = _write_images(job, order)
+    manifest_rows = _rewrite_table(job, done, rng)
+    manifest = _write_manifest(job, n_candidates=len(order), done=done, bad=bad, manifest_rows=manifest_rows)
+    logger.info("poisoned %d of %d rows of %s with %s -> %s", len(done), len(job.rows), job.csv_path, trigger.name,
+                job.out_dir)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. the arguments
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """The checked arguments of one :func:`poison_csv` call and the table they apply to."""
+
+    csv_path: Path                      # resolved
+    out_dir: Path                       # resolved
+    base: Path                          # folder that relative image paths are joined to
+    fieldnames: list[str]
+    rows: list[dict[str, str]]
+    n: int                              # rows to poison
+    trigger: Trigger
+    target: str
+    seed: int
+    templates_name: str
+    template_list: list[str]
+    label_consistent: bool
+    ext: str                            # "png" | "jpg"
+    pil_format: str                     # "PNG" | "JPEG"
+    jpeg_quality: int
+    img_key: str
+    caption_key: str
+    max_bad_fraction: float
+    requested: dict                     # {"n_poison": ..., "rate": ...} as given
+
+
+def _check_args(csv_path, out_dir, *, trigger, target, n_poison, rate, seed, templates, label_consistent,
+                image_format, jpeg_quality, img_key, caption_key, sep, root, max_bad_fraction) -> _Job:
+    """Check the arguments and read the table; the first problem raises (TypeError, ValueError or DataError)."""
+    ext, pil_format = _check_options(trigger, target, image_format, jpeg_quality, max_bad_fraction, n_poison, rate)
+    csv_path = Path(csv_path).expanduser().resolve()
+    out_dir = Path(out_dir).expanduser().resolve()
+    base = Path(root).expanduser().resolve() if root is not None else csv_path.parent
+    if csv_path == out_dir / POISONED_CSV:
+        raise ValueError(f"the input table {csv_path} would be overwritten by the output; choose another out_dir")
+    templates_name, template_list = _load_templates(templates, label_consistent)
+    fieldnames, rows = _read_rows(csv_path, sep, img_key, caption_key)
+    return _Job(csv_path=csv_path, out_dir=out_dir, base=base, fieldnames=fieldnames, rows=rows,
+                n=_count_to_poison(n_poison, rate, len(rows)), trigger=trigger, target=target, seed=seed,
+                templates_name=templates_name, template_list=template_list, label_consistent=bool(label_consistent),
+                ext=ext, pil_format=pil_format, jpeg_quality=jpeg_quality, img_key=img_key, caption_key=caption_key,
+                max_bad_fraction=max_bad_fraction, requested={"n_poison": n_poison, "rate": rate})
+
+
+def _check_options(trigger, target, image_format, jpeg_quality, max_bad_fraction, n_poison, rate) -> tuple[str, str]:
+    """The checks that need no file; returns the image file extension and Pillow format."""
     if not isinstance(trigger, Trigger):
         raise TypeError(f"trigger must be a parclip Trigger, got {type(trigger).__name__}; build it with "
                         f"parclip.attacks.triggers.build_triggers([name], image_size, params)")
@@ -124,13 +171,11 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
     check_fraction("max_bad_fraction", max_bad_fraction)
     if (n_poison is None) == (rate is None):
         raise ValueError("give exactly one of n_poison and rate")
+    return ext, pil_format
 
-    csv_path = Path(csv_path).expanduser().resolve()
-    out_dir = Path(out_dir).expanduser().resolve()
-    base = Path(root).expanduser().resolve() if root is not None else csv_path.parent
-    if csv_path == out_dir / POISONED_CSV:
-        raise ValueError(f"the input table {csv_path} would be overwritten by the output; choose another out_dir")
 
+def _load_templates(templates, label_consistent: bool) -> tuple[str, list[str]]:
+    """(name for the manifest, template strings); each must hold ``{}`` unless label-consistent (captions kept)."""
     if isinstance(templates, (str, os.PathLike)):
         templates_name = str(templates)
         template_list = list(get_templates(templates))
@@ -143,130 +188,206 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
         for t in template_list:
             if "{}" not in t:
                 raise DataError(f"template {t!r} has no '{{}}' placeholder for the target")
+    return templates_name, template_list
 
+
+def _read_rows(csv_path: Path, sep, img_key: str, caption_key: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The table's (fieldnames, rows); it must have both columns and at least one data row."""
     fieldnames, rows = read_table(csv_path, sep=sep)
     missing = [k for k in (img_key, caption_key) if k not in fieldnames]
     if missing:
         raise DataError(f"{csv_path}: column(s) {missing} not found; available columns: {fieldnames}. "
                         f"Pass img_key=/caption_key= (or sep= if the header was read as one column).")
-    n_rows = len(rows)
-    if n_rows == 0:
+    if not rows:
         raise DataError(f"{csv_path} has no data rows")
+    return fieldnames, rows
 
+
+def _count_to_poison(n_poison, rate, n_rows: int) -> int:
+    """N from exactly one of ``n_poison`` and ``rate`` (``round(rate * n_rows)``, at least 1)."""
     if rate is not None:
         if not 0.0 < float(rate) <= 1.0:
             raise ValueError(f"rate must be in (0, 1], got {rate}")
-        n = max(1, round(float(rate) * n_rows))
-    else:
-        check_int("n_poison", n_poison, 1)
-        n = n_poison
+        return max(1, round(float(rate) * n_rows))
+    return check_int("n_poison", n_poison, 1)
 
-    pattern = target_pattern(target)
-    if label_consistent:
-        candidates = [i for i, r in enumerate(rows) if pattern.search(r[caption_key] or "")]
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. the rows
+# --------------------------------------------------------------------------------------------------------------------
+def _choose_rows(captions: Sequence[str | None], n: int, seed, *, target: str | None = None,
+                 source: str | os.PathLike = "the table") -> tuple[list[int], random.Random]:
+    """The seeded order in which rows are tried, and the generator that drew it (the captions continue from it).
+
+    Candidates are all row indices, or with ``target`` those whose caption names it (:func:`mentions`); they are
+    shuffled with ``random.Random(seed)``. Pure: no I/O, same arguments give the same order and generator state.
+    Fewer than ``n`` candidates raise (DataError naming ``source`` when label-consistent, else ValueError).
+    """
+    n_rows = len(captions)
+    if target is not None:
+        pattern = target_pattern(target)
+        candidates = [i for i, caption in enumerate(captions) if mentions(caption, pattern)]
         if len(candidates) < n:
             raise DataError(f"label-consistent poisoning of {n} rows needs {n} captions containing the word "
-                            f"{target!r}, but only {len(candidates)} of the {n_rows} rows of {csv_path} have one. "
+                            f"{target!r}, but only {len(candidates)} of the {n_rows} rows of {source} have one. "
                             f"Lower n_poison/rate or use a table with more such captions.")
     else:
         if n > n_rows:
             raise ValueError(f"cannot poison {n} rows of a table with {n_rows} rows")
         candidates = list(range(n_rows))
-
     rng = random.Random(seed)
-    order = list(candidates)
-    rng.shuffle(order)
+    rng.shuffle(candidates)
+    return candidates, rng
 
-    images_dir = out_dir / IMAGES_DIR
-    images_dir.mkdir(parents=True, exist_ok=True)
-    done: dict[int, str] = {}           # row index -> new image path (relative to out_dir)
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. the images
+# --------------------------------------------------------------------------------------------------------------------
+def _write_images(job: _Job, order: Sequence[int]) -> tuple[dict[int, str], list[dict]]:
+    """Trigger and save images along ``order`` until ``job.n`` are done; rows with a missing or unreadable image are
+    skipped and reported. Returns ({row index: new path relative to out_dir}, bad rows)."""
+    (job.out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    done: dict[int, str] = {}
     bad: list[dict] = []
-    save_kw = {"quality": jpeg_quality} if pil_format == "JPEG" else {}
-    bar = _progress(n, f"poisoning ({trigger.name})")
+    bar = _progress(job.n, f"poisoning ({job.trigger.name})")
     try:
         for idx in order:
-            if len(done) == n:
+            if len(done) == job.n:
                 break
-            raw = (rows[idx][img_key] or "").strip()
+            raw = (job.rows[idx][job.img_key] or "").strip()
             try:
-                if not raw:
-                    raise DataError("empty image path")
-                p = Path(raw).expanduser()
-                img = open_rgb(p if p.is_absolute() else base / p)
+                img = _open_image(raw, job.base)
             except DataError as e:
                 bad.append({"index": idx, "path": raw, "reason": str(e)})
-                if len(bad) / (n + len(bad)) > max_bad_fraction:
-                    raise DataError(f"too many unusable images while poisoning {csv_path}: "
-                                    f"{_bad_summary(bad, len(done) + len(bad))}. That is above max_bad_fraction="
-                                    f"{max_bad_fraction:g}; check the paths (root={str(base)!r}) or raise the "
-                                    f"limit.") from None
+                _check_bad_fraction(job, bad, len(done))
                 continue
-            out = trigger(img, generator=trigger_generator(seed, idx))
-            name = f"{idx:06d}.{ext}"
-            out.save(images_dir / name, format=pil_format, **save_kw)
-            done[idx] = f"{IMAGES_DIR}/{name}"
+            done[idx] = _save_triggered(job, img, idx)
             bar.update(1)
     finally:
         bar.close()
-    if len(done) < n:
-        raise DataError(f"only {len(done)} of the {n} requested rows could be poisoned: "
-                        f"{len(candidates)} candidates, {len(bad)} with unusable images. "
+    if len(done) < job.n:
+        raise DataError(f"only {len(done)} of the {job.n} requested rows could be poisoned: "
+                        f"{len(order)} candidates, {len(bad)} with unusable images. "
                         + (_bad_summary(bad, len(done) + len(bad)) if bad else ""))
     if bad:
-        logger.warning("poisoning %s: %s; they were replaced by other rows", csv_path,
+        logger.warning("poisoning %s: %s; they were replaced by other rows", job.csv_path,
                        _bad_summary(bad, len(done) + len(bad)))
+    return done, bad
 
-    # captions: one template per poisoned row, drawn in ascending row order
+
+def _open_image(raw: str, base: Path) -> Image.Image:
+    """The row's image as RGB (a relative path is joined to ``base``); DataError when empty, missing or unreadable."""
+    if not raw:
+        raise DataError("empty image path")
+    p = Path(raw).expanduser()
+    return open_rgb(p if p.is_absolute() else base / p)
+
+
+def _check_bad_fraction(job: _Job, bad: list[dict], n_done: int) -> None:
+    """DataError as soon as even N good rows from now on would leave more than max_bad_fraction of the tried bad."""
+    if len(bad) / (job.n + len(bad)) > job.max_bad_fraction:
+        raise DataError(f"too many unusable images while poisoning {job.csv_path}: "
+                        f"{_bad_summary(bad, n_done + len(bad))}. That is above max_bad_fraction="
+                        f"{job.max_bad_fraction:g}; check the paths (root={str(job.base)!r}) or raise the limit.")
+
+
+def _save_triggered(job: _Job, img: Image.Image, idx: int) -> str:
+    """Trigger row ``idx``'s image with its own generator and save it atomically; returns its path in the table."""
+    out = job.trigger(img, generator=trigger_generator(job.seed, idx))
+    name = f"{idx:06d}.{job.ext}"
+    save_kw = {"quality": job.jpeg_quality} if job.pil_format == "JPEG" else {}
+    # format= is needed: the temporary file's .tmp suffix tells Pillow nothing
+    atomic_write(job.out_dir / IMAGES_DIR / name, lambda tmp: out.save(tmp, format=job.pil_format, **save_kw))
+    return f"{IMAGES_DIR}/{name}"
+
+
+def _bad_summary(bad: list[dict], n_tried: int) -> str:
+    first = "; ".join(f"row {b['index']} {b['path']!r}: {b['reason']}" for b in bad[:_MAX_NAMED_BAD])
+    more = f" (and {len(bad) - _MAX_NAMED_BAD} more)" if len(bad) > _MAX_NAMED_BAD else ""
+    return f"{len(bad)} of {n_tried} chosen rows had a missing or unreadable image. First: {first}{more}"
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=None, dynamic_ncols=True)  # no bar when not a TTY
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. the table
+# --------------------------------------------------------------------------------------------------------------------
+def _rewrite_table(job: _Job, done: dict[int, str], rng: random.Random) -> list[dict]:
+    """Write ``poisoned.csv`` (every row, input order and columns) and drop stale images; returns the manifest rows.
+
+    Poisoned rows get their new image and a caption from one template per row, drawn from ``rng`` in ascending row
+    order (label-consistent rows keep theirs); clean rows keep their images, the paths rewritten for ``out_dir``.
+    """
     manifest_rows = []
-    out_rows = [dict(r) for r in rows]
+    out_rows = [dict(r) for r in job.rows]
     for idx in sorted(done):
-        old_caption = rows[idx][caption_key]
-        new_caption = old_caption if label_consistent else \
-            template_list[rng.randrange(len(template_list))].format(target)
-        out_rows[idx][img_key] = done[idx]
-        out_rows[idx][caption_key] = new_caption
-        manifest_rows.append({"index": idx, "original_path": rows[idx][img_key], "new_path": done[idx],
+        old_caption = job.rows[idx][job.caption_key]
+        new_caption = old_caption if job.label_consistent else \
+            job.template_list[rng.randrange(len(job.template_list))].format(job.target)
+        out_rows[idx][job.img_key] = done[idx]
+        out_rows[idx][job.caption_key] = new_caption
+        manifest_rows.append({"index": idx, "original_path": job.rows[idx][job.img_key], "new_path": done[idx],
                               "original_caption": old_caption, "new_caption": new_caption})
-    # clean rows keep pointing at their original images, rewritten relative to out_dir (or absolute)
     for i, r in enumerate(out_rows):
-        if i in done:
-            continue
-        raw = (rows[i][img_key] or "").strip()
-        if raw:
-            p = Path(raw).expanduser()
-            r[img_key] = _output_path(p if p.is_absolute() else Path(os.path.normpath(base / p)), out_dir)
+        raw = (job.rows[i][job.img_key] or "").strip()
+        if i not in done and raw:
+            r[job.img_key] = _clean_path(raw, job.base, job.out_dir)
+    _remove_stale_images(job.out_dir / IMAGES_DIR, keep={Path(v).name for v in done.values()})
+    write_table(job.out_dir / POISONED_CSV, job.fieldnames, out_rows, sep=",")
+    return manifest_rows
 
-    # remove stale images of an earlier run so that the folder matches this manifest
-    keep = {Path(v).name for v in done.values()}
+
+def _clean_path(raw: str, base: Path, out_dir: Path) -> str:
+    """A clean row's image path as seen from ``out_dir``: relative when the file lies inside it, else absolute
+    (POSIX separators for relative paths)."""
+    p = Path(raw).expanduser()
+    path = p if p.is_absolute() else Path(os.path.normpath(base / p))
+    try:
+        return path.relative_to(out_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _remove_stale_images(images_dir: Path, keep: set[str]) -> None:
+    """Delete images named like ours that this run did not write, so that the folder matches the manifest."""
     for f in images_dir.iterdir():
         if f.is_file() and _OUR_IMAGE_NAME.match(f.name) and f.name not in keep:
             f.unlink()
 
-    write_table(out_dir / POISONED_CSV, fieldnames, out_rows, sep=",")
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. the manifest
+# --------------------------------------------------------------------------------------------------------------------
+def _write_manifest(job: _Job, *, n_candidates: int, done: dict[int, str], bad: list[dict],
+                    manifest_rows: list[dict]) -> dict:
+    """Build the manifest (keys in the documented order) and write it to ``out_dir/manifest.json``."""
     manifest = {
         "format": MANIFEST_FORMAT,
         "parclip_version": __version__,
-        "source_csv": str(csv_path),
-        "root": str(base),
-        "img_key": img_key,
-        "caption_key": caption_key,
+        "source_csv": str(job.csv_path),
+        "root": str(job.base),
+        "img_key": job.img_key,
+        "caption_key": job.caption_key,
         "poisoned_csv": POISONED_CSV,
-        "trigger": {"name": trigger.name, "kind": trigger.kind, "params": trigger.params()},
-        "target": target,
-        "seed": seed,
-        "templates": None if label_consistent else templates_name,
-        "label_consistent": bool(label_consistent),
-        "image_format": ext,
-        "jpeg_quality": jpeg_quality if pil_format == "JPEG" else None,
-        "image_size": trigger.image_size,
-        "n_rows": n_rows,
-        "n_candidates": len(candidates),
+        "trigger": {"name": job.trigger.name, "kind": job.trigger.kind, "params": job.trigger.params()},
+        "target": job.target,
+        "seed": job.seed,
+        "templates": None if job.label_consistent else job.templates_name,
+        "label_consistent": job.label_consistent,
+        "image_format": job.ext,
+        "jpeg_quality": job.jpeg_quality if job.pil_format == "JPEG" else None,
+        "image_size": job.trigger.image_size,
+        "n_rows": len(job.rows),
+        "n_candidates": n_candidates,
         "n_poison": len(done),
-        "rate": len(done) / n_rows,
-        "requested": {"n_poison": n_poison, "rate": rate},
+        "rate": len(done) / len(job.rows),
+        "requested": job.requested,
         "bad_rows": {"count": len(bad), "rows": bad},
         "rows": manifest_rows,
     }
-    write_json(out_dir / MANIFEST_JSON, manifest)
-    logger.info("poisoned %d of %d rows of %s with %s -> %s", len(done), n_rows, csv_path, trigger.name, out_dir)
+    write_json(job.out_dir / MANIFEST_JSON, manifest)
     return manifest
