@@ -18,6 +18,12 @@ from typing import Any, Callable, Iterator
 __all__ = ["replacing", "atomic_write", "atomic_open", "write_text", "write_json"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync(path: str | os.PathLike) -> None:
     """fsync a file, or a folder (which persists a rename; silently skipped where folders cannot be opened)."""
     with contextlib.suppress(OSError):
@@ -32,13 +38,15 @@ def _fsync(path: str | os.PathLike) -> None:
 def replacing(path: str | os.PathLike) -> Iterator[str]:
     """``with replacing(path) as tmp:`` write the file ``tmp``; when the block succeeds it becomes ``path``.
 
-    The parent folder is created. On an exception the temporary file is deleted and ``path`` is left untouched.
+    The parent folder is created; the file gets the permissions ``open()`` would give it (0666 minus the umask). On
+    an exception the temporary file is deleted and ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual permissions
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)

@@ -180,7 +180,7 @@ class BadCLIPPatch(Trigger):
         explicit_size = patch_size is not None
         if patch_size is None:
             patch_size = default_patch_size(image_size)
-        check_int("patch_size", patch_size, 1, image_size, context=f" for image_size={image_size},", owner="badclip")
+        check_int("patch_size", patch_size, 1, image_size, context=f" for image_size={image_size},", owner=self.name)
         if patch is None or (isinstance(patch, str) and not patch.strip()):
             raise ValueError(_NO_PATCH)
 

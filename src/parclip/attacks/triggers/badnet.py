@@ -53,7 +53,7 @@ class BadNet(Trigger):
         super().__init__(image_size, uint8_mode=uint8_mode)
         if patch_size is None:
             patch_size = badnet_patch_size(image_size)
-        check_int("patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}", owner="badnet")
+        check_int("patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}", owner=self.name)
         self.patch_size = patch_size
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -92,7 +92,7 @@ class BadNetStripes(Trigger):
         super().__init__(image_size, uint8_mode=uint8_mode)
         if patch_size is None:
             patch_size = badnet_rs_patch_size(image_size)
-        check_int("patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}", owner="badnet_rs")
+        check_int("patch_size", patch_size, 1, image_size - 1, context=f" for image_size={image_size}", owner=self.name)
         self.patch_size = patch_size
 
     def apply_float(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
