@@ -57,6 +57,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow pickled code (TorchScript/JIT archives); only for checkpoints you trust")
 
 
+def _subcommands(parser: argparse.ArgumentParser, dest: str, metavar: str):
+    """A required choice of subcommands (`parclip COMMAND`, `parclip data ACTION`, ...)."""
+    sub = parser.add_subparsers(dest=dest, metavar=metavar)
+    sub.required = True
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     from parclip import __version__
     from parclip.config import PatchConfig, add_config_arguments, add_dataclass_arguments
@@ -65,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"parclip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    sub = _subcommands(parser, "command", "COMMAND")
 
     # demo
     p = sub.add_parser("demo", help="end to end on Fashion-MNIST: poison a tiny CLIP, clean it with PAR, measure",
@@ -85,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # data
     p = sub.add_parser("data", help="prepare data: Fashion-MNIST export, table checks")
-    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    dsub.required = True
+    dsub = _subcommands(p, "data_command", "ACTION")
     q = dsub.add_parser("fashion-mnist", help="export Debian's dataset-fashion-mnist as PNGs + captions CSV + test "
                         "folder", description="Writes OUT/train.csv and OUT/holdout.csv (image,caption,label; paths "
                         "relative to OUT), OUT/images/train/*.png and a labelled test folder OUT/test/<class>/*.png.")
@@ -169,8 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # triggers
     p = sub.add_parser("triggers", help="the attack catalogue: list every trigger, or render them into a gallery")
-    tsub = p.add_subparsers(dest="triggers_command", metavar="ACTION")
-    tsub.required = True
+    tsub = _subcommands(p, "triggers_command", "ACTION")
     q = tsub.add_parser("list", help="table of every registered trigger: name, aliases, kind, random?, parameters")
     q.add_argument("--json", action="store_true", help="print the rows as JSON")
     q = tsub.add_parser("show", help="render every trigger onto sample photos into one PNG gallery",
@@ -192,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # attack
     p = sub.add_parser("attack", help="build attacks: optimize-patch (BadCLIP)")
-    asub = p.add_subparsers(dest="attack_command", metavar="ACTION")
-    asub.required = True
+    asub = _subcommands(p, "attack_command", "ACTION")
     q = asub.add_parser("optimize-patch", help="optimise a BadCLIP patch against a frozen model and a target class",
                         description="Optimise a patch pasted at the image centre so that the (frozen, eval-mode) "
                         "model embeds patched images near the target: InfoNCE to target captions + weighted triplet "
