@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Set up parclip on a fresh machine. Safe to run twice: every step skips what is already done.
 #   - Debian's dataset-fashion-mnist (real images for the demo and tests), via apt when it is missing
+#   - Debian's wordnet-base (WordNet 3.0 for the EDA captions of CleanCLIP/RoCLIP), via apt when it is missing
 #   - a virtual environment in .venv with torch 2.14.1 + torchvision 0.29.1 (pinned together) and parclip[test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages parclip reads at run time; only the missing ones are installed (one apt-get call).
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ ! -f "$FMNIST" ]; then
-  echo "[setup] installing Debian package dataset-fashion-mnist"
+PKGS=()
+[ -f "$FMNIST" ] || PKGS+=(dataset-fashion-mnist)
+# WordNet 3.0 for the EDA captions of CleanCLIP/RoCLIP; a folder in $PARCLIP_WORDNET_DIR replaces it
+[ -f /usr/share/wordnet/data.noun ] || [ -f "${PARCLIP_WORDNET_DIR:-/nonexistent}/data.noun" ] || PKGS+=(wordnet-base)
+if [ ${#PKGS[@]} -gt 0 ]; then
+  echo "[setup] installing Debian package(s) ${PKGS[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist \
-    || { echo "[setup] could not install dataset-fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; }
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends "${PKGS[@]}" \
+    || { echo "[setup] could not install ${PKGS[*]}: run 'sudo apt-get install ${PKGS[*]}'" >&2; exit 1; }
 fi
 
 PY=${PYTHON:-python3}
