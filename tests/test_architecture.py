@@ -10,9 +10,9 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "parclip"
 # lower layers never import higher ones; a module may import its own folder and anything in a lower layer
 LAYERS = {
     "utils": 0,
-    "data": 1, "models": 1, "objectives": 1, "config": 1,
+    "data": 1, "models": 1, "objectives": 1,
     "attacks": 2, "defences": 2,
-    "evaluation": 3,
+    "evaluation": 3, "config": 3,  # config fills a run's defaults from its defence's recipe
     "train": 4,
     "demo": 5,
     "cli": 6, "__main__": 7, "triggers": 6, "evaluate": 6,  # triggers.py / evaluate.py: re-exports of 0.1 paths

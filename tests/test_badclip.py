@@ -252,7 +252,7 @@ def test_cli_optimize_patch(small_table, tmp_path, capsys):
     (dict(max_bad_fraction=1.5), r"max_bad_fraction must be a number in \[0, 1\], got 1.5"),
 ])
 def test_patch_config_checks_values(bad, message):
-    from parclip.config import PatchConfig
+    from parclip.attacks.patch_config import PatchConfig
 
     with pytest.raises(ValueError, match=message):
         PatchConfig(**{"data": "t.csv", "target": "bag", **bad})
@@ -260,7 +260,8 @@ def test_patch_config_checks_values(bad, message):
 
 def test_patch_config_flags(tmp_path, capsys):
     from parclip.cli import build_parser, main
-    from parclip.config import PatchConfig, dataclass_from_args
+    from parclip.attacks.patch_config import PatchConfig
+    from parclip.utils.flags import dataclass_from_args
 
     base = ["attack", "optimize-patch", "--model", "parclip-micro", "--data", "t.csv", "--target", " bag ", "--out",
             "p.png"]

@@ -4,10 +4,11 @@
     parclip data fashion-mnist OUT    export Fashion-MNIST as image files + captions CSV + labelled test folder
     parclip data check TABLE          decode every image of a caption table and report bad rows
     parclip poison TABLE OUT          plant a trigger into a seeded share of an image–caption table
-    parclip train                     fine-tune: --objective par (clean) or clip (plain fine-tuning / plant)
+    parclip train                     fine-tune: --objective par|cleanclip|roclip (clean) or clip (plain / plant)
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
     parclip models                    list the model architectures parclip can build
     parclip triggers list|show        the attack catalogue: a table of every trigger, or a PNG gallery of them
+    parclip defences list             the cleaning methods (par, cleanclip, roclip, clip) and their presets
     parclip attack optimize-patch     optimise a BadCLIP patch against a (clean) model and a target class
 """
 
@@ -66,7 +67,9 @@ def _subcommands(parser: argparse.ArgumentParser, dest: str, metavar: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from parclip import __version__
-    from parclip.config import PatchConfig, add_config_arguments, add_dataclass_arguments
+    from parclip.attacks.patch_config import PatchConfig
+    from parclip.config import add_config_arguments
+    from parclip.utils.flags import add_dataclass_arguments
 
     parser = argparse.ArgumentParser(prog="parclip", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--zoom", type=int, default=4, help="enlargement of the zoom row (default 4)")
     q.add_argument("--no-diff", action="store_true", help="leave out the |change| row")
     q.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
+
+    # defences
+    p = sub.add_parser("defences", help="the cleaning methods: list every defence and preset with its recipe")
+    dsub = _subcommands(p, "defences_command", "ACTION")
+    q = dsub.add_parser("list", help="table of every defence (--objective NAME) and preset (--preset NAME)",
+                        description="Every defence `parclip train --objective NAME` accepts, with its paper and the "
+                        "recipe it brings as defaults, and the named presets (`parclip train --preset NAME`).")
+    q.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     # attack
     p = sub.add_parser("attack", help="build attacks: optimize-patch (BadCLIP)")
@@ -327,7 +338,8 @@ def _cmd_triggers(args) -> int:
 
 def _cmd_attack(args) -> int:
     from parclip.attacks.patch_opt import optimize_patch
-    from parclip.config import PatchConfig, dataclass_from_args
+    from parclip.attacks.patch_config import PatchConfig
+    from parclip.utils.flags import dataclass_from_args
     from parclip.models import get_tokenizer
 
     cfg = dataclass_from_args(PatchConfig, args)  # checked here: a bad flag fails before the model is loaded
@@ -345,8 +357,28 @@ def _cmd_attack(args) -> int:
     return 0
 
 
+def _cmd_defences(args) -> int:
+    from parclip.defences import PRESETS, list_defences
+
+    rows = [{"name": d.name, "kind": "defence", "description": d.description, "paper": d.paper,
+             "defaults": d.defaults, "auto": {"logit_scale": d.logit_scale, "bn_mode": d.bn_mode,
+                                              "augment": d.augment}} for d in list_defences()]
+    rows += [{"name": p.name, "kind": f"preset of {p.objective}", "description": p.description,
+              "defaults": p.values} for p in PRESETS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        recipe = ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) or "TrainConfig's defaults (PAR's reference)"
+        print(f"{r['name']:<22} {r['kind']:<16} {r['description']}")
+        if r.get("paper"):
+            print(f"{'':<22} {'':<16} paper: {r['paper']}")
+        print(f"{'':<22} {'':<16} recipe: {recipe}")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
-            "models": _cmd_models, "triggers": _cmd_triggers, "attack": _cmd_attack}
+            "models": _cmd_models, "triggers": _cmd_triggers, "defences": _cmd_defences, "attack": _cmd_attack}
 
 
 def main(argv: list[str] | None = None) -> int:

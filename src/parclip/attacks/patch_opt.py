@@ -5,7 +5,7 @@
 
 The objective (InfoNCE to target captions + weighted triplet loss), the data rules, the defaults and the deliberate
 differences from the reference are described in docs/badclip_patch.md. The settings are a
-:class:`parclip.config.PatchConfig`; :func:`optimize_patch` returns a :class:`PatchResult` and writes a lossless PNG
+:class:`parclip.attacks.patch_config.PatchConfig`; :func:`optimize_patch` returns a :class:`PatchResult` and writes a lossless PNG
 with a JSON sidecar.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ..config import PatchConfig
+from .patch_config import PatchConfig
 from ..data.targets import mentions, target_pattern  # noqa: F401  (re-exported)
 from ..data import IMAGE_EXTENSIONS, CaptionDataset, DataError, fill, get_templates, open_rgb
 from ..models import image_size, normalize
@@ -504,7 +504,7 @@ def optimize_patch(model: torch.nn.Module, preprocess_cfg: dict, tokenizer, cfg:
         preprocess_cfg: the model's preprocessing (``size``, ``mean``, ``std``), as returned by
             :func:`parclip.models.create_model`; the input must be square.
         tokenizer: the model's tokenizer (:func:`parclip.models.get_tokenizer`).
-        cfg: what to optimise and how (:class:`parclip.config.PatchConfig`: data, target, out, steps, ...). Rows of
+        cfg: what to optimise and how (:class:`parclip.attacks.patch_config.PatchConfig`: data, target, out, steps, ...). Rows of
             ``cfg.data`` whose caption mentions the target are excluded from the images the patch is optimised on
             (DataError when no row is left). With ``cfg.out`` the patch is saved there (``.png``) with a JSON sidecar
             next to it (``.json``).

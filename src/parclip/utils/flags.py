@@ -1,0 +1,67 @@
+"""Dataclasses that are also command-line flags: one field, one flag, one help text.
+
+    @dataclass
+    class Cfg:
+        lr: float = flag(1e-3, "learning rate")           # -> --lr FLOAT  (default: 0.001)
+
+`add_dataclass_arguments(parser, Cfg)` adds the flags (every default None, so that only explicit flags override lower
+layers such as a YAML file), `dataclass_from_args(Cfg, args, base)` builds the instance from defaults < base < flags.
+`parclip train` (TrainConfig) and `parclip attack optimize-patch` (PatchConfig) are made this way.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, field
+from typing import get_type_hints
+
+__all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args"]
+
+
+def flag(default, help: str, choices=None, *, shown: str | None = None, metavar: str | None = None):
+    """A dataclass field that is also a flag: `help`, `choices` and `metavar` go to argparse; `shown` is how the
+    default reads in the help when the value itself would not teach (e.g. None meaning "the model's input size").
+    `default=MISSING` makes the field (and its flag) required."""
+    return field(default=default, metadata={"help": help, "choices": choices, "shown": shown, "metavar": metavar})
+
+
+def _base_type(tp) -> type:
+    args = getattr(tp, "__args__", None)
+    if args:  # Optional[X] / X | None / X | Y: the first type
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, required: Sequence[str] = ()) -> None:
+    """Add one flag per field of the dataclass `cls` (`lr_start` → `--lr-start`), help and choices from its metadata.
+
+    Every flag defaults to None, so that only explicit flags override lower layers (the dataclass defaults, a YAML
+    file); the help shows the field's default. A bool field becomes `--x/--no-x`; `X | None` (or `X | Y`) is parsed as
+    the first type X. Fields without a default, and those named in `required`, become required flags.
+    """
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        meta = f.metadata
+        needed = f.default is MISSING or f.name in required
+        shown = meta.get("shown") or f.default
+        help_ = meta["help"] if needed else f"{meta['help']} (default: {shown})"
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                required=needed, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, choices=meta.get("choices"),
+                                required=needed, help=help_,
+                                metavar=meta.get("metavar") or (None if meta.get("choices") else tp.__name__.upper()))
+
+
+def dataclass_values(cls: type, args: argparse.Namespace) -> dict:
+    """The fields of `cls` that were given as flags (not None in `args`)."""
+    return {f.name: v for f in dataclasses.fields(cls) if (v := getattr(args, f.name, None)) is not None}
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, base: Mapping | None = None):
+    """`cls(**values)` from defaults < `base` (e.g. a YAML file's values) < the flags given in `args`."""
+    return cls(**{**(base or {}), **dataclass_values(cls, args)})
