@@ -1,5 +1,5 @@
-"""Training objectives: the CLIP loss and the Perturb-and-Recover (PAR) loss, as pure functions (and the triplet
-loss of the BadCLIP patch optimisation, :func:`triplet_loss`).
+"""Training objectives as pure functions: the CLIP loss, Perturb and Recover (PAR), CleanCLIP and RoCLIP (the
+defences in :mod:`parclip.defences` wire them into training), and the triplet loss of the BadCLIP patch optimisation.
 
 All embeddings are L2-normalised, one row per image–caption pair of the *global* batch (in multi-GPU training the
 loop gathers them across ranks first, so these functions always see the whole batch):
@@ -11,6 +11,9 @@ loop gathers them across ranks first, so these functions always see the whole ba
     D_img  = (1/N) Σ_i ||f_i − f0_i||²  ∈ [0, 4]              D_txt likewise with g
     thr_τ(D) = D if D ≤ τ else 0                              a constant 0 (no gradient) once D exceeds τ
     L_PAR  = L_CLIP − w · [ thr_τ(D_img) + thr_τ(D_txt) ]     w = 0.5, τ = 2.15 in the reference
+
+    L_CleanCLIP = λ1·L_CLIP(F, G) + λ2·½ [ CE(s·F F̃ᵀ, I) + CE(s·G G̃ᵀ, I) ]    F̃, G̃: augmented views of the same pairs
+    L_RoCLIP    = ½ [ CE(s·F Ĝᵀ, I) + CE(s·Ĝ Fᵀ, I) ]        Ĝ_i = the pooled caption nearest to f_i (no gradient)
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["clip_loss", "embedding_distance", "threshold", "par_loss", "PARLoss", "triplet_loss"]
+__all__ = ["clip_loss", "embedding_distance", "threshold", "par_loss", "PARLoss", "inmodal_loss", "cleanclip_loss",
+           "CleanCLIPLoss", "roclip_loss", "triplet_loss"]
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -93,6 +97,53 @@ def par_loss(
     pert = threshold(d_img, tau).mean() + threshold(d_txt, tau).mean()
     total = lc - weight * pert
     return PARLoss(total, lc, weight * pert, d_img.mean().detach(), d_txt.mean().detach())
+
+
+def inmodal_loss(a: torch.Tensor, a_aug: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """One-directional in-modal InfoNCE:  L = CE(s·A Ãᵀ, I): each plain view must pick its own augmented view among
+    the batch's augmented views. `a`, `a_aug`: [N, d] L2-normalised; CleanCLIP uses the transpose direction nowhere."""
+    logits = logit_scale * a.float() @ a_aug.float().t()
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+class CleanCLIPLoss(NamedTuple):
+    """The CleanCLIP loss and its parts (scalars): `clip` = L_CLIP on the plain views, `inmodal` = L_SS."""
+
+    total: torch.Tensor
+    clip: torch.Tensor
+    inmodal: torch.Tensor
+
+
+def cleanclip_loss(img: torch.Tensor, txt: torch.Tensor, img_aug: torch.Tensor, txt_aug: torch.Tensor,
+                   logit_scale: torch.Tensor | float, *, clip_weight: float = 1.0,
+                   inmodal_weight: float = 1.0) -> CleanCLIPLoss:
+    """L = λ1 · L_CLIP(F, G) + λ2 · L_SS,   L_SS = ½ [ CE(s·F F̃ᵀ, I) + CE(s·G G̃ᵀ, I) ]   (Bansal et al., 2023).
+
+    `img`, `txt`: the plain views F, G; `img_aug`, `txt_aug`: the augmented views F̃ (AutoAugment), G̃ (EDA) of the
+    same pairs; all [N, d], L2-normalised. One learned scale s serves every term; the augmented views never enter the
+    cross-modal term, and the in-modal term is one-directional (plain → augmented), as the reference computes it.
+    λ1 = `clip_weight`, λ2 = `inmodal_weight` (both 1 in the paper).
+    """
+    lc = clip_loss(img, txt, logit_scale)
+    ss = 0.5 * (inmodal_loss(img, img_aug, logit_scale) + inmodal_loss(txt, txt_aug, logit_scale))
+    return CleanCLIPLoss(clip_weight * lc + inmodal_weight * ss, lc, ss)
+
+
+def roclip_loss(img: torch.Tensor, nn_txt: torch.Tensor, logit_scale: torch.Tensor | float,
+                txt: torch.Tensor | None = None, nn_img: torch.Tensor | None = None) -> torch.Tensor:
+    """L = ½ [ CE(s·F Ĝᵀ, I) + CE(s·Ĝ Fᵀ, I) ]  with Ĝ_i the pooled caption embedding nearest to f_i (Yang et al.,
+    2023): each image is matched with its nearest pooled caption instead of its own, so a poisoned image–caption link
+    cannot be learned. `nn_txt` carries no gradient, so the text tower gets none from this term.
+
+    Bidirectional variant (arXiv v1), when `txt` and `nn_img` (the pooled image embedding nearest to each caption g_i)
+    are given:  L = ½ [ L_CLIP(F, Ĝ) + L_CLIP(F̂, G) ].
+    """
+    loss = clip_loss(img, nn_txt.detach(), logit_scale)
+    if nn_img is not None:
+        if txt is None:
+            raise ValueError("the bidirectional RoCLIP loss needs the caption embeddings `txt` with `nn_img`")
+        loss = 0.5 * (loss + clip_loss(nn_img.detach(), txt, logit_scale))
+    return loss
 
 
 def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,

@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 from parclip.config import TrainConfig
 from parclip.data import CaptionDataset, DataError
-from parclip.defences.augment import par_train_transform
+from parclip.defences import Embeddings, get_defence
+from parclip.defences.augment import train_transform
 from parclip.defences.schedule import lr_at
-from parclip.models import create_model, eval_transform, get_tokenizer, save_model
-from parclip.objectives import clip_loss, par_loss
+from parclip.models import create_model, get_tokenizer, save_model
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
 
@@ -55,18 +55,21 @@ def train(cfg: TrainConfig) -> Path:
     # ---- models: θ is trained, θ0 is a frozen copy of the starting (possibly poisoned) model ----
     model, preprocess = create_model(cfg.model, cfg.pretrained, device=info.device,
                                      force_quick_gelu=cfg.force_quick_gelu, allow_unsafe_load=cfg.allow_unsafe_load)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False) if cfg.objective == "par" else None
-    learn_scale = cfg.logit_scale == "learned" or (cfg.logit_scale == "auto" and cfg.objective == "clip")
+    defence = get_defence(cfg)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if defence.frozen_copy() else None
+    learn_scale = (cfg.logit_scale if cfg.logit_scale != "auto" else defence.logit_scale) == "learned"
     model.logit_scale.requires_grad_(learn_scale)
     tokenizer = get_tokenizer(cfg.model)
 
-    # ---- data ----
-    augment = cfg.augment if cfg.augment != "auto" else ("par" if cfg.objective == "par" else "none")
-    transform = (par_train_transform(preprocess, noise=cfg.noise, noise_sigma=cfg.noise_sigma) if augment == "par"
-                 else eval_transform(preprocess))
+    # ---- data: the plain view (with the defence's augmentation) and the defence's extra views ----
+    augment = cfg.augment if cfg.augment != "auto" else defence.augment
+    plain = train_transform(augment, preprocess, noise=cfg.noise, noise_sigma=cfg.noise_sigma)
+    extra = defence.image_views(preprocess)
     data = CaptionDataset(cfg.train_data, img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key,
-                          sep=cfg.csv_separator, root=cfg.data_root, transform=transform, tokenizer=tokenizer,
+                          sep=cfg.csv_separator, root=cfg.data_root, tokenizer=tokenizer,
+                          transform=_Views(plain, *extra) if extra else plain,
                           max_bad_fraction=cfg.max_bad_fraction, num_samples=cfg.train_num_samples)
+    data.captions, data.caption_views = defence.prepare_captions(data.captions)
     global_batch = cfg.batch_size * info.world_size
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:
@@ -89,6 +92,7 @@ def train(cfg: TrainConfig) -> Path:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        defence.load_state_dict(state.get("defence", {}))
         step = state["step"]
         if state.get("total_steps", total_steps) != total_steps:
             raise ValueError(f"{ckpt_path} was written for {state['total_steps']} steps but this configuration has "
@@ -110,30 +114,29 @@ def train(cfg: TrainConfig) -> Path:
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader = _loader(data, cfg, info, epoch, first_batch)
         model.train()
-        if cfg.bn_mode == "frozen" or (cfg.bn_mode == "auto" and cfg.objective == "par"):
+        if (cfg.bn_mode if cfg.bn_mode != "auto" else defence.bn_mode) == "frozen":
             for m in model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
         for images, texts, failed in loader:
             lr = lr_at(step, schedule=cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, lr=cfg.lr,
-                       lr_start=cfg.lr_start, lr_end=cfg.lr_end, warmup=cfg.warmup)
+                       lr_start=cfg.lr_start, lr_end=cfg.lr_end, warmup=cfg.warmup, warmup_steps=cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = images.to(info.device, non_blocking=True)
-            texts = texts.to(info.device, non_blocking=True)
+            n = failed.shape[0]  # pairs in this process's batch; views are stacked after the plain one
+            images = _stacked(images).to(info.device, non_blocking=True)
+            texts = _stacked(texts).to(info.device, non_blocking=True)
 
             with autocast:
-                img, txt, scale = ddp(images, texts)  # L2-normalised embeddings, exp(logit_scale)
-                img, txt = pdist.gather_with_grad(img), pdist.gather_with_grad(txt)
+                img, txt, scale = ddp(images, texts)  # L2-normalised embeddings of every view, exp(logit_scale)
+                batch = Embeddings(img=[pdist.gather_with_grad(v) for v in img.split(n)],
+                                   txt=[pdist.gather_with_grad(v) for v in txt.split(n)])
                 scale = scale if learn_scale else scale.detach()
                 if frozen is not None:
                     with torch.no_grad():
-                        img0, txt0, _ = frozen(images, texts)
-                    out = par_loss(img, txt, pdist.gather_with_grad(img0), pdist.gather_with_grad(txt0), scale,
-                                   tau=cfg.tau, weight=cfg.par_weight, per_sample=cfg.per_sample_threshold)
-                    loss = out.total
-                else:
-                    loss = clip_loss(img, txt, scale)
+                        img0, txt0, _ = frozen(images[:n], texts[:n])
+                    batch.img0, batch.txt0 = pdist.gather_with_grad(img0), pdist.gather_with_grad(txt0)
+                loss, parts = defence.loss(batch, scale, epoch=epoch)
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -148,7 +151,7 @@ def train(cfg: TrainConfig) -> Path:
             step += 1
 
             # bookkeeping: corrupt images, metrics, progress, checkpoints
-            seen += images.shape[0]
+            seen += n
             failed = failed[failed >= 0]
             bad += failed.numel()
             bad_examples += failed.tolist()[: max(0, 5 - len(bad_examples))]
@@ -157,17 +160,15 @@ def train(cfg: TrainConfig) -> Path:
                 metrics = {"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(),
                            "logit_scale": float(scale.detach()), "images_per_s":
                            (step - step0) * global_batch / max(time.time() - t0, 1e-9)}
-                if frozen is not None:
-                    metrics.update(clip_loss=out.clip.item(), perturb=out.perturb.item(),
-                                   dist_img=out.dist_img.item(), dist_txt=out.dist_txt.item())
+                metrics.update(parts)
                 if info.is_main:
                     with open(run_dir / "metrics.jsonl", "a") as fh:
                         fh.write(json.dumps(metrics) + "\n")
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update()
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info)
-        _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info)
+                _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence)
+        _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence)
     bar.close()
 
     _check_bad_rows(data, cfg, seen, bad, bad_examples, final=True)
@@ -190,6 +191,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+
+class _Views:
+    """PIL image -> (plain view, extra views...): the defence's image views of one sample, each its own transform."""
+
+    def __init__(self, *transforms):
+        self.transforms = transforms
+
+    def __call__(self, img):
+        return tuple(t(img) for t in self.transforms)
+
+
+def _stacked(x) -> torch.Tensor:
+    """A batch of one view [B, ...], or of several (a tuple of [B, ...]), as one tensor [V·B, ...], plain view first."""
+    return torch.cat(list(x)) if isinstance(x, (tuple, list)) else x
 
 
 class _SeededItems(Dataset):
@@ -254,12 +270,13 @@ def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
     return p
 
 
-def _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info) -> None:
+def _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence) -> None:
     """Atomic write of the training state (plain tensors and primitives only)."""
     if info.is_main:
         state = {"step": step, "total_steps": total_steps, "state_dict": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "config": dataclasses.asdict(cfg), "finished": step == total_steps}
+                 "config": dataclasses.asdict(cfg), "finished": step == total_steps,
+                 "defence": defence.state_dict()}
         atomic_write(run_dir / "checkpoints" / "latest.pt", lambda tmp: torch.save(state, tmp))
     pdist.barrier()
 

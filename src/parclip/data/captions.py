@@ -223,7 +223,9 @@ class CaptionDataset:
 
     ``__getitem__(i) -> (image, tokens, bad)``: ``image`` is ``transform(PIL RGB)`` (the PIL image when ``transform`` is
     None), ``tokens`` is ``tokenizer([caption])[0]`` (the caption string when ``tokenizer`` is None), and ``bad`` is -1,
-    or ``i`` when row i failed to decode and the next decodable row was returned in its place.
+    or ``i`` when row i failed to decode and the next decodable row was returned in its place. When
+    ``caption_views`` (extra caption lists aligned with ``captions``, e.g. EDA twins) is set, ``tokens`` is a tuple:
+    the caption's tokens, then each view's. ``captions`` may be replaced after construction (same length).
 
     ``num_samples`` keeps exactly that many usable rows: the first ones (``subset="first"``) or a random subset drawn
     with ``seed`` (``subset="random"``, returned in table order). Bad rows met on the way are reported and replaced by
@@ -315,6 +317,7 @@ class CaptionDataset:
         self.lines = [lines[j] for j in self.rows]  # line number of each sample in the table (header = line 1)
         self.paths = [p for _, p, _ in kept]
         self.captions = [c for _, _, c in kept]
+        self.caption_views: list[list[str]] = []  # extra caption lists aligned with `captions` (e.g. EDA twins)
         self._failed: set[int] = set()
         self._make_cache()
 
@@ -336,6 +339,13 @@ class CaptionDataset:
         """Tokens of caption i (the caption string when there is no tokenizer)."""
         c = self.captions[i]
         return self._tokenize(c) if self._tokenize is not None else c
+
+    def _caption_item(self, j: int):
+        """Tokens of caption j, or, with caption views, a tuple: the caption's tokens, then each view's."""
+        if not self.caption_views:
+            return self.tokens(j)
+        views = [v[j] for v in self.caption_views]
+        return (self.tokens(j), *(self._tokenize(c) if self._tokenize is not None else c for c in views))
 
     # -- images -----------------------------------------------------------------------------------------------------
     def load_image(self, i: int) -> Image.Image:
@@ -367,7 +377,7 @@ class CaptionDataset:
                     logger.warning("%s; using the next row instead", e)
                 continue
             image = self.transform(img) if self.transform is not None else img
-            return image, self.tokens(j), bad
+            return image, self._caption_item(j), bad
         raise DataError(f"no image of {self.path} can be decoded (tried all {n})")
 
     def __repr__(self) -> str:

@@ -18,9 +18,10 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from parclip.models import image_size
+from parclip.models import eval_transform, image_size
 
-__all__ = ["one_sided_gaussian_noise", "gaussian_noise", "NOISES", "par_train_transform", "AUGMENTATIONS"]
+__all__ = ["one_sided_gaussian_noise", "gaussian_noise", "NOISES", "par_train_transform", "AUGMENTATIONS",
+           "autoaugment_view", "roclip_train_transform", "train_transform"]
 
 
 def one_sided_gaussian_noise(x: torch.Tensor, sigma: float = 0.2, generator: torch.Generator | None = None):
@@ -52,7 +53,7 @@ class _Noise(torch.nn.Module):
         return f"{self.kind}_gaussian_noise(sigma={self.sigma})"
 
 
-AUGMENTATIONS = ("none", "par")
+AUGMENTATIONS = ("none", "par", "roclip")
 
 
 def par_train_transform(preprocess_cfg: dict, *, noise: str = "one_sided", noise_sigma: float = 0.2,
@@ -73,3 +74,46 @@ def par_train_transform(preprocess_cfg: dict, *, noise: str = "one_sided", noise
         T.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"]),
         T.RandomErasing(p=erase_p, scale=tuple(erase_scale), ratio=(1.0, 1.0), value=0),
     ])
+
+
+def _interpolation(preprocess_cfg: dict) -> InterpolationMode:
+    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}.get(
+        preprocess_cfg.get("interpolation", "bicubic"), InterpolationMode.BICUBIC)
+
+
+def autoaugment_view(preprocess_cfg: dict) -> T.Compose:
+    """CleanCLIP's augmented image view: torchvision's AutoAugment (ImageNet policy, a fresh draw each call) on the raw
+    RGB image *before* the model's preprocessing (resize, center crop, normalize)."""
+    return T.Compose([T.Lambda(lambda im: im.convert("RGB")), T.AutoAugment(T.AutoAugmentPolicy.IMAGENET),
+                      eval_transform(preprocess_cfg)])
+
+
+def roclip_train_transform(preprocess_cfg: dict) -> T.Compose:
+    """RoCLIP's cross-augmentation (it replaces the plain view in every epoch):
+        RandomResizedCrop(S, scale (0.08, 1)), horizontal flip p 0.5, ColorJitter(0.5, 0.5, 0.5, 0.1) with p 0.8,
+        grayscale p 0.2, GaussianBlur(kernel k, σ ∈ [0.1, 2]) always, then ToTensor and Normalize.
+    The reference's kernel is 21 px at 224; here k = the odd number nearest 21·S/224 (at least 3), so the blur means the
+    same at every resolution (at 224, k = 21 as in the reference)."""
+    size = image_size(preprocess_cfg)
+    k = max(3, int(round(21 * size / 224)) | 1)
+    return T.Compose([
+        T.Lambda(lambda im: im.convert("RGB")),
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=_interpolation(preprocess_cfg)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.5, 0.5, 0.5, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.GaussianBlur(k, sigma=(0.1, 2.0)),
+        T.ToTensor(),
+        T.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"]),
+    ])
+
+
+def train_transform(augment: str, preprocess_cfg: dict, *, noise: str = "one_sided", noise_sigma: float = 0.2):
+    """The plain view's transform for `augment` in AUGMENTATIONS: none (the model's eval transform), par, roclip."""
+    if augment == "par":
+        return par_train_transform(preprocess_cfg, noise=noise, noise_sigma=noise_sigma)
+    if augment == "roclip":
+        return roclip_train_transform(preprocess_cfg)
+    if augment == "none":
+        return eval_transform(preprocess_cfg)
+    raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")

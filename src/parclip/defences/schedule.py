@@ -56,14 +56,16 @@ SCHEDULES = ("reference", "cosine", "constant")
 
 
 def lr_at(step: int, *, schedule: str, steps_per_epoch: int, epochs: int, lr: float, lr_start: float, lr_end: float,
-          warmup: float) -> float:
-    """Dispatch on the schedule name. `warmup` is a fraction of training for "reference" and "cosine"."""
+          warmup: float, warmup_steps: int | None = None) -> float:
+    """Dispatch on the schedule name. `warmup` is a fraction of training for "reference" and "cosine";
+    `warmup_steps`, when given, sets the cosine schedule's warm-up in steps instead (CleanCLIP's 50 steps)."""
     if schedule == "reference":
         return reference_lr(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr_start=lr_start, lr_peak=lr,
                             lr_end=lr_end, warmup_frac=warmup)
     if schedule == "cosine":
         total = steps_per_epoch * epochs
-        return cosine_lr(step, total_steps=total, lr_peak=lr, warmup_steps=int(warmup * total), lr_end=lr_end)
+        warm = int(warmup * total) if warmup_steps is None else min(int(warmup_steps), total)
+        return cosine_lr(step, total_steps=total, lr_peak=lr, warmup_steps=warm, lr_end=lr_end)
     if schedule == "constant":
         return lr
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
