@@ -132,17 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_table_args(p)
 
     # train
-    p = sub.add_parser("train", help="fine-tune a CLIP: --objective par (clean) or clip (plain / plant a backdoor)",
-                       description="One training loop for PAR cleaning and plain CLIP training.\n\n"
-                       "Options come from defaults < --config YAML < flags (YAML keys are the flag names). The\n"
-                       "defaults are PAR's reference settings; with --objective clip the lr, schedule and weight\n"
-                       "decay defaults become open_clip-style (lr 5e-4, cosine, 5% warm-up, wd 0.1).\n"
+    p = sub.add_parser("train", help="fine-tune a CLIP: --objective par|cleanclip|roclip (clean) or clip (plain / plant)",
+                       description="One training loop for every defence (PAR, CleanCLIP, RoCLIP) and plain CLIP training.\n\n"
+                       "Options come from defaults < the defence's recipe < --preset < --config YAML < flags (YAML\n"
+                       "keys are the flag names). The defaults are PAR's reference settings; --objective cleanclip,\n"
+                       "roclip and clip bring their own recipes (`parclip defences list` prints them).\n"
                        "Multi-GPU / multi-node: launch with torchrun or srun. Re-running with the same --name resumes.",
                        epilog="""examples:
   # PAR on one GPU or CPU
   parclip train --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv --name par1
   # the same on 8 GPUs (global batch 8 x 512), then resume it after a crash with the same command
   torchrun --nproc_per_node 8 -m parclip train --config par.yaml --name par8
+  # the baselines: CleanCLIP with its recipe, RoCLIP
+  parclip train --objective cleanclip --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv
+  parclip train --objective roclip --roclip-every 2 --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv
   # plain CLIP fine-tuning baseline / plant a backdoor on a poisoned table
   parclip train --objective clip --model RN50-quickgelu --pretrained clean.pt --train-data poisoned/poisoned.csv
 """, formatter_class=argparse.RawDescriptionHelpFormatter)
