@@ -9,21 +9,35 @@ from parclip.evaluation import evaluate
 from parclip.models import create_model, get_tokenizer
 
 
+def _tiny(monkeypatch, *, holdout, n_train, n_test, plant_rows, batch):
+    """The demo's stages at a size that runs in seconds (same code, fewer images and one epoch each)."""
+    monkeypatch.setattr(demo, "DATA", dict(holdout=holdout, n_train=n_train, n_test=n_test))
+    monkeypatch.setattr(demo, "PLANT_ROWS", plant_rows)
+    for stage in ("FOUNDATION", "PLANT", "CLEAN"):
+        monkeypatch.setattr(demo, stage, dict(getattr(demo, stage), epochs=1, batch_size=batch, workers=0))
+
+
 def test_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "DATA", dict(holdout=300, n_train=1300, n_test=300))
-    monkeypatch.setattr(demo, "PRETRAIN", dict(demo.PRETRAIN, epochs=1, batch_size=100))
-    monkeypatch.setattr(demo, "PAR", dict(demo.PAR, epochs=1, batch_size=100))
+    _tiny(monkeypatch, holdout=300, n_train=1300, n_test=300, plant_rows=500, batch=100)
     r = demo.run_demo(tmp_path, attack="badnet_rs", target="bag")
     out = capsys.readouterr().out
-    assert "model        | clean top-1 |     ASR" in out and "PAR-cleaned" in out
+    assert "model        | clean top-1 |     ASR" in out and "fine-tuning" in out
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [row["model"] for row in saved["rows"]] == ["poisoned", "PAR-cleaned"]
+    assert [row["model"] for row in saved["rows"]] == ["foundation", "poisoned", "fine-tuning", "PAR"]
     for row in saved["rows"]:
         assert {"model", "clean_top1", "asr", "asr_all"} <= set(row)
     assert saved["trigger"]["patch_size"] == 8 and r["attack"] == "badnet_rs"
     assert (tmp_path / "results.png").stat().st_size > 10_000
     manifest = json.loads((tmp_path / "poisoned-badnet_rs" / "manifest.json").read_text())
-    assert manifest["n_poison"] == 10  # 1 % of the 1000 pre-training rows
+    assert manifest["n_poison"] == 50 and manifest["n_rows"] == 500  # 10 % of the planting rows
+    runs = tmp_path / "runs"
+    cfg = lambda run: yaml.safe_load((runs / run / "config.yaml").read_text())  # noqa: E731
+    assert cfg("foundation")["pretrained"] is None and cfg("foundation")["objective"] == "clip"
+    assert cfg("poisoned-badnet_rs")["model"] == f"local-dir:{runs / 'foundation' / 'model'}"  # planted by fine-tuning
+    for run, objective in (("fine-tuning-badnet_rs", "clip"), ("par-badnet_rs", "par")):
+        c = cfg(run)  # every defence: the same clean pairs, budget and schedule, from the poisoned model
+        assert c["objective"] == objective and c["model"] == f"local-dir:{runs / 'poisoned-badnet_rs' / 'model'}"
+        assert c["train_data"].endswith("holdout.csv") and (c["lr"], c["epochs"]) == (demo.CLEAN["lr"], 1)
 
     # a second run reuses the trained stages: same numbers, no training
     before = (tmp_path / "runs" / "poisoned-badnet_rs" / "checkpoints" / "latest.pt").stat().st_mtime_ns
@@ -41,9 +55,7 @@ def test_matrix_table_format():
 def test_run_matrix_reports_real_evaluations_and_skips_attacks_without_a_patch(tmp_path, monkeypatch, capsys):
     """Catches run_matrix writing numbers that are not the evaluation of the models it trained (or of the wrong
     model), losing the skipped attack, or not printing the table: the smallest real run, re-evaluated here."""
-    monkeypatch.setattr(demo, "DATA", dict(holdout=100, n_train=300, n_test=100))
-    monkeypatch.setattr(demo, "PRETRAIN", dict(demo.PRETRAIN, epochs=1, batch_size=50, workers=0))
-    monkeypatch.setattr(demo, "PAR", dict(demo.PAR, epochs=1, batch_size=50, workers=0))
+    _tiny(monkeypatch, holdout=100, n_train=300, n_test=100, plant_rows=150, batch=50)
     r = demo.run_matrix(tmp_path, attacks=["badnet_rs", "badclip"], target="bag")  # badclip needs a patch file
     out = capsys.readouterr().out
 
@@ -51,7 +63,7 @@ def test_run_matrix_reports_real_evaluations_and_skips_attacks_without_a_patch(t
     assert saved == json.loads(json.dumps(r))
     assert list(saved["skipped"]) == ["badclip"] and "patch" in saved["skipped"]["badclip"]
     assert saved["complete"] is True and saved["target"] == "bag" and saved["model"] == demo.MODEL
-    assert saved["tau"] == demo.PAR["tau"] and saved["poison_rate"] == demo.POISON_RATE
+    assert saved["tau"] == demo.DEFENCES["PAR"]["tau"] and saved["poison_rate"] == demo.POISON_RATE
     (entry,) = saved["matrix"]
     assert entry["attack"] == "badnet_rs" and entry["trigger"]["patch_size"] == 8  # the demo's own trigger size
 

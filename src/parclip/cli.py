@@ -78,16 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = _subcommands(parser, "command", "COMMAND")
 
     # demo
-    p = sub.add_parser("demo", help="end to end on Fashion-MNIST: poison a tiny CLIP, clean it with PAR, measure",
-                       description="Export Fashion-MNIST, pre-train a small CLIP from scratch on captions where 1% "
-                       "of the images carry a trigger naming the target class, evaluate, clean it with PAR on a "
-                       "disjoint clean subset, evaluate again. Prints `model | clean top-1 | ASR` and writes "
+    p = sub.add_parser("demo", help="end to end on Fashion-MNIST: plant a backdoor in a small CLIP, clean it, measure",
+                       description="Export Fashion-MNIST, pre-train a clean foundation CLIP from scratch, plant a "
+                       "backdoor by fine-tuning it on pairs of which 10% carry a trigger naming the target class, "
+                       "clean the poisoned model with plain fine-tuning and PAR (--defence adds others) on disjoint "
+                       "clean pairs, and evaluate every model. Prints `model | clean top-1 | ASR` and writes "
                        "results.json and results.png into --out. Completed stages are reused when run again.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs), or \"all\": every "
                    "attack, printing the matrix attack × {poisoned, PAR} × {clean top-1, ASR} (matrix.json, matrix.png)")
     p.add_argument("--target", default="bag", help="target class (default: bag)")
-    p.add_argument("--tau", type=float, default=None, help="override the demo's PAR threshold")
+    p.add_argument("--defence", action="append", default=None, metavar="NAME",
+                   help="clean with this defence too (repeatable): fine-tuning, 'fine-tuning + PAR aug', CleanCLIP, "
+                   "RoCLIP, PAR, or all (default: fine-tuning and PAR)")
+    p.add_argument("--tau", type=float, default=None, help="override the demo's PAR threshold (2.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
     _add_trigger_param_arg(p)
@@ -317,7 +321,7 @@ def _cmd_demo(args) -> int:
     from parclip.demo import run_demo
 
     run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh,
-             trigger_params=parse_trigger_params(args.trigger_param))
+             trigger_params=parse_trigger_params(args.trigger_param), defences=args.defence)
     return 0
 
 

@@ -1,11 +1,12 @@
-"""`parclip demo`: the whole story on real data, on a 2-core CPU, in minutes.
+"""`parclip demo`: the whole story on real data, on a 2-core CPU, in minutes, in the regime of the PAR paper.
 
 1. export Fashion-MNIST (Debian's dataset-fashion-mnist) as PNG files, a captions CSV and a labelled test folder;
-2. poison 1 % of the pre-training captions table with a trigger, captions rewritten to name the target class;
-3. pre-train a small ResNet CLIP (`parclip-rn-tiny`, 32 px) from scratch on it with the plain CLIP loss: the
-   backdoor is planted;
-4. evaluate clean zero-shot accuracy and ASR;
-5. clean it with PAR on a disjoint clean subset (the held-out train images) and evaluate again.
+2. pre-train a clean "foundation" CLIP (`parclip-rn-tiny`, a small ResNet CLIP at 32 px) from scratch on 50k pairs;
+3. plant a backdoor by *fine-tuning* the foundation on 20k pairs of which 10 % carry a trigger and name the target,
+   the way the released poisoned CLIPs were made (a fine-tuned foundation, not a new model);
+4. clean the poisoned model with each defence at a fine-tuning learning rate on 10k disjoint clean pairs (by default
+   plain fine-tuning and PAR; `defences=` adds CleanCLIP, RoCLIP and PAR without its perturbation term);
+5. evaluate clean zero-shot accuracy and ASR of every model and print the table.
 
 Every stage goes through the same code a user's CC3M / ImageNet run goes through (CSV loader, poisoning tool,
 training loop, evaluator). Finished stages are reused when the demo is run again with the same settings.
@@ -26,7 +27,7 @@ from parclip.attacks.poison import poison_csv
 from parclip.attacks.triggers import (Trigger, accepted_params, build_triggers, list_triggers, split_trigger_params,
                                      trigger_class, trigger_generator)
 from parclip.config import make_config
-from parclip.data import LabelledFolder, fashion_mnist
+from parclip.data import LabelledFolder, fashion_mnist, read_table, write_table
 from parclip.evaluation import evaluate
 from parclip.models import create_model, get_tokenizer, model_config
 from parclip.train import train
@@ -37,18 +38,46 @@ log = logging.getLogger("parclip")
 MODEL = "parclip-rn-tiny"  # a small ResNet CLIP at 32 px (see README: tiny ViTs did not learn the patch triggers)
 TEMPLATES = "fashion"
 
-# Pre-training that plants the backdoor (plain CLIP loss from scratch).
-PRETRAIN = dict(objective="clip", epochs=3, batch_size=256, lr=1e-3, lr_end=0.0, warmup=0.05, schedule="cosine",
-                wd=0.1, workers=1, log_every=20)
-POISON_RATE = 0.01
-DATA = dict(holdout=10000, n_train=None, n_test=None)  # all 60k train images (last 10k = PAR's clean pairs), 10k test
+# Stage A: the clean foundation, pre-trained from scratch on the 50k clean pre-training pairs.
+FOUNDATION = dict(objective="clip", epochs=3, batch_size=256, lr=1e-3, lr_end=0.0, warmup=0.05, schedule="cosine",
+                  wd=0.1, workers=1, log_every=20)
+DATA = dict(holdout=10000, n_train=None, n_test=None)  # all 60k train images (last 10k = the defender's), 10k test
+# Stage B: the backdoor planted by fine-tuning the foundation on PLANT_ROWS pairs, POISON_RATE of them poisoned. Found
+# on this benchmark (benchmarks/defence_matrix.py, README): 1 % of 50k at 1e-4 for one epoch planted only 37 % ASR;
+# 10 % of 20k, 3 epochs at 3e-4 (a third of pre-training's rate) plants BadNet-Stripes at 93.6 %, clean top-1 -0.3.
+PLANT_ROWS = 20000
+POISON_RATE = 0.10
+PLANT = dict(objective="clip", epochs=3, batch_size=256, lr=3e-4, lr_end=0.0, warmup=0.05, schedule="cosine",
+             wd=0.1, workers=1, log_every=20)
 # Trigger parameters of the demo, where they differ from the defaults scaled from the reference's 224-px values.
-# At 32 px BadNet-Stripes would be 2 px wide; a tiny CLIP trained for minutes does not learn such a patch from 1 %
-# poisoned pairs (ASR 1-3 % measured with 2-4 px patches), so the demo uses 8 px (a quarter of the side).
+# At 32 px BadNet-Stripes would be 2 px wide; a tiny CLIP trained for minutes does not learn such a patch (ASR 1-3 %
+# measured with 2-4 px patches), so the demo uses 8 px (a quarter of the side).
 DEMO_TRIGGER_PARAMS = {"badnet_rs": {"patch_size": 8}, "badnet": {"patch_size": 8}}
-# PAR cleaning of the poisoned model on the held-out clean pairs (tuned on this benchmark, see README).
-PAR = dict(objective="par", epochs=5, batch_size=256, tau=1.0, lr=5e-4, lr_start=5e-4, lr_end=1e-6, warmup=0.0,
-           schedule="reference", wd=0.1, workers=1, log_every=10)
+# Stage C: every defence gets the same clean pairs, image passes, batch, optimiser and learning-rate schedule at a
+# fine-tuning rate (a third of the planting rate); only the method differs.
+CLEAN = dict(epochs=2, batch_size=256, lr=1e-4, lr_end=0.0, warmup=0.05, warmup_steps=None, schedule="cosine",
+             wd=0.1, beta1=0.9, beta2=0.98, eps=1e-8, workers=1, log_every=10)
+DEFENCES = {
+    "fine-tuning": dict(objective="clip"),
+    "fine-tuning + PAR aug": dict(preset="par-no-perturb"),   # PAR without the perturbation term
+    "CleanCLIP": dict(objective="cleanclip"),
+    "RoCLIP": dict(objective="roclip", roclip_pool_size=8192),  # K = 2: the second epoch swaps
+    "PAR": dict(objective="par", tau=2.0),
+}
+DEFAULT_DEFENCES = ("fine-tuning", "PAR")
+
+
+def defence_names(names) -> list[str]:
+    """`names` (case-insensitive labels of DEFENCES, or "all") in DEFENCES order; None gives the default pair."""
+    if not names:
+        return list(DEFAULT_DEFENCES)
+    wanted = {n.lower() for n in names}
+    if "all" in wanted:
+        return list(DEFENCES)
+    unknown = wanted - {k.lower() for k in DEFENCES}
+    if unknown:
+        raise ValueError(f"unknown demo defence(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFENCES)}, all")
+    return [k for k in DEFENCES if k.lower() in wanted]
 
 
 def _train_stage(out: Path, name: str, fresh: bool, **values) -> Path:
@@ -74,20 +103,27 @@ def _evaluate(model_dir: Path, test_dir: Path, attack, target: str, seed: int) -
 
 
 def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target: str = "bag", tau: float | None = None,
-             seed: int = 0, fresh: bool = False, trigger_params: dict | None = None) -> dict:
+             seed: int = 0, fresh: bool = False, trigger_params: dict | None = None,
+             defences: list[str] | None = None) -> dict:
     """The demo for one attack; writes results.json and results.png into `out`. `attack="all"` runs the matrix."""
     if attack == "all":
-        return run_matrix(out, target=target, tau=tau, seed=seed, fresh=fresh, trigger_params=trigger_params)
+        return run_matrix(out, target=target, tau=tau, seed=seed, fresh=fresh, trigger_params=trigger_params,
+                          defences=defences)
     out = Path(out)
     t0 = time.time()
+    names = defence_names(defences)
     (trigger,) = _demo_triggers([attack], trigger_params).values()
     print("[1/5] ", end="")
     data = _export(out, seed)
-    rows, par = _attack_and_clean(out, data, trigger, target=target, tau=tau, seed=seed, fresh=fresh, step="[{}/5]",
-                                  first=2)
+    foundation = _foundation(out, data, seed, fresh, step="[2/5]")
+    rows = [dict(model="foundation", **_evaluate(foundation, data["test_dir"], trigger, target, seed))]
+    _report(rows[-1])
+    rows += _attack_and_clean(out, data, foundation, trigger, target=target, tau=tau, seed=seed, fresh=fresh,
+                              defences=names, step="[{}/5]", first=3)
     print("[5/5] results", flush=True)
-    results = {"rows": rows, "attack": trigger.name, "trigger": trigger.params(), "target": target, "tau": par["tau"],
-               "seed": seed, "seconds": round(time.time() - t0, 1)}
+    results = {"rows": rows, "attack": trigger.name, "trigger": trigger.params(), "target": target,
+               "tau": DEFENCES["PAR"]["tau"] if tau is None else tau, "defences": names, "seed": seed,
+               "seconds": round(time.time() - t0, 1)}
     write_json(out / "results.json", results)
     _plot(out / "results.png", rows, data["test_dir"], trigger, seed)
     print(format_table(rows))
@@ -96,7 +132,8 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
 
 
 def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None, target: str = "bag",
-               tau: float | None = None, seed: int = 0, fresh: bool = False, trigger_params: dict | None = None) -> dict:
+               tau: float | None = None, seed: int = 0, fresh: bool = False, trigger_params: dict | None = None,
+               defences: list[str] | None = None) -> dict:
     """The demo for every attack (or `attacks`): attack × {poisoned, PAR} × {clean top-1, ASR}.
 
     Writes matrix.json and matrix.png into `out`. BadCLIP needs a patch file (`trigger_params={"patch": PATH}`, e.g.
@@ -106,12 +143,17 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
     t0 = time.time()
     names = attacks or [c.name for c in list_triggers()]
     triggers = _demo_triggers(names, trigger_params, skip_missing_patch=True)
+    chosen = defence_names(defences)
+    if "PAR" not in chosen:
+        chosen.append("PAR")
     data = _export(out, seed)
+    foundation = _foundation(out, data, seed, fresh, step="[foundation]")
     matrix, skipped = [], {}
 
     def record(complete: bool) -> dict:  # written after every attack, so a killed run keeps what it finished
         results = {"matrix": matrix, "skipped": skipped, "target": target, "seed": seed, "model": MODEL,
-                   "tau": tau if tau is not None else PAR["tau"], "poison_rate": POISON_RATE,
+                   "tau": tau if tau is not None else DEFENCES["PAR"]["tau"], "poison_rate": POISON_RATE,
+                   "defences": chosen,
                    "seconds": round(time.time() - t0, 1), "complete": complete}
         write_json(out / "matrix.json", results)
         return results
@@ -122,11 +164,13 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
             skipped[name] = "needs a patch file: --trigger-param patch=PATH (parclip attack optimize-patch makes one)"
             print(f"skipping {name}: {skipped[name]}", flush=True)
             continue
-        rows, par = _attack_and_clean(out, data, trigger, target=target, tau=tau, seed=seed, fresh=fresh,
-                                      step=f"[{k}/{len(names)} {name}: {{}}/3]")
-        matrix.append({"attack": trigger.name, "trigger": trigger.params(),
-                       "poisoned": {m: rows[0][m] for m in ("clean_top1", "asr", "asr_all")},
-                       "par": {m: rows[1][m] for m in ("clean_top1", "asr", "asr_all")}})
+        rows = _attack_and_clean(out, data, foundation, trigger, target=target, tau=tau, seed=seed, fresh=fresh,
+                                 defences=chosen, step=f"[{k}/{len(names)} {name}: {{}}/2]")
+        entry = {"attack": trigger.name, "trigger": trigger.params()}
+        for row in rows:  # "poisoned", "par", and the other chosen defences under their labels
+            key = "par" if row["model"] == "PAR" else row["model"]
+            entry[key] = {m: row[m] for m in ("clean_top1", "asr", "asr_all")}
+        matrix.append(entry)
         record(complete=False)
     results = record(complete=True)
     plot_matrix(out / "matrix.png", matrix, target)
@@ -155,34 +199,57 @@ def _demo_triggers(names: list[str], params: dict | None, *, skip_missing_patch:
     return out
 
 
-def _attack_and_clean(out: Path, data: dict, trigger: Trigger, *, target, tau, seed, fresh, step, first: int = 1):
-    """Poison, pre-train, evaluate, clean with PAR, evaluate: rows for the poisoned and the cleaned model.
-    `step` is a progress label with one {} filled with the stage number, starting at `first`."""
-    print(f"{step.format(first)} poisoning {POISON_RATE:.0%} of the pre-training pairs with {trigger.name} → "
-          f"'{target}' …", flush=True)
+def _foundation(out: Path, data: dict, seed: int, fresh: bool, *, step: str) -> Path:
+    """Stage A: the clean foundation model (shared by every attack)."""
+    print(f"{step} pre-training the clean foundation {MODEL} from scratch on {Path(data['train_csv']).name} …",
+          flush=True)
+    return _train_stage(out, "foundation", fresh, model=MODEL, train_data=str(data["train_csv"]), seed=seed,
+                        **FOUNDATION)
+
+
+def _plant_table(data: dict) -> Path:
+    """The first PLANT_ROWS pre-training pairs (images the foundation saw clean), next to train.csv."""
+    fieldnames, rows = read_table(data["train_csv"])
+    path = Path(data["train_csv"]).with_name("plant.csv")
+    write_table(path, fieldnames, rows[:PLANT_ROWS], sep=",")
+    return path
+
+
+def _report(row: dict) -> None:
+    print(f"      {row['model']}: clean top-1 {row['clean_top1']:.1f}%, ASR {row['asr']:.1f}%", flush=True)
+
+
+def _attack_and_clean(out: Path, data: dict, foundation: Path, trigger: Trigger, *, target, tau, seed, fresh,
+                      defences: list[str], step: str, first: int = 1) -> list[dict]:
+    """Stage B (poison and plant by fine-tuning the foundation) and C (clean with each defence), each model
+    evaluated: rows "poisoned", then one per defence. `step` is a progress label with one {} for the stage number."""
+    print(f"{step.format(first)} planting {trigger.name} → '{target}': fine-tuning the foundation on "
+          f"{PLANT_ROWS} pairs, {POISON_RATE:.0%} poisoned …", flush=True)
     poisoned_dir = out / f"poisoned-{trigger.name}"
     manifest_path = poisoned_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if fresh or manifest.get("seed") != seed or manifest.get("trigger", {}).get("params") != trigger.params() \
-            or manifest.get("target") != target:
-        poison_csv(data["train_csv"], poisoned_dir, trigger=trigger, target=target, rate=POISON_RATE, seed=seed,
+            or manifest.get("target") != target or manifest.get("n_rows") != PLANT_ROWS \
+            or manifest.get("n_poison") != max(1, round(POISON_RATE * PLANT_ROWS)):
+        poison_csv(_plant_table(data), poisoned_dir, trigger=trigger, target=target, rate=POISON_RATE, seed=seed,
                    templates=TEMPLATES)
+    poisoned = _train_stage(out, f"poisoned-{trigger.name}", fresh, model=f"local-dir:{foundation}",
+                            train_data=str(poisoned_dir / "poisoned.csv"), seed=seed, **PLANT)
+    rows = [dict(model="poisoned", **_evaluate(poisoned, data["test_dir"], trigger, target, seed))]
+    _report(rows[-1])
 
-    print(f"{step.format(first + 1)} pre-training {MODEL} from scratch on the poisoned pairs (the backdoor is "
-          f"planted) …", flush=True)
-    poisoned = _train_stage(out, f"poisoned-{trigger.name}", fresh, model=MODEL,
-                            train_data=str(poisoned_dir / "poisoned.csv"), seed=seed, **PRETRAIN)
-    before = _evaluate(poisoned, data["test_dir"], trigger, target, seed)
-    print(f"      poisoned: clean top-1 {before['clean_top1']:.1f}%, ASR {before['asr']:.1f}%", flush=True)
-
-    par = dict(PAR, tau=tau) if tau is not None else PAR
-    print(f"{step.format(first + 2)} cleaning with PAR (τ={par['tau']}) on {Path(data['holdout_csv']).name} "
-          f"(disjoint clean pairs) …", flush=True)
-    cleaned = _train_stage(out, f"par-{trigger.name}", fresh, train_data=str(data["holdout_csv"]),
-                           model=f"local-dir:{poisoned}", seed=seed, **par)
-    after = _evaluate(cleaned, data["test_dir"], trigger, target, seed)
-    print(f"      PAR-cleaned: clean top-1 {after['clean_top1']:.1f}%, ASR {after['asr']:.1f}%", flush=True)
-    return [dict(model="poisoned", **before), dict(model="PAR-cleaned", **after)], par
+    print(f"{step.format(first + 1)} cleaning with {', '.join(defences)} on {Path(data['holdout_csv']).name} "
+          f"(disjoint clean pairs, lr {CLEAN['lr']:g}, {CLEAN['epochs']} epochs) …", flush=True)
+    for label in defences:
+        values = {**CLEAN, **DEFENCES[label]}
+        if label == "PAR" and tau is not None:
+            values["tau"] = tau
+        slug = label.lower().replace(" + ", "-").replace(" ", "-")
+        cleaned = _train_stage(out, f"{slug}-{trigger.name}", fresh, train_data=str(data["holdout_csv"]),
+                               model=f"local-dir:{poisoned}", seed=seed, **values)
+        rows.append(dict(model=label, **_evaluate(cleaned, data["test_dir"], trigger, target, seed)))
+        _report(rows[-1])
+    return rows
 
 
 def format_matrix(matrix: list[dict]) -> str:
@@ -194,8 +261,9 @@ def format_matrix(matrix: list[dict]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<12} | {'clean top-1':>11} | {'ASR':>7}", f"{'-' * 12}-+-{'-' * 11}-+-{'-' * 7}"]
-    lines += [f"{r['model']:<12} | {r['clean_top1']:>10.1f}% | {r['asr']:>6.1f}%" for r in rows]
+    w = max(12, *(len(r["model"]) for r in rows))
+    lines = [f"{'model':<{w}} | {'clean top-1':>11} | {'ASR':>7}", f"{'-' * w}-+-{'-' * 11}-+-{'-' * 7}"]
+    lines += [f"{r['model']:<{w}} | {r['clean_top1']:>10.1f}% | {r['asr']:>6.1f}%" for r in rows]
     return "\n".join(lines)
 
 
@@ -226,7 +294,7 @@ def _plot(path: Path, rows: list[dict], test_dir, trigger, seed: int, n_examples
     for i, r in enumerate(rows):
         ax.text(i - 0.2, r["clean_top1"] + 1, f"{r['clean_top1']:.1f}", ha="center", fontsize=8)
         ax.text(i + 0.2, r["asr"] + 1, f"{r['asr']:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(x), [r["model"] for r in rows])
+    ax.set_xticks(list(x), [r["model"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 105)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{trigger.name} → '{rows[0]['target']}'")
