@@ -70,8 +70,11 @@ PLANT = dict(n_pairs=20000, rate=0.10,
                         schedule="cosine", wd=0.1))
 # Trigger parameters where they differ from the defaults scaled from 224 px: 8-px patches (a 2-px BadNet patch is
 # not learned by a tiny CLIP at all, see README), and the same 8-px side for the optimised BadCLIP patch.
-TRIGGER_PARAMS = {"badnet_rs": {"patch_size": 8}, "badnet": {"patch_size": 8}}
-BADCLIP_PATCH = dict(steps=300, batch_size=64, patch_size=8, lr=1e-2)  # PatchConfig overrides; declared step count
+PATCH_SIDE = 8
+TRIGGER_PARAMS = {"badnet_rs": {"patch_size": PATCH_SIDE}, "badnet": {"patch_size": PATCH_SIDE},
+                  "badclip": {"patch_size": PATCH_SIDE}}  # badclip also gets patch=<the optimised PNG>
+# PatchConfig overrides: a declared, small step count (the reference ran 7 800 steps at lr 1e-3 on a ViT-B/32)
+BADCLIP_PATCH = dict(steps=300, batch_size=64, patch_size=PATCH_SIDE, lr=1e-2)
 # ---- C: cleaning ----
 CLEAN = dict(epochs=2, batch_size=256, schedule="cosine", warmup=0.05, warmup_steps=None, lr_end=0.0, wd=1e-4,
              beta1=0.9, beta2=0.98, eps=1e-8, bn_mode="frozen", logit_scale="frozen")  # the same for every defence
@@ -190,7 +193,7 @@ def run_training(cfg) -> Path:
 
 def make_trigger(attack: str, patch: str | None = None):
     from parclip.attacks.triggers import build_triggers
-    params = dict(TRIGGER_PARAMS.get(attack, {}), **({"patch": patch} if patch else {}))
+    params = dict(TRIGGER_PARAMS.get(attack, {}), **({"patch": patch} if attack == "badclip" else {}))
     (trigger,) = build_triggers([attack], IMAGE_SIZE, params)
     return trigger
 
@@ -391,14 +394,27 @@ def _init_worker() -> None:
 
 
 def run_all(jobs: int, calls: list[tuple]) -> list:
-    """Run `fn(*args)` for each (fn, *args), in this process (jobs == 1) or in `jobs` spawned processes."""
-    if jobs <= 1:
-        return [fn(*a) for fn, *a in calls]
+    """Run `fn(*args)` for each (fn, *args), in this process (jobs == 1) or in `jobs` spawned processes. A call
+    that fails is reported and gives None; the others go on (their results are cached as they finish)."""
+    def failed(call, e):
+        print(f"    FAILED {call[0].__name__}{tuple(a for a in call[2:4] if isinstance(a, str))}: "
+              f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
     results = [None] * len(calls)
+    if jobs <= 1:
+        for i, (fn, *a) in enumerate(calls):
+            try:
+                results[i] = fn(*a)
+            except Exception as e:  # noqa: BLE001 - one broken cell must not cost the others
+                failed(calls[i], e)
+        return results
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
         futures = {pool.submit(fn, *a): i for i, (fn, *a) in enumerate(calls)}
         for f in as_completed(futures):
-            results[futures[f]] = f.result()
+            try:
+                results[futures[f]] = f.result()
+            except Exception as e:  # noqa: BLE001
+                failed(calls[futures[f]], e)
     return results
 
 
@@ -434,7 +450,8 @@ def main(argv=None) -> int:
         return 0
 
     print(f"[B] planting {', '.join(attacks)} …", flush=True)
-    plants = dict(zip(attacks, run_all(args.jobs, [(stage_plant, s, a, foundation, split, patch) for a in attacks])))
+    planted = run_all(args.jobs, [(stage_plant, s, a, foundation, split, patch) for a in attacks])
+    plants = {a: p for a, p in zip(attacks, planted) if p is not None}
     for a, p in plants.items():
         print(f"    {a}: clean top-1 {p['test']['clean_top1']:.1f}%, ASR {p['test']['asr']:.1f}% "
               f"({p['n_poison']} of {p['n_rows']} pairs poisoned)", flush=True)
@@ -442,8 +459,9 @@ def main(argv=None) -> int:
         return 0
 
     print(f"[C] cleaning: {', '.join(args.defences)} × {', '.join(attacks)} …", flush=True)
-    calls = [(stage_cell, s, d, a, plants[a], patch) for d in args.defences for a in attacks]
-    cells = run_all(args.jobs, calls)
+    calls = [(stage_cell, s, d, a, plants[a], patch) for d in args.defences for a in attacks if a in plants]
+    cells = [c for c in run_all(args.jobs, calls) if c is not None]
+    n_failed = len(attacks) - len(plants) + len(calls) - len(cells)
     matrix = {"protocol": protocol(s, args), "foundation": {k: foundation[k] for k in ("clean_top1", "clean_top5")},
               "plants": {a: {k: p[k] for k in ("test", "foundation_test", "n_poison", "n_rows", "minutes")}
                          for a, p in plants.items()},
@@ -456,8 +474,9 @@ def main(argv=None) -> int:
     write_text(Path(s.out) / "matrix.md", table + "\n")
     plot(Path(s.out) / "matrix.png", matrix, attacks)
     print(table)
-    print(f"wrote {s.out}/matrix.json, matrix.md, matrix.png in {matrix['seconds']:.0f} s")
-    return 0
+    print(f"wrote {s.out}/matrix.json, matrix.md, matrix.png in {matrix['seconds']:.0f} s"
+          + (f"; {n_failed} plant(s)/cell(s) FAILED, see above (run again to retry them)" if n_failed else ""))
+    return 1 if n_failed else 0
 
 
 def protocol(s: Settings, args) -> dict:
@@ -472,8 +491,8 @@ def protocol(s: Settings, args) -> dict:
 def markdown_table(matrix: dict, attacks: list[str]) -> str:
     lines = ["| defence | " + " | ".join(f"`{a}`" for a in attacks) + " |",
              "|---|" + "---|" * len(attacks)]
-    found = [f"{p['foundation_test']['clean_top1']:.1f} / {p['foundation_test']['asr']:.1f}"
-             for p in (matrix["plants"][a] for a in attacks)]
+    found = [f"{p['foundation_test']['clean_top1']:.1f} / {p['foundation_test']['asr']:.1f}" if p else "–"
+             for p in (matrix["plants"].get(a) for a in attacks)]
     lines.append("| foundation (never poisoned) | " + " | ".join(found) + " |")
     for d, row in matrix["cells"].items():
         cells = [f"{row[a]['clean_top1']:.1f} / {row[a]['asr']:.1f}" if a in row else "–" for a in attacks]
@@ -495,12 +514,13 @@ def plot(path: Path, matrix: dict, attacks: list[str]) -> None:
     for ax, metric, title, cmap in zip(axes, ("clean_top1", "asr"), ("clean top-1 %", f"ASR % → '{TARGET}'"),
                                        ("Greens", "Reds")):
         v = np.array([[matrix["cells"][d].get(a, {}).get(metric, np.nan) for a in attacks] for d in defences])
-        ax.imshow(v, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+        lo = 0 if metric == "asr" else max(0, 5 * np.floor(np.nanmin(v) / 5) - 10)  # clean: spread the colours
+        ax.imshow(v, cmap=cmap, vmin=lo, vmax=100, aspect="auto")
         for i in range(len(defences)):
             for j in range(len(attacks)):
                 if not np.isnan(v[i, j]):
                     ax.text(j, i, f"{v[i, j]:.1f}", ha="center", va="center", fontsize=9,
-                            color="white" if v[i, j] > 60 else "black")
+                            color="white" if (v[i, j] - lo) / (100 - lo) > 0.6 else "black")
         ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
         ax.set_yticks(range(len(defences)), defences)
         ax.set_title(title)
