@@ -21,8 +21,9 @@ C  Clean, per (defence, attack). Fine-tune the planted model on holdout.csv with
    With --lr-grid the rate is instead chosen per cell on a validation split: VAL_IMAGES labelled train-side images
    that are not among the planting pairs (the foundation saw them, the test folder is never used), clean and
    triggered; the chosen rate is the one with the lowest validation ASR among those keeping validation clean top-1
-   within MAX_VAL_DROP points of the planted model's (else the highest clean top-1). This selection knows the
-   trigger: it is the defence's best case, not something a defender could do.
+   within MAX_VAL_DROP points of a reference: the planted model's, or the defence's best over the grid when it never
+   gets that close (so a defence whose augmentation costs accuracy at every rate is still judged on its removal).
+   This selection knows the trigger: it is the defence's best case, not something a defender could do.
 Metrics, on test/: clean zero-shot top-1 (fashion templates) and ASR = % of triggered non-'bag' images classified
 as 'bag'; `asr_all` (all images) is kept in the JSON.
 
@@ -86,6 +87,9 @@ DEFENCES: dict[str, dict | None] = {
     "roclip": dict(objective="roclip", roclip_pool_size=8192),  # NN caption swap in epoch 2 (K = 2), cross-aug
     "par": dict(objective="par", augment="par", tau=2.0),  # Perturb and Recover
 }
+# Default: one fixed rate for every defence, 1e-4 (3x below the planting lr). Regime check on badnet_rs (planted:
+# 89.5 % / 93.6 % ASR), clean top-1 / ASR at 3e-5, 1e-4, 3e-4: clip 89.8/90.9, 89.8/88.0, 89.7/80.2; clip_aug
+# 88.1/65.0, 88.0/56.5, 87.9/22.1; par (tau 2) 85.4/45.9, 81.1/2.8, 86.8/6.4. --lr-grid 3e-5 1e-4 3e-4 picks 3e-4 for all.
 BASE_LR = 1e-4
 LR_SCALE: dict[str, float] = {}  # per-defence factor on --lr (1 when absent)
 VAL_IMAGES = 2000
@@ -354,7 +358,8 @@ def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str |
                                            "val": plant.get("val")})
     runs = [clean_config(s, defence, plant, lr) for lr in cell_lrs(s, defence)]
     spec = {"plant": plant["key"], "defence": defence, "train": [config_spec(cfg) for _, cfg in runs],
-            "select": {"on": "val", "max_drop": MAX_VAL_DROP} if s.lr_grid else None, "eval": EVAL}
+            "select": {"on": "val", "max_drop": MAX_VAL_DROP, "reference": "min(planted, best of grid)"}
+            if s.lr_grid else None, "eval": EVAL}
 
     def compute():
         grid = []
@@ -376,12 +381,11 @@ def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str |
 
 
 def select_lr(grid: list[dict], planted_val: dict) -> dict:
-    """Lowest validation ASR among the rates that keep val clean top-1 within MAX_VAL_DROP of the planted model's;
-    if none does, the highest val clean top-1."""
-    ok = [g for g in grid if g["val"]["clean_top1"] >= planted_val["clean_top1"] - MAX_VAL_DROP]
-    if ok:
-        return min(ok, key=lambda g: (g["val"]["asr"], -g["val"]["clean_top1"]))
-    return max(grid, key=lambda g: g["val"]["clean_top1"])
+    """Lowest validation ASR among the rates whose val clean top-1 is within MAX_VAL_DROP of the reference:
+    min(the planted model's val clean top-1, the best val clean top-1 of the grid). Ties: the higher clean top-1."""
+    reference = min(planted_val["clean_top1"], max(g["val"]["clean_top1"] for g in grid))
+    ok = [g for g in grid if g["val"]["clean_top1"] >= reference - MAX_VAL_DROP]
+    return min(ok, key=lambda g: (g["val"]["asr"], -g["val"]["clean_top1"]))
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -483,7 +487,8 @@ def protocol(s: Settings, args) -> dict:
     return {"model": MODEL, "target": TARGET, "seed": s.seed, "smoke": s.smoke, "data": s.data,
             "foundation": s.foundation, "plant": s.plant, "trigger_params": TRIGGER_PARAMS, "clean": s.clean,
             "defences": {d: DEFENCES[d] for d in args.defences},
-            "lr": {"grid": s.lr_grid, "select": f"val: min ASR s.t. clean top-1 >= planted - {MAX_VAL_DROP}",
+            "lr": {"grid": s.lr_grid, "select": f"val: min ASR s.t. clean top-1 >= min(planted, best of grid) - "
+                   f"{MAX_VAL_DROP}",
                    "val_images": s.val_images} if s.lr_grid else {"fixed": s.lr, "scale": LR_SCALE},
             "badclip_patch": s.patch if "badclip" in args.attacks else None}
 
