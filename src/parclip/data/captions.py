@@ -335,17 +335,18 @@ class CaptionDataset:
         self.__dict__.update(state)
         self._make_cache()
 
+    def _encode(self, caption: str):
+        return self._tokenize(caption) if self._tokenize is not None else caption
+
     def tokens(self, i: int):
         """Tokens of caption i (the caption string when there is no tokenizer)."""
-        c = self.captions[i]
-        return self._tokenize(c) if self._tokenize is not None else c
+        return self._encode(self.captions[i])
 
     def _caption_item(self, j: int):
         """Tokens of caption j, or, with caption views, a tuple: the caption's tokens, then each view's."""
         if not self.caption_views:
             return self.tokens(j)
-        views = [v[j] for v in self.caption_views]
-        return (self.tokens(j), *(self._tokenize(c) if self._tokenize is not None else c for c in views))
+        return (self.tokens(j), *(self._encode(v[j]) for v in self.caption_views))
 
     # -- images -----------------------------------------------------------------------------------------------------
     def load_image(self, i: int) -> Image.Image:

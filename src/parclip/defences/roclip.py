@@ -87,6 +87,7 @@ class RoCLIP(Defence):
         if not cfg.roclip_cross_aug:
             self.augment = "none"
         self.text_pool = self.image_pool = None
+        self._pending: dict = {}  # pool state from a checkpoint, loaded once the first batch builds the pools
 
     def prepare_captions(self, captions):
         if self.cfg.roclip_pool_size > len(captions):
@@ -112,8 +113,6 @@ class RoCLIP(Defence):
                                            device=img.device)
             if self._pending:
                 self.load_state_dict(self._pending)
-
-    _pending: dict = {}
 
     def loss(self, batch, logit_scale, *, epoch):
         img, txt = batch.img[0], batch.txt[0]
