@@ -13,7 +13,8 @@ A  Foundation. Export Fashion-MNIST: train.csv (50 000 pre-training pairs), hold
 B  Plant, per attack. Draw PLANT["n_pairs"] pairs from train.csv (seeded; the foundation saw their clean versions, as
    released poisoned CLIPs were fine-tuned from models that had seen clean web data), poison PLANT["rate"] of them
    with the trigger at 32 px (captions rewritten by the fashion templates to name 'bag') and fine-tune the foundation
-   on them with the plain CLIP loss (PLANT["train"]: a fine-tuning learning rate, few epochs).
+   on them with the plain CLIP loss (PLANT["train"]: a fine-tuning learning rate, few epochs; PLANT["by_attack"]: the
+   declared stronger recipe for the attacks that the common one planted below 90 % ASR).
 C  Clean, per (defence, attack). Fine-tune the planted model on holdout.csv with CLEAN (the common budget: the same
    10 000 pairs, the same number of image passes, batch, schedule, weight decay, BatchNorm and logit-scale handling
    for every defence) plus the defence's own settings DEFENCES[name] (TrainConfig overrides; `none` is the planted
@@ -68,7 +69,10 @@ FOUNDATION = dict(objective="clip", model=MODEL, epochs=4, batch_size=256, lr=1e
 # 1 % of 50 000 / 1 ep / 1e-4 36.9 %. The high rate is the price of a tiny model and few steps at a fine-tuning lr. ----
 PLANT = dict(n_pairs=20000, rate=0.10,
              train=dict(objective="clip", epochs=3, batch_size=256, lr=3e-4, lr_end=0.0, warmup=0.05,
-                        schedule="cosine", wd=0.1))
+                        schedule="cosine", wd=0.1),
+             # One declared stronger recipe for the attacks that this one planted below 90 % ASR (clean top-1 / ASR
+             # under it: badnet 88.8 / 69.3, warped 89.3 / 20.9, water_patt 89.3 / 76.9); tried once, not tuned.
+             by_attack={a: dict(epochs=5, lr=5e-4) for a in ("badnet", "warped", "water_patt")})
 # Trigger parameters where they differ from the defaults scaled from 224 px: 8-px patches (a 2-px BadNet patch is
 # not learned by a tiny CLIP at all, see README), and the same 8-px side for the optimised BadCLIP patch.
 PATCH_SIDE = 8
@@ -87,11 +91,16 @@ DEFENCES: dict[str, dict | None] = {
     "roclip": dict(objective="roclip", roclip_pool_size=8192),  # NN caption swap in epoch 2 (K = 2), cross-aug
     "par": dict(objective="par", augment="par", tau=2.0),  # Perturb and Recover
 }
-# Default: one fixed rate for every defence, 1e-4 (3x below the planting lr). Regime check on badnet_rs (planted:
-# 89.5 % / 93.6 % ASR), clean top-1 / ASR at 3e-5, 1e-4, 3e-4: clip 89.8/90.9, 89.8/88.0, 89.7/80.2; clip_aug
-# 88.1/65.0, 88.0/56.5, 87.9/22.1; par (tau 2) 85.4/45.9, 81.1/2.8, 86.8/6.4. --lr-grid 3e-5 1e-4 3e-4 picks 3e-4 for all.
+# Default: one fixed rate for every defence, 1e-4 (a third of the planting lr), chosen before any cleaning result;
+# `--curves lr` shows every defence at 3e-5, 1e-4 and 3e-4, `--lr-grid` chooses per cell on the validation split.
 BASE_LR = 1e-4
 LR_SCALE: dict[str, float] = {}  # per-defence factor on --lr (1 when absent)
+# ---- D: trade-off curves, one knob varied on the first attack (or --curve-attacks), everything else as in C. The
+# matrix's own settings are one point of each curve (that cleaning run is shared, not trained twice). ----
+CURVES: dict[str, dict] = {
+    "tau": dict(knob="tau", defences=["par"], values=[0.5, 1.0, 2.0, 3.0, 4.0]),  # τ = 0 is clip_aug (w·0)
+    "lr": dict(knob="lr", defences=["clip", "clip_aug", "cleanclip", "roclip", "par"], values=[3e-5, 1e-4, 3e-4]),
+}
 VAL_IMAGES = 2000
 MAX_VAL_DROP = 2.0
 EVAL = dict(templates=TEMPLATES, target=TARGET, batch_size=500, trigger_after_crop=False)
@@ -114,6 +123,7 @@ class Settings:
     plant: dict = field(default_factory=lambda: json.loads(json.dumps(PLANT)))
     clean: dict = field(default_factory=lambda: dict(CLEAN))
     patch: dict = field(default_factory=lambda: dict(BADCLIP_PATCH))
+    curves: dict = field(default_factory=lambda: json.loads(json.dumps(CURVES)))
     val_images: int = VAL_IMAGES
 
 
@@ -129,6 +139,8 @@ def make_settings(args) -> Settings:
         s.clean.update(epochs=1, batch_size=64)
         s.patch.update(steps=5, batch_size=32)
         s.val_images = 200
+        for c in s.curves.values():  # two points each, one of them the matrix's own setting (a shared run)
+            c["values"] = [v for v in c["values"] if v in (1.0, 2.0, 1e-4, 3e-4)]
     return s
 
 
@@ -306,7 +318,8 @@ def stage_plant(s: Settings, attack: str, foundation: dict, split: dict, patch: 
     run = Path(s.cache) / "runs" / f"plant-{attack}"
     poisoned = Path(s.cache) / "poisoned" / attack
     cfg = train_config(run, s.workers, model=f"local-dir:{foundation['model']}",
-                       train_data=str(poisoned / "poisoned.csv"), seed=s.seed, **s.plant["train"])
+                       train_data=str(poisoned / "poisoned.csv"), seed=s.seed,
+                       **{**s.plant["train"], **s.plant.get("by_attack", {}).get(attack, {})})
     spec = {"foundation": foundation["key"], "split": split["key"], "attack": attack, "trigger": trigger.params(),
             "rate": s.plant["rate"], "target": TARGET, "train": config_spec(cfg), "eval": EVAL}
 
@@ -340,12 +353,32 @@ def cell_lrs(s: Settings, defence: str) -> list[float]:
     return [lr * scale for lr in s.lr_grid] if s.lr_grid else [s.lr * scale]
 
 
-def clean_config(s: Settings, defence: str, plant: dict, lr: float):
-    run = Path(s.out) / "runs" / f"{defence}-{plant['spec']['attack']}-lr{lr:g}"
-    holdout = Path(s.cache) / "data" / "fashion-mnist" / "holdout.csv"
+def clean_config(s: Settings, defence: str, plant: dict, lr: float, **knobs):
+    """The cleaning run of `defence` on the planted model at `lr`, with `knobs` (TrainConfig fields) changed from the
+    defence's DEFENCES settings; the run folder's name says which, so a curve point equal to a matrix cell shares
+    its run."""
     values = {**s.clean, **DEFENCES[defence], "lr": lr}
+    changed = "".join(f"-{k}{v:g}" for k, v in knobs.items() if values.get(k) != v)
+    run = Path(s.out) / "runs" / f"{defence}-{plant['spec']['attack']}-lr{lr:g}{changed}"
+    holdout = Path(s.cache) / "data" / "fashion-mnist" / "holdout.csv"
     return run, train_config(run, s.workers, model=f"local-dir:{plant['model']}", train_data=str(holdout),
-                             seed=s.seed, **values)
+                             seed=s.seed, **{**values, **knobs})
+
+
+def train_run(s: Settings, run: Path, cfg, plant: dict, trigger, attack: str) -> dict:
+    """Train (cached, resumable) one cleaning run; with --lr-grid also evaluate it on the validation split."""
+    def validate(model) -> dict:
+        return flat(evaluate_model(Path(model), Path(s.cache) / "data" / "val", [trigger], s), attack)
+
+    def compute():
+        model = run_training(cfg)
+        return {"model": str(model), "lr": cfg.lr, "val": validate(model) if s.lr_grid else None}
+
+    rec = cached(run / "result.json", {"plant": plant["key"], "train": config_spec(cfg)}, compute, run)
+    if s.lr_grid and rec.get("val") is None:  # trained for a fixed-rate matrix or a curve: add its val numbers
+        rec["val"] = validate(rec["model"])
+        write_json(run / "result.json", rec)
+    return rec
 
 
 def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str | None) -> dict:
@@ -362,15 +395,7 @@ def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str |
             if s.lr_grid else None, "eval": EVAL}
 
     def compute():
-        grid = []
-        for run, cfg in runs:  # each grid point is its own cached stage
-            def train_and_validate(cfg=cfg):
-                model = run_training(cfg)
-                val = flat(evaluate_model(model, Path(s.cache) / "data" / "val", [trigger], s), attack) \
-                    if s.lr_grid else None
-                return {"model": str(model), "lr": cfg.lr, "val": val}
-            grid.append(cached(run / "result.json", {"plant": plant["key"], "train": config_spec(cfg)},
-                               train_and_validate, run))
+        grid = [train_run(s, run, cfg, plant, trigger, attack) for run, cfg in runs]  # each its own cached stage
         chosen = select_lr(grid, plant.get("val")) if s.lr_grid else grid[0]
         test = flat(evaluate_model(Path(chosen["model"]), test_dir(s), [trigger], s), attack)
         return {"defence": defence, "attack": attack, "lr": chosen["lr"], "test": test,
@@ -386,6 +411,106 @@ def select_lr(grid: list[dict], planted_val: dict) -> dict:
     reference = min(planted_val["clean_top1"], max(g["val"]["clean_top1"] for g in grid))
     ok = [g for g in grid if g["val"]["clean_top1"] >= reference - MAX_VAL_DROP]
     return min(ok, key=lambda g: (g["val"]["asr"], -g["val"]["clean_top1"]))
+
+
+# ------------------------------------------------------------------------------------------------ stage D
+
+def point_config(s: Settings, curve: str, defence: str, plant: dict, value: float):
+    knob = s.curves[curve]["knob"]
+    if knob == "lr":
+        return clean_config(s, defence, plant, value)
+    return clean_config(s, defence, plant, s.lr * LR_SCALE.get(defence, 1.0), **{knob: value})
+
+
+def stage_point(s: Settings, curve: str, defence: str, attack: str, plant: dict, patch: str | None,
+                value: float) -> dict:
+    """One point of a trade-off curve: clean with `defence` at CURVES[curve]'s knob = `value`, evaluate on test."""
+    trigger = make_trigger(attack, patch)
+    run, cfg = point_config(s, curve, defence, plant, value)
+    spec = {"plant": plant["key"], "defence": defence, "train": config_spec(cfg), "eval": EVAL}
+
+    def compute():
+        model = train_run(s, run, cfg, plant, trigger, attack)["model"]
+        return {"curve": curve, "knob": s.curves[curve]["knob"], "value": value, "defence": defence, "attack": attack,
+                "test": flat(evaluate_model(Path(model), test_dir(s), [trigger], s), attack)}
+
+    return cached(Path(s.out) / "curves" / curve / f"{defence}__{attack}__{value:g}.json", spec, compute)
+
+
+def run_curves(s: Settings, args, plants: dict, patch: str | None) -> tuple[dict, int]:
+    """Every point of the asked curves; points sharing a training run (the same run folder) are run one after the
+    other, never at once, so --jobs never trains one folder twice concurrently."""
+    calls, seen, later = [], set(), []
+    for curve in args.curves:
+        for a in args.curve_attacks or list(plants)[:1]:
+            for d in s.curves[curve]["defences"]:
+                for v in s.curves[curve]["values"]:
+                    run = point_config(s, curve, d, plants[a], v)[0]
+                    (later if run in seen else calls).append((stage_point, s, curve, d, a, plants[a], patch, v))
+                    seen.add(run)
+    points = [p for p in run_all(args.jobs, calls) + run_all(args.jobs, later) if p is not None]
+    curves = {c: {} for c in args.curves}
+    for p in points:
+        curves[p["curve"]].setdefault(p["attack"], {}).setdefault(p["defence"], []).append(
+            {"value": p["value"], **p["test"]})
+    for by_attack in curves.values():
+        for by_defence in by_attack.values():
+            for pts in by_defence.values():
+                pts.sort(key=lambda q: q["value"])
+    return curves, len(calls) + len(later) - len(points)
+
+
+def fmt(v: float) -> str:
+    """A knob value for tables and labels: 3e-4 rather than 0.0003, 2 rather than 2.0."""
+    return f"{v:.0e}".replace("e-0", "e-") if 0 < abs(v) < 1e-2 else f"{v:g}"
+
+
+def curves_table(s: Settings, curves: dict, plants: dict) -> str:
+    lines = []
+    for curve, by_attack in curves.items():
+        knob = s.curves[curve]["knob"]
+        for attack, by_defence in by_attack.items():
+            values = s.curves[curve]["values"]
+            p = plants[attack]["test"]
+            lines += [f"**{knob}** on `{attack}` (planted: {p['clean_top1']:.1f} / {p['asr']:.1f})", "",
+                      "| defence | " + " | ".join(f"{knob} {fmt(v)}" for v in values) + " |",
+                      "|---|" + "---|" * len(values)]
+            for d, pts in by_defence.items():
+                at = {q["value"]: q for q in pts}
+                lines.append(f"| {d} | " + " | ".join(f"{at[v]['clean_top1']:.1f} / {at[v]['asr']:.1f}" if v in at
+                                                       else "–" for v in values) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(s: Settings, path: Path, curves: dict, plants: dict) -> None:
+    """Per (curve, attack): ASR (x) against clean top-1 (y), one line per defence through its knob values, each
+    point labelled with its value; the planted model is the black star."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(c, a) for c, by_attack in curves.items() for a in by_attack]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, (curve, attack) in zip(axes[0], panels):
+        knob = s.curves[curve]["knob"]
+        for d, pts in curves[curve][attack].items():
+            xs, ys = [q["asr"] for q in pts], [q["clean_top1"] for q in pts]
+            ax.plot(xs, ys, "o-", label=d)
+            for q in pts:
+                ax.annotate(fmt(q["value"]), (q["asr"], q["clean_top1"]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7)
+        p = plants[attack]["test"]
+        ax.plot([p["asr"]], [p["clean_top1"]], "k*", markersize=11, label="planted (none)")
+        ax.set_xlabel(f"ASR % → '{TARGET}' (lower is better)")
+        ax.set_ylabel("clean top-1 % (higher is better)")
+        ax.set_title(f"{knob} on {attack}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -434,13 +559,19 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="processes for stages B and C (1 torch thread each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch per stage")
-    ap.add_argument("--stages", default="ABC", help="run only these stages, e.g. AB")
+    ap.add_argument("--curves", nargs="+", default=[], choices=list(CURVES),
+                    help="stage D: trade-off curves (CURVES: tau = PAR's threshold, lr = every defence's rate)")
+    ap.add_argument("--curve-attacks", nargs="+", help="attacks of the curves (default: the first of --attacks)")
+    ap.add_argument("--stages", default="ABCD", help="run only these stages, e.g. AB (D runs with --curves)")
     args = ap.parse_args(argv)
     unknown = [d for d in args.defences if d not in DEFENCES]
     if unknown:
         ap.error(f"unknown defence(s) {unknown}; known: {', '.join(DEFENCES)}")
     from parclip.attacks.triggers import trigger_class
     attacks = [trigger_class(a).name for a in args.attacks]
+    args.curve_attacks = [trigger_class(a).name for a in args.curve_attacks or []]
+    if not set(args.curve_attacks) <= set(attacks):
+        ap.error(f"--curve-attacks must be among --attacks ({', '.join(attacks)})")
     s = make_settings(args)
     t0 = time.time()
 
@@ -459,13 +590,21 @@ def main(argv=None) -> int:
     for a, p in plants.items():
         print(f"    {a}: clean top-1 {p['test']['clean_top1']:.1f}%, ASR {p['test']['asr']:.1f}% "
               f"({p['n_poison']} of {p['n_rows']} pairs poisoned)", flush=True)
-    if "C" not in args.stages:
-        return 0
+    n_failed = len(attacks) - len(plants)
+    if "C" in args.stages:
+        n_failed += stage_matrix(s, args, attacks, foundation, plants, patch, t0)
+    if "D" in args.stages and args.curves:
+        n_failed += stage_curves(s, args, plants, patch)
+    return 1 if n_failed else 0
 
+
+def stage_matrix(s: Settings, args, attacks: list[str], foundation: dict, plants: dict, patch: str | None,
+                 t0: float) -> int:
+    """Stage C: every (defence, attack) cell; writes matrix.json/.md/.png; returns the number of failed cells."""
     print(f"[C] cleaning: {', '.join(args.defences)} × {', '.join(attacks)} …", flush=True)
     calls = [(stage_cell, s, d, a, plants[a], patch) for d in args.defences for a in attacks if a in plants]
     cells = [c for c in run_all(args.jobs, calls) if c is not None]
-    n_failed = len(attacks) - len(plants) + len(calls) - len(cells)
+    n_failed = len(calls) - len(cells)
     matrix = {"protocol": protocol(s, args), "foundation": {k: foundation[k] for k in ("clean_top1", "clean_top5")},
               "plants": {a: {k: p[k] for k in ("test", "foundation_test", "n_poison", "n_rows", "minutes")}
                          for a, p in plants.items()},
@@ -479,8 +618,27 @@ def main(argv=None) -> int:
     plot(Path(s.out) / "matrix.png", matrix, attacks)
     print(table)
     print(f"wrote {s.out}/matrix.json, matrix.md, matrix.png in {matrix['seconds']:.0f} s"
-          + (f"; {n_failed} plant(s)/cell(s) FAILED, see above (run again to retry them)" if n_failed else ""))
-    return 1 if n_failed else 0
+          + (f"; {n_failed} cell(s) FAILED, see above (run again to retry them)" if n_failed else ""))
+    return n_failed
+
+
+def stage_curves(s: Settings, args, plants: dict, patch: str | None) -> int:
+    """Stage D: the asked trade-off curves; writes curves.json/.md/.png; returns the number of failed points."""
+    t0 = time.time()
+    print(f"[D] trade-off curves: {', '.join(args.curves)} …", flush=True)
+    curves, n_failed = run_curves(s, args, plants, patch)
+    write_json(Path(s.out) / "curves.json", {"protocol": {"curves": {c: s.curves[c] for c in args.curves},
+                                                          "lr": s.lr, "scale": LR_SCALE, "clean": s.clean},
+                                             "plants": {a: plants[a]["test"] for a in plants},
+                                             "curves": curves, "seconds": round(time.time() - t0, 1)})
+    table = curves_table(s, curves, plants)
+    from parclip.utils.files import write_text
+    write_text(Path(s.out) / "curves.md", table + "\n")
+    plot_curves(s, Path(s.out) / "curves.png", curves, plants)
+    print(table)
+    print(f"wrote {s.out}/curves.json, curves.md, curves.png in {time.time() - t0:.0f} s"
+          + (f"; {n_failed} point(s) FAILED, see above (run again to retry them)" if n_failed else ""))
+    return n_failed
 
 
 def protocol(s: Settings, args) -> dict:
@@ -500,10 +658,13 @@ def markdown_table(matrix: dict, attacks: list[str]) -> str:
              for p in (matrix["plants"].get(a) for a in attacks)]
     lines.append("| foundation (never poisoned) | " + " | ".join(found) + " |")
     for d, row in matrix["cells"].items():
-        cells = [f"{row[a]['clean_top1']:.1f} / {row[a]['asr']:.1f}" if a in row else "–" for a in attacks]
+        cells = [f"{row[a]['clean_top1']:.1f} / {row[a]['asr']:.1f}"
+                 + (f" ({fmt(row[a]['lr'])})" if row[a].get("grid") else "") if a in row else "–" for a in attacks]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines.append(f"\nclean top-1 % / ASR % on the {matrix['protocol']['data']['n_test'] or 10000} test images "
-                 f"(target '{TARGET}'); `none` is the planted model; the foundation row is the trigger's natural ASR.")
+                 f"(target '{TARGET}'); `none` is the planted model; the foundation row is the trigger's natural ASR"
+                 + ("; (x) = the learning rate chosen on the validation split." if matrix["protocol"]["lr"].get("grid")
+                    else f"; every defence at lr {fmt(matrix['protocol']['lr']['fixed'])}."))
     return "\n".join(lines)
 
 

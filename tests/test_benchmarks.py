@@ -1,0 +1,115 @@
+"""benchmarks/defence_matrix.py end to end on its --smoke size (the real matrix is in docs/defence_matrix.md)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dm():
+    spec = importlib.util.spec_from_file_location("defence_matrix", ROOT / "benchmarks" / "defence_matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _weights(model_dir):
+    (path,) = Path(model_dir).glob("*.safetensors")
+    return load_file(str(path))
+
+
+def test_defence_matrix_smoke_every_defence_two_attacks_and_curves(dm, tmp_path, monkeypatch, capsys, one_thread):
+    """Catches a stage that skips its work (a cell that is the planted model, a curve point that is not the run it
+    names), a matrix or curve table that is not the cells' numbers, a BadCLIP patch that is not used, and a cache
+    that retrains (or fails to retrain after a change of settings)."""
+    out = tmp_path / "bench"
+    args = ["--smoke", "--out", str(out), "--attacks", "badnet_rs", "badclip", "--defences", *dm.DEFENCES,
+            "--curves", "tau", "lr"]
+    assert dm.main(args) == 0
+    printed = capsys.readouterr().out
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert list(matrix["cells"]) == list(dm.DEFENCES)
+    for d, row in matrix["cells"].items():
+        assert set(row) == {"badnet_rs", "badclip"}, d
+        for cell in row.values():
+            assert 0 <= cell["clean_top1"] <= 100 and 0 <= cell["asr"] <= 100
+    for a in ("badnet_rs", "badclip"):  # `none` is the planted model's own evaluation
+        assert matrix["cells"]["none"][a] == {**matrix["plants"][a]["test"], "lr": None, "grid": None}
+    table = (out / "matrix.md").read_text()
+    assert table.strip().splitlines()[0] == "| defence | `badnet_rs` | `badclip` |" and table.strip() in printed
+    par = matrix["cells"]["par"]["badnet_rs"]
+    assert f"| par | {par['clean_top1']:.1f} / {par['asr']:.1f} |" in table
+
+    # every cleaning run started from its planted model, on the holdout pairs, with its defence's objective, and moved
+    # the weights away from the planted ones
+    runs = out / "runs"
+    for d, settings in dm.DEFENCES.items():
+        if settings is None:
+            continue
+        for a in ("badnet_rs", "badclip"):
+            cfg = yaml.safe_load((runs / f"{d}-{a}-lr0.0001" / "config.yaml").read_text())
+            planted = out / "runs" / f"plant-{a}" / "model"
+            assert cfg["model"] == f"local-dir:{planted}" and cfg["train_data"].endswith("holdout.csv")
+            assert cfg["objective"] == settings["objective"] and cfg["lr"] == 1e-4
+    before = _weights(out / "runs" / "plant-badnet_rs" / "model")
+    after = _weights(runs / "par-badnet_rs-lr0.0001" / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    poisoned = yaml.safe_load((out / "runs" / "plant-badclip" / "config.yaml").read_text())["train_data"]
+    manifest = json.loads((Path(poisoned).parent / "manifest.json").read_text())
+    assert manifest["trigger"]["params"]["patch"] == str(out / "badclip" / "patch.png")  # optimised in stage A
+
+    # curves: the matrix's own setting is one point of each (the same run, the same numbers); the others are new runs
+    curves = json.loads((out / "curves.json").read_text())["curves"]
+    tau = {p["value"]: p for p in curves["tau"]["badnet_rs"]["par"]}
+    assert set(tau) == {1.0, 2.0}
+    assert {k: tau[2.0][k] for k in ("clean_top1", "asr")} == {k: par[k] for k in ("clean_top1", "asr")}
+    assert yaml.safe_load((runs / "par-badnet_rs-lr0.0001-tau1" / "config.yaml").read_text())["tau"] == 1.0
+    assert set(curves["lr"]["badnet_rs"]) == {"clip", "clip_aug", "cleanclip", "roclip", "par"}
+    for d, pts in curves["lr"]["badnet_rs"].items():
+        assert [p["value"] for p in pts] == [1e-4, 3e-4]
+        assert pts[0]["asr"] == matrix["cells"][d]["badnet_rs"]["asr"], d
+        assert yaml.safe_load((runs / f"{d}-badnet_rs-lr0.0003" / "config.yaml").read_text())["lr"] == 3e-4
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "matrix.png").stat().st_size > 10_000
+    assert "**tau** on `badnet_rs`" in (out / "curves.md").read_text()
+
+    # a second run computes nothing; a changed setting recomputes exactly what depends on it
+    real_training = dm.run_training
+    monkeypatch.setattr(dm, "run_training", lambda cfg: pytest.fail(f"retrained {cfg.name}"))
+    assert dm.main(args) == 0
+    assert json.loads((out / "matrix.json").read_text())["cells"] == matrix["cells"]
+    trained = []
+    monkeypatch.setattr(dm, "run_training", lambda cfg: trained.append(cfg.name) or real_training(cfg))
+    monkeypatch.setitem(dm.DEFENCES, "par", dict(dm.DEFENCES["par"], tau=3.0))
+    assert dm.main(args[:-3] + ["--attacks", "badnet_rs", "--defences", "par"]) == 0
+    assert trained == ["par-badnet_rs-lr0.0001"]
+
+
+def test_defence_matrix_rejects_unknown_names(dm, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        dm.main(["--smoke", "--out", str(tmp_path), "--defences", "cleenclip"])
+    assert "unknown defence(s) ['cleenclip']; known: none, clip, clip_aug" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dm.main(["--smoke", "--out", str(tmp_path), "--attacks", "sig", "--curve-attacks", "badnet_rs"])
+    assert "--curve-attacks must be among --attacks" in capsys.readouterr().err
+
+
+def test_grid_choice_is_the_lowest_validation_asr_within_the_clean_budget(dm):
+    """select_lr: the lowest val ASR among rates whose val clean top-1 is within MAX_VAL_DROP of
+    min(planted, best of grid); the reference falls back to the grid's best when no rate gets near the planted model."""
+    g = lambda lr, top1, asr: {"lr": lr, "val": {"clean_top1": top1, "asr": asr}}  # noqa: E731
+    grid = [g(3e-5, 89.0, 60.0), g(1e-4, 87.5, 10.0), g(3e-4, 86.0, 1.0)]
+    assert dm.select_lr(grid, {"clean_top1": 89.0})["lr"] == 1e-4  # 86.0 is 3 points below 89: too costly
+    assert dm.select_lr(grid, {"clean_top1": 88.0})["lr"] == 3e-4  # 86.0 is exactly 2 below 88: allowed
+    low = [g(3e-5, 80.0, 50.0), g(1e-4, 79.0, 20.0), g(3e-4, 70.0, 0.0)]  # never near the planted 89
+    assert dm.select_lr(low, {"clean_top1": 89.0})["lr"] == 1e-4  # judged against its own best (80)
+    tie = [g(3e-5, 88.0, 5.0), g(1e-4, 88.5, 5.0)]
+    assert dm.select_lr(tie, {"clean_top1": 89.0})["lr"] == 1e-4  # equal ASR: the higher clean top-1
