@@ -603,7 +603,8 @@ def stage_matrix(s: Settings, args, attacks: list[str], foundation: dict, plants
                  t0: float) -> int:
     """Stage C: every (defence, attack) cell; writes matrix.json/.md/.png; returns the number of failed cells."""
     print(f"[C] cleaning: {', '.join(args.defences)} × {', '.join(attacks)} …", flush=True)
-    calls = [(stage_cell, s, d, a, plants[a], patch) for d in args.defences for a in attacks if a in plants]
+    # attack by attack, so that whatever is finished when a long run is stopped is whole columns
+    calls = [(stage_cell, s, d, a, plants[a], patch) for a in attacks if a in plants for d in args.defences]
     cells = [c for c in run_all(args.jobs, calls) if c is not None]
     n_failed = len(calls) - len(cells)
     matrix = {"protocol": protocol(s, args), "foundation": {k: foundation[k] for k in ("clean_top1", "clean_top5")},
@@ -676,7 +677,9 @@ def plot(path: Path, matrix: dict, attacks: list[str]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     defences = list(matrix["cells"])
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.3 * len(attacks) * 2, 1.2 + 0.5 * len(defences)),
+    tall = len(attacks) > 3  # many attacks: the two maps one above the other
+    w, h = 2.2 + 1.1 * len(attacks), 1.2 + 0.45 * len(defences)
+    fig, axes = plt.subplots(2 if tall else 1, 1 if tall else 2, figsize=(w, 2 * h) if tall else (2 * w, h),
                              constrained_layout=True)
     for ax, metric, title, cmap in zip(axes, ("clean_top1", "asr"), ("clean top-1 %", f"ASR % → '{TARGET}'"),
                                        ("Greens", "Reds")):
