@@ -14,7 +14,7 @@ B  Plant, per attack. Draw PLANT["n_pairs"] pairs from train.csv (seeded; the fo
    released poisoned CLIPs were fine-tuned from models that had seen clean web data), poison PLANT["rate"] of them
    with the trigger at 32 px (captions rewritten by the fashion templates to name 'bag') and fine-tune the foundation
    on them with the plain CLIP loss (PLANT["train"]: a fine-tuning learning rate, few epochs; PLANT["by_attack"]: the
-   declared stronger recipe for the attacks that the common one planted below 90 % ASR).
+   declared stronger recipe for the three attacks that the common one planted under 80 % ASR).
 C  Clean, per (defence, attack). Fine-tune the planted model on holdout.csv with CLEAN (the common budget: the same
    10 000 pairs, the same number of image passes, batch, schedule, weight decay, BatchNorm and logit-scale handling
    for every defence) plus the defence's own settings DEFENCES[name] (TrainConfig overrides; `none` is the planted
@@ -22,8 +22,8 @@ C  Clean, per (defence, attack). Fine-tune the planted model on holdout.csv with
    With --lr-grid the rate is instead chosen per cell on a validation split: VAL_IMAGES labelled train-side images
    that are not among the planting pairs (the foundation saw them, the test folder is never used), clean and
    triggered; the chosen rate is the one with the lowest validation ASR among those keeping validation clean top-1
-   within MAX_VAL_DROP points of a reference: the planted model's, or the defence's best over the grid when it never
-   gets that close (so a defence whose augmentation costs accuracy at every rate is still judged on its removal).
+   within MAX_VAL_DROP points of a reference: the lower of the planted model's and the defence's own best over the
+   grid (so a defence whose augmentation costs accuracy at every rate is still judged on its removal).
    This selection knows the trigger: it is the defence's best case, not something a defender could do.
 Metrics, on test/: clean zero-shot top-1 (fashion templates) and ASR = % of triggered non-'bag' images classified
 as 'bag'; `asr_all` (all images) is kept in the JSON.
@@ -70,8 +70,9 @@ FOUNDATION = dict(objective="clip", model=MODEL, epochs=4, batch_size=256, lr=1e
 PLANT = dict(n_pairs=20000, rate=0.10,
              train=dict(objective="clip", epochs=3, batch_size=256, lr=3e-4, lr_end=0.0, warmup=0.05,
                         schedule="cosine", wd=0.1),
-             # One declared stronger recipe for the attacks that this one planted below 90 % ASR (clean top-1 / ASR
-             # under it: badnet 88.8 / 69.3, warped 89.3 / 20.9, water_patt 89.3 / 76.9); tried once, not tuned.
+             # One declared stronger recipe for the three attacks this one planted far below 90 % ASR, under 80 %
+             # (clean top-1 / ASR under it: badnet 88.8 / 69.3, warped 89.3 / 20.9, water_patt 89.3 / 76.9); tried
+             # once, not tuned. blended_rs (88.2 %) keeps the common recipe.
              by_attack={a: dict(epochs=5, lr=5e-4) for a in ("badnet", "warped", "water_patt")})
 # Trigger parameters where they differ from the defaults scaled from 224 px: 8-px patches (a 2-px BadNet patch is
 # not learned by a tiny CLIP at all, see README), and the same 8-px side for the optimised BadCLIP patch.
@@ -439,17 +440,22 @@ def stage_point(s: Settings, curve: str, defence: str, attack: str, plant: dict,
 
 
 def run_curves(s: Settings, args, plants: dict, patch: str | None) -> tuple[dict, int]:
-    """Every point of the asked curves; points sharing a training run (the same run folder) are run one after the
-    other, never at once, so --jobs never trains one folder twice concurrently."""
-    calls, seen, later = [], set(), []
+    """Every point of the asked curves; a point whose training run (run folder) another point already has runs
+    after all the others, in this process, so --jobs never trains one folder twice at once. A curve attack whose
+    plant failed counts as failed, its points are not drawn on another attack."""
+    calls, seen, later, missing = [], set(), [], 0
     for curve in args.curves:
         for a in args.curve_attacks or list(plants)[:1]:
+            if a not in plants:
+                print(f"    FAILED curve {curve} on {a}: its plant failed", file=sys.stderr, flush=True)
+                missing += 1
+                continue
             for d in s.curves[curve]["defences"]:
                 for v in s.curves[curve]["values"]:
                     run = point_config(s, curve, d, plants[a], v)[0]
                     (later if run in seen else calls).append((stage_point, s, curve, d, a, plants[a], patch, v))
                     seen.add(run)
-    points = [p for p in run_all(args.jobs, calls) + run_all(args.jobs, later) if p is not None]
+    points = [p for p in run_all(args.jobs, calls) + run_all(1, later) if p is not None]
     curves = {c: {} for c in args.curves}
     for p in points:
         curves[p["curve"]].setdefault(p["attack"], {}).setdefault(p["defence"], []).append(
@@ -458,12 +464,15 @@ def run_curves(s: Settings, args, plants: dict, patch: str | None) -> tuple[dict
         for by_defence in by_attack.values():
             for pts in by_defence.values():
                 pts.sort(key=lambda q: q["value"])
-    return curves, len(calls) + len(later) - len(points)
+    return curves, missing + len(calls) + len(later) - len(points)
 
 
 def fmt(v: float) -> str:
-    """A knob value for tables and labels: 3e-4 rather than 0.0003, 2 rather than 2.0."""
-    return f"{v:.0e}".replace("e-0", "e-") if 0 < abs(v) < 1e-2 else f"{v:g}"
+    """A knob value for tables and labels: 3e-4 rather than 0.0003, 1.5e-4 rather than 0.00015, 2 rather than 2.0."""
+    if not 0 < abs(v) < 1e-2:
+        return f"{v:g}"
+    mantissa, exponent = f"{v:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def curves_table(s: Settings, curves: dict, plants: dict) -> str:
@@ -527,7 +536,7 @@ def run_all(jobs: int, calls: list[tuple]) -> list:
     """Run `fn(*args)` for each (fn, *args), in this process (jobs == 1) or in `jobs` spawned processes. A call
     that fails is reported and gives None; the others go on (their results are cached as they finish)."""
     def failed(call, e):
-        print(f"    FAILED {call[0].__name__}{tuple(a for a in call[2:4] if isinstance(a, str))}: "
+        print(f"    FAILED {call[0].__name__}{tuple(a for a in call[2:] if isinstance(a, (str, float)))}: "
               f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     results = [None] * len(calls)
@@ -582,7 +591,7 @@ def main(argv=None) -> int:
     foundation = stage_foundation(s, data)
     print(f"    foundation: clean top-1 {foundation['clean_top1']:.1f}%", flush=True)
     patch = stage_badclip_patch(s, foundation, split)["patch"] if "badclip" in attacks else None
-    if "B" not in args.stages:
+    if not set("BCD") & set(args.stages):
         return 0
 
     print(f"[B] planting {', '.join(attacks)} …", flush=True)

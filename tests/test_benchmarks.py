@@ -78,19 +78,31 @@ def test_defence_matrix_smoke_every_defence_two_attacks_and_curves(dm, tmp_path,
         assert [p["value"] for p in pts] == [1e-4, 3e-4]
         assert pts[0]["asr"] == matrix["cells"][d]["badnet_rs"]["asr"], d
         assert yaml.safe_load((runs / f"{d}-badnet_rs-lr0.0003" / "config.yaml").read_text())["lr"] == 3e-4
+    # one run folder per distinct training: the curve points equal to matrix cells made none of their own
+    cleaning = {d for d in dm.DEFENCES if dm.DEFENCES[d]}
+    expected = ({f"{d}-{a}-lr0.0001" for d in cleaning for a in ("badnet_rs", "badclip")}
+                | {f"{d}-badnet_rs-lr0.0003" for d in cleaning} | {"par-badnet_rs-lr0.0001-tau1"}
+                | {"foundation", "plant-badnet_rs", "plant-badclip"})
+    assert {r.name for r in runs.iterdir() if r.is_dir()} == expected
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "matrix.png").stat().st_size > 10_000
     assert "**tau** on `badnet_rs`" in (out / "curves.md").read_text()
 
     # a second run computes nothing; a changed setting recomputes exactly what depends on it
     real_training = dm.run_training
     monkeypatch.setattr(dm, "run_training", lambda cfg: pytest.fail(f"retrained {cfg.name}"))
+    real_evaluation = dm.evaluate_model
+    monkeypatch.setattr(dm, "evaluate_model", lambda *a, **k: pytest.fail(f"re-evaluated {a[0]}"))
     assert dm.main(args) == 0
+    monkeypatch.setattr(dm, "evaluate_model", real_evaluation)
     assert json.loads((out / "matrix.json").read_text())["cells"] == matrix["cells"]
     trained = []
     monkeypatch.setattr(dm, "run_training", lambda cfg: trained.append(cfg.name) or real_training(cfg))
     monkeypatch.setitem(dm.DEFENCES, "par", dict(dm.DEFENCES["par"], tau=3.0))
     assert dm.main(args[:-3] + ["--attacks", "badnet_rs", "--defences", "par"]) == 0
     assert trained == ["par-badnet_rs-lr0.0001"]
+    cell = json.loads((out / "cells" / "par__badnet_rs.json").read_text())
+    assert cell["spec"]["train"][0]["tau"] == 3.0
+    assert yaml.safe_load((runs / "par-badnet_rs-lr0.0001" / "config.yaml").read_text())["tau"] == 3.0
 
 
 def test_defence_matrix_rejects_unknown_names(dm, tmp_path, capsys):
@@ -111,5 +123,7 @@ def test_grid_choice_is_the_lowest_validation_asr_within_the_clean_budget(dm):
     assert dm.select_lr(grid, {"clean_top1": 88.0})["lr"] == 3e-4  # 86.0 is exactly 2 below 88: allowed
     low = [g(3e-5, 80.0, 50.0), g(1e-4, 79.0, 20.0), g(3e-4, 70.0, 0.0)]  # never near the planted 89
     assert dm.select_lr(low, {"clean_top1": 89.0})["lr"] == 1e-4  # judged against its own best (80)
+    near = [g(3e-5, 88.0, 50.0), g(1e-4, 86.5, 5.0)]  # best 88 is within 2 of the planted 89, but the reference
+    assert dm.select_lr(near, {"clean_top1": 89.0})["lr"] == 1e-4  # is still the lower one, 88: 86.5 >= 86 passes
     tie = [g(3e-5, 88.0, 5.0), g(1e-4, 88.5, 5.0)]
     assert dm.select_lr(tie, {"clean_top1": 89.0})["lr"] == 1e-4  # equal ASR: the higher clean top-1
