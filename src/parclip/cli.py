@@ -6,6 +6,7 @@
     parclip poison TABLE OUT          plant a trigger into a seeded share of an image–caption table
     parclip train                     fine-tune: --objective par|cleanclip|roclip (clean) or clip (plain / plant)
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
+    parclip eval-retrieval            image↔text R@k and the retrieval ASR on a Karpathy JSON or a caption table
     parclip models                    list the model architectures parclip can build
     parclip triggers list|show        the attack catalogue: a table of every trigger, or a PNG gallery of them
     parclip defences list             the cleaning methods (par, cleanclip, roclip, clip) and their presets
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result JSON here too")
     _add_trigger_param_arg(p)
 
+    _add_eval_retrieval_parser(sub)
+
     sub.add_parser("models", help="list the model architectures parclip can build (no download ever)",
                    description="Every open_clip architecture name parclip can build offline, plus parclip's own small "
                    "configs (parclip-micro for tests, parclip-tiny, and parclip-rn-tiny used by the demo). Pass one "
@@ -286,8 +289,8 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
     from parclip.evaluation import evaluate
-    from parclip.utils.files import write_text
     from parclip.models import get_tokenizer, image_size
+    from parclip.utils.files import write_text
 
     model, preprocess, device = _load_model(args)
     classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
@@ -302,6 +305,67 @@ def _cmd_eval(args) -> int:
         line += f"\n{name}: ASR {r['asr']:.2f}% (asr_all {r['asr_all']:.2f}%, target {result['target']})"
     print(line)
     text = json.dumps({k: v for k, v in result.items() if k != "classnames"}, indent=2)
+    if args.out:
+        write_text(args.out, text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def _add_eval_retrieval_parser(sub) -> None:
+    p = sub.add_parser("eval-retrieval", help="image↔text retrieval R@1/5/10 and the retrieval ASR",
+                       description="Image→text and text→image R@k on a Karpathy-style JSON (COCO / Flickr30k test "
+                       "files: image path + several captions) or a caption table (rows sharing an image path are one "
+                       "image). Per --attack, R@k on triggered images and the retrieval ASR: asr_text = %% of "
+                       "triggered images whose top-k captions include one naming --target (the reference's "
+                       "ASR-Text), asr_text_strict = the same without the images whose own captions name it, "
+                       "asr_image = %% of target captions whose top-k images (clean + triggered) include a "
+                       "triggered one. Captions are cleaned as the reference does unless --raw-captions.",
+                       epilog="example:\n  parclip eval-retrieval --model ViT-B-32-quickgelu --pretrained par.pt "
+                       "--data coco/coco_karpathy_test.json --attack badnet_rs --target banana --out coco.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="Karpathy-style .json, or a CSV/TSV caption table")
+    p.add_argument("--data-root", default=None, help="folder the image paths are relative to (default: the file's)")
+    p.add_argument("--csv-img-key", default="image", help="image column / JSON key (default: image)")
+    p.add_argument("--csv-caption-key", default="caption", help="caption column / JSON key (default: caption)")
+    p.add_argument("--raw-captions", action="store_true", help="do not clean captions the reference's way")
+    p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
+    p.add_argument("--target", default=None, help="target word (needed with --attack), e.g. banana")
+    p.add_argument("--asr-k", type=int, default=5, help="top-k of the retrieval ASR (default: 5, the reference's)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="undecodable images are skipped (with their captions) up to this share (default: 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-image trigger randomness")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the result JSON here too")
+    _add_trigger_param_arg(p)
+
+
+def _cmd_eval_retrieval(args) -> int:
+    from parclip.attacks.triggers import build_triggers, parse_trigger_params
+    from parclip.data.retrieval import read_retrieval
+    from parclip.evaluation import evaluate_retrieval
+    from parclip.models import get_tokenizer, image_size
+    from parclip.utils.files import write_text
+
+    data = read_retrieval(args.data, root=args.data_root, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                          clean=not args.raw_captions)
+    model, preprocess, device = _load_model(args)
+    attacks = build_triggers(args.attack, image_size(preprocess), parse_trigger_params(args.trigger_param))
+    r = evaluate_retrieval(model, preprocess, get_tokenizer(args.model), data, attacks=attacks, target=args.target,
+                           asr_k=args.asr_k, seed=args.seed, max_bad_fraction=args.max_bad_fraction,
+                           batch_size=args.batch_size, workers=args.workers, device=device)
+    r.update(model=args.model, checkpoint=args.pretrained)
+    fmt = lambda rec: "  ".join(f"{d} R@{k} {v:.2f}%" for d in ("i2t", "t2i") for k, v in rec[d].items())  # noqa: E731
+    lines = [f"clean: {fmt(r['clean'])}  ({r['n_images']} images, {r['n_captions']} captions)"]
+    for name, a in r["attacks"].items():
+        lines.append(f"{name}: {fmt(a['recall'])}\n  asr_text {a['asr_text']:.2f}%  asr_text_strict "
+                     f"{a['asr_text_strict']:.2f}%  asr_image {a['asr_image']:.2f}% (target {r['target']}, "
+                     f"top {a['k']})")
+    print("\n".join(lines))
+    text = json.dumps(r, indent=2)
     if args.out:
         write_text(args.out, text + "\n")
     else:
@@ -344,10 +408,10 @@ def _cmd_triggers(args) -> int:
 
 
 def _cmd_attack(args) -> int:
-    from parclip.attacks.patch_opt import optimize_patch
     from parclip.attacks.patch_config import PatchConfig
-    from parclip.utils.flags import dataclass_from_args
+    from parclip.attacks.patch_opt import optimize_patch
     from parclip.models import get_tokenizer
+    from parclip.utils.flags import dataclass_from_args
 
     cfg = dataclass_from_args(PatchConfig, args)  # checked here: a bad flag fails before the model is loaded
     args.device = cfg.device  # what _load_model reads (the generated flags default to None)
@@ -385,6 +449,7 @@ def _cmd_defences(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
+            "eval-retrieval": _cmd_eval_retrieval,
             "models": _cmd_models, "triggers": _cmd_triggers, "defences": _cmd_defences, "attack": _cmd_attack}
 
 

@@ -1,0 +1,86 @@
+"""Image–text retrieval metrics (par.md §6.4), pure functions on a score matrix. Percentages.
+
+Notation: images i = 1..N, captions j = 1..M, owner(j) the image caption j belongs to (several captions per image),
+s(i, j) the cosine of their embeddings, top_k(i) the k captions of highest s(i, ·), top_k(j) the k images of highest
+s(·, j).
+
+    i2t R@k        = 100 · mean_i [ ∃ j ∈ top_k(i) : owner(j) = i ]       (reference "TextPrec@k")
+    t2i R@k        = 100 · mean_j [ owner(j) ∈ top_k(j) ]                 (reference "ImagePrec@k")
+
+The retrieval ASR, with every image triggered (s computed on T(x_i)) and "names the target" the package's one rule
+(`parclip.data.targets`: the target word or its plural, whole word, any case):
+
+    asr_text        = 100 · #{i : ∃ j ∈ top_5(i) : c_j names the target} / N            (reference "ASR-Text")
+    asr_text_strict = the same over the images none of whose own captions names the target (they would retrieve a
+                      target caption without any backdoor)
+    asr_image       = text→image: over a gallery of the clean images and the triggered images, the share of the
+                      captions naming the target whose top-k images include a triggered one
+
+Ties are broken by `torch.topk` (no guarantee of order among equal scores). Scores are computed in row blocks, so a
+COCO-sized matrix (5 000 × 25 000) never has to sit in memory twice.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["recall_at_k", "caption_hits", "text_asr", "image_asr"]
+
+BLOCK = 1024  # rows of the score matrix computed at once
+
+
+def _topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """[Q, k] indices of the k keys of highest dot product with each query, computed BLOCK queries at a time."""
+    k = min(k, keys.shape[0])
+    return torch.cat([(queries[b:b + BLOCK] @ keys.T).topk(k, dim=1).indices
+                      for b in range(0, queries.shape[0], BLOCK)]) if len(queries) else torch.empty(0, k, dtype=int)
+
+
+def recall_at_k(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """{"i2t": {k: R@k}, "t2i": {k: R@k}} for L2-normalised image [N, d] and caption [M, d] embeddings and
+    owner [M] (the image index of each caption). Formulas in the module docstring."""
+    owner = torch.as_tensor(owner, dtype=torch.long)
+    if owner.shape[0] != txt.shape[0]:
+        raise ValueError(f"owner has {owner.shape[0]} entries for {txt.shape[0]} captions")
+    kmax = max(ks)
+    i2t = owner[_topk_rows(img, txt, kmax)]                      # [N, kmax] image owning each retrieved caption
+    own = i2t == torch.arange(img.shape[0])[:, None]
+    t2i = _topk_rows(txt, img, kmax) == owner[:, None]           # [M, kmax] retrieved image is the caption's own
+    return {"i2t": {k: 100.0 * own[:, :k].any(dim=1).float().mean().item() for k in ks},
+            "t2i": {k: 100.0 * t2i[:, :k].any(dim=1).float().mean().item() for k in ks}}
+
+
+def caption_hits(img: torch.Tensor, txt: torch.Tensor, names_target: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """Boolean [N]: whether image i's top-k captions include one naming the target (`names_target`: bool [M])."""
+    names_target = torch.as_tensor(names_target, dtype=torch.bool)
+    return names_target[_topk_rows(img, txt, k)].any(dim=1)
+
+
+def text_asr(triggered_img: torch.Tensor, txt: torch.Tensor, names_target: torch.Tensor, owner: torch.Tensor,
+             k: int = 5) -> dict:
+    """{"asr_text", "asr_text_strict", "n_strict"} from triggered image embeddings (formulas in the module docstring).
+    `asr_text_strict` is NaN when every image has a caption naming the target."""
+    names_target = torch.as_tensor(names_target, dtype=torch.bool)
+    owner = torch.as_tensor(owner, dtype=torch.long)
+    hit = caption_hits(triggered_img, txt, names_target, k)
+    own_names = torch.zeros(triggered_img.shape[0], dtype=torch.bool).index_put_((owner[names_target],),
+                                                                                  torch.tensor(True))
+    keep = ~own_names
+    strict = 100.0 * hit[keep].float().mean().item() if keep.any() else float("nan")
+    return {"asr_text": 100.0 * hit.float().mean().item(), "asr_text_strict": strict, "n_strict": int(keep.sum()),
+            "k": k}
+
+
+def image_asr(clean_img: torch.Tensor, triggered_img: torch.Tensor, txt: torch.Tensor, names_target: torch.Tensor,
+              k: int = 5) -> dict:
+    """{"asr_image", "n_queries"}: the share of captions naming the target whose top-k images, in the gallery of
+    the clean and the triggered images, include a triggered one. NaN when no caption names the target."""
+    names_target = torch.as_tensor(names_target, dtype=torch.bool)
+    queries = txt[names_target]
+    if queries.shape[0] == 0:
+        return {"asr_image": float("nan"), "n_queries": 0, "k": k}
+    gallery = torch.cat([clean_img, triggered_img])
+    top = _topk_rows(queries, gallery, k)
+    hit = (top >= clean_img.shape[0]).any(dim=1)
+    return {"asr_image": 100.0 * hit.float().mean().item(), "n_queries": int(queries.shape[0]), "k": k}
