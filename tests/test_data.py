@@ -287,15 +287,48 @@ def test_labelled_folder_errors(tmp_path):
     assert len(LabelledFolder(tmp_path, verify_images=True, max_bad_fraction=0.5)) == 1
 
 
-def test_labelled_folder_wnids_use_imagenet_names(tmp_path):
+def test_labelled_folder_imagenet_and_sketch_wnids_use_imagenet_names(tmp_path):
+    """ImageNet val / ImageNet-Sketch: 1000 WordNet-id folders, named through the shipped id list."""
     open_clip = pytest.importorskip("open_clip")
-    wnids = [f"n{10000000 + 7 * i:08d}" for i in range(1000)]
+    from parclip.data.folder import imagenet_wnids
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 and list(wnids) == sorted(wnids) and wnids[954] == "n07753592"  # banana
     for w in wnids:
         (tmp_path / w).mkdir()
     solid(tmp_path / wnids[954] / "x.png", 1)
     ds = LabelledFolder(tmp_path)
+    assert ds.classnames == list(open_clip.IMAGENET_CLASSNAMES) and ds.layout == "wnid"
+    assert ds.classnames[ds.targets[0]] == "banana" and ds.imagenet_indices == list(range(1000))
+
+
+def test_labelled_folder_imagenet_a_r_subset_maps_through_the_wnids(tmp_path):
+    """ImageNet-A/-R hold 200 of the 1000 wnid folders: label k is the k-th folder, named by its ImageNet class."""
+    open_clip = pytest.importorskip("open_clip")
+    from parclip.data.folder import imagenet_wnids
+    picked = [1, 200, 954, 999]  # goldfish, ..., banana, toilet tissue
+    for i in picked:
+        (tmp_path / imagenet_wnids()[i]).mkdir()
+        solid(tmp_path / imagenet_wnids()[i] / "x.png", i % 250)
+    ds = LabelledFolder(tmp_path)
+    assert ds.imagenet_indices == picked and ds.layout == "wnid"
+    assert ds.classnames == [open_clip.IMAGENET_CLASSNAMES[i] for i in picked] and ds.classnames[2] == "banana"
+    (tmp_path / "n99999999").mkdir()  # an id that is not an ImageNet-1k class: plain folder names
+    solid(tmp_path / "n99999999" / "x.png", 3)
+    other = LabelledFolder(tmp_path)
+    assert other.layout == "folders" and other.imagenet_indices is None and "n99999999" in other.classnames
+
+
+def test_labelled_folder_imagenet_v2_numeric_folders_sort_as_numbers(tmp_path):
+    """ImageNet-V2: folders 0 … 999; sorted as strings, '10' would come before '2' and every label would be wrong."""
+    open_clip = pytest.importorskip("open_clip")
+    for i in range(1000):
+        (tmp_path / str(i)).mkdir()
+    solid(tmp_path / "954" / "x.png", 1)
+    solid(tmp_path / "2" / "y.png", 2)
+    ds = LabelledFolder(tmp_path)
+    assert ds.folders[:12] == [str(i) for i in range(12)] and ds.layout == "v2"
     assert ds.classnames == list(open_clip.IMAGENET_CLASSNAMES)
-    assert ds.classnames[ds.targets[0]] == "banana"
+    assert sorted(ds.targets) == [2, 954] and ds.classnames[954] == "banana"
 
 
 # ---------------------------------------------------------------------------------------------------------- templates

@@ -149,3 +149,15 @@ def test_clean_accuracy_matches_an_independent_zero_shot_computation(micro_dir, 
     assert r["n_images"] == len(labels) == 300
     assert r["clean_top1"] == pytest.approx(top1, abs=1e-6)
     assert r["clean_top5"] == pytest.approx(top5, abs=1e-6)
+
+
+def test_an_unknown_target_fails_before_any_image_is_encoded(micro_dir, fmnist_small, monkeypatch):
+    """Catches the target being looked up only after the whole clean pass (minutes on ImageNet)."""
+    from parclip.attacks.triggers import build_triggers
+    from parclip.evaluation import zero_shot
+    from parclip.models import create_model, get_tokenizer
+    model, pp = create_model(f"local-dir:{micro_dir}")
+    monkeypatch.setattr(zero_shot, "_predict", lambda *a, **k: pytest.fail("encoded images before the target check"))
+    with pytest.raises(ValueError, match="banana.*not a class"):
+        zero_shot.evaluate(model, pp, get_tokenizer(f"local-dir:{micro_dir}"), fmnist_small["test_dir"],
+                           attacks=build_triggers(["badnet_rs"], 32), target="banana", workers=0, progress=False)

@@ -1,11 +1,16 @@
 """Labelled image folders: ``root/<class folder>/**/<image>``, the layout of ImageNet val, torchvision's ImageFolder and
 our Fashion-MNIST export.
 
-* Classes are the sub-folders of ``root`` in sorted order; label = position in that order.
-* Class names: the folder names with ``_`` shown as a space (``ankle_boot`` -> "ankle boot"); when there are exactly
-  1000 folders named like WordNet ids (``n01440764``) the standard ImageNet names of open_clip
-  (``open_clip.IMAGENET_CLASSNAMES``, indexed in sorted-wnid order) are used; an explicit list, or a text file with one
-  name per line, overrides both.
+* Classes are the sub-folders of ``root`` in sorted order; label = position in that order. Folders named by numbers
+  only (ImageNet-V2's ``0`` … ``999``) are sorted as numbers, not as strings (``2`` before ``10``).
+* Class names: the folder names with ``_`` shown as a space (``ankle_boot`` -> "ankle boot"), except for the ImageNet
+  layouts, which get the standard ImageNet names of open_clip (``open_clip.IMAGENET_CLASSNAMES``):
+  - folders named by WordNet ids (``n01440764``) that are ImageNet-1k classes: ImageNet val and ImageNet-Sketch (all
+    1000) and ImageNet-A / ImageNet-R (200 of them); each folder is mapped through the shipped list of the 1000 ids
+    (``parclip/assets/imagenet_wnids.txt``), so a 200-class subset gets the right names, and ``imagenet_indices``
+    holds each label's ImageNet-1k index;
+  - 1000 folders named ``0`` … ``999`` (ImageNet-V2): folder ``k`` is ImageNet-1k class ``k``.
+  An explicit list, or a text file with one name per line, overrides them.
 * Image files are recognised by extension, case-insensitively. Empty (0-byte) files are reported like bad rows of a
   caption table (see :class:`parclip.data.captions.BadRows`); with ``verify_images=True`` every image is also decoded
   up front. Evaluation must not silently swap images, so an image that fails to decode in ``__getitem__`` raises a
@@ -13,6 +18,7 @@ our Fashion-MNIST export.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -27,7 +33,25 @@ __all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _WNID = re.compile(r"n\d{8}")
+WNID_FILE = Path(__file__).resolve().parent.parent / "assets" / "imagenet_wnids.txt"
 EMPTY_FILE = "empty file"
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (the shipped ``assets/imagenet_wnids.txt``)."""
+    return tuple(WNID_FILE.read_text().split())
+
+
+def imagenet_layout(folders: Sequence[str]) -> tuple[str, list[int]] | None:
+    """("wnid" | "v2", the ImageNet-1k index of each folder) for the ImageNet layouts, None for any other folder set."""
+    if folders and all(_WNID.fullmatch(f) for f in folders):
+        index = {w: i for i, w in enumerate(imagenet_wnids())}
+        if all(f in index for f in folders):
+            return "wnid", [index[f] for f in folders]
+    if len(folders) == 1000 and set(folders) == {str(i) for i in range(1000)}:
+        return "v2", [int(f) for f in folders]
+    return None
 
 
 def read_classnames(path: str | os.PathLike) -> list[str]:
@@ -53,12 +77,16 @@ class LabelledFolder:
         max_bad_fraction = check_fraction("max_bad_fraction", max_bad_fraction, error=DataError)
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root} (expected root/<class>/<images>)")
-        self.folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
-        if not self.folders:
+        folders = [e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")]
+        if not folders:
             raise DataError(f"{self.root} has no class sub-folders (expected root/<class>/<images>)")
+        self.folders = sorted(folders, key=int) if all(f.isdigit() for f in folders) else sorted(folders)
+        layout = imagenet_layout(self.folders)
+        self.layout = layout[0] if layout else "folders"
+        self.imagenet_indices = layout[1] if layout else None
 
         if classnames is None:
-            self.classnames = self._default_classnames(self.folders)
+            self.classnames = self._default_classnames(self.folders, self.imagenet_indices)
         else:
             names = read_classnames(classnames) if isinstance(classnames, (str, os.PathLike)) else list(classnames)
             if len(names) != len(self.folders):
@@ -98,11 +126,11 @@ class LabelledFolder:
         self.targets = [label for _, label in good]
 
     @staticmethod
-    def _default_classnames(folders: list[str]) -> list[str]:
-        if len(folders) == 1000 and all(_WNID.fullmatch(f) for f in folders):
+    def _default_classnames(folders: list[str], imagenet_indices: list[int] | None) -> list[str]:
+        if imagenet_indices is not None:
             import open_clip  # slow import, only needed here
 
-            return list(open_clip.IMAGENET_CLASSNAMES)
+            return [open_clip.IMAGENET_CLASSNAMES[i] for i in imagenet_indices]
         return [f.replace("_", " ") for f in folders]
 
     def load_image(self, i: int) -> Image.Image:

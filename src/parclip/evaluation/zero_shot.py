@@ -135,6 +135,9 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     if len(folder) == 0:
         raise DataError(f"no images in {data}")
     templates = get_templates(templates) if isinstance(templates, (str, Path)) else list(templates)
+    if attacks and target is None:
+        raise ValueError("ASR needs a target class: pass --target NAME")
+    t = resolve_target(target, folder.classnames) if target is not None else None  # before any image is encoded
     classifier = zero_shot_classifier(model, tokenizer, folder.classnames, templates, device)
 
     logits, labels = _predict(model, folder, classifier, batch_size=batch_size, workers=workers, device=device,
@@ -143,11 +146,10 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
               "clean_top5": 100.0 * topk_correct(logits, labels, 5).float().mean().item(),
               "n_images": len(folder), "classnames": folder.classnames, "templates": len(templates),
               "attacks": {}}
-    if attacks and target is None:
-        raise ValueError("ASR needs a target class: pass --target NAME")
-    if target is not None:
-        t = resolve_target(target, folder.classnames)
+    if t is not None:
         result.update(target=folder.classnames[t], target_index=t, n_non_target=int((labels != t).sum()))
+        if getattr(folder, "imagenet_indices", None) is not None:  # e.g. a 200-class ImageNet-A/-R subset
+            result.update(target_imagenet_index=folder.imagenet_indices[t], layout=folder.layout)
     for trigger in attacks:
         triggered = TriggeredImages(folder, trigger, transform, seed=seed, after_crop=trigger_after_crop)
         tlogits, tlabels = _predict(model, triggered, classifier, batch_size=batch_size, workers=workers,
