@@ -65,6 +65,10 @@ def test_cli_eval_writes_the_documented_json(micro_dir, fmnist_small, tmp_path, 
     r = json.loads(out.read_text())
     for key in ("clean_top1", "clean_top5", "asr", "asr_all", "attack", "target", "n_images", "model", "checkpoint"):
         assert key in r
+    import hashlib
+    assert r["checkpoint_sha256"] == hashlib.sha256((micro_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert r["template_set"] == "fashion" and r["data"] == str(fmnist_small["test_dir"])
+    assert 0 <= r["attacks"]["badnet_rs"]["robust_acc"] <= 100 and len(r["per_class_recall"]) == 10
     assert r["attack"] == "badnet_rs" and r["attacks"]["badnet_rs"]["params"]["patch_size"] == 4
     assert 0 <= r["asr"] <= 100 and r["clean_top5"] >= r["clean_top1"]
     assert "clean top-1" in capsys.readouterr().out
@@ -115,6 +119,19 @@ def test_clean_top1_and_top5_on_a_hand_built_score_table(tmp_path):
     assert r["n_images"] == 6 and len(r["classnames"]) == n_classes
     assert r["clean_top1"] == pytest.approx(100 * 2 / 6)
     assert r["clean_top5"] == pytest.approx(100 * 4 / 6)
+    # per-class recall: images 0 and 5 (rank 0) are right, the others wrong; class_6 has no image and no entry
+    assert r["per_class_recall"] == {f"class {j}": (100.0 if j in (0, 5) else 0.0) for j in range(6)}
+    assert r["template_set"] == "custom" and r["data"] == str(tmp_path) and r["parclip_version"]
+
+
+def test_robust_accuracy_by_hand():
+    """R-Acc: of the 4 non-target images (target 2), 2 keep their label under the trigger; target images never count."""
+    from parclip.evaluation.zero_shot import robust_accuracy
+    labels = torch.tensor([0, 1, 2, 3, 0, 2])
+    pred = torch.tensor([0, 2, 2, 3, 2, 0])
+    assert robust_accuracy(pred, labels, 2) == 50.0
+    assert robust_accuracy(torch.tensor([1, 1]), torch.tensor([2, 2]), 2) != robust_accuracy(  # NaN: nothing to count
+        torch.tensor([1, 1]), torch.tensor([2, 2]), 2)
 
 
 def test_clean_accuracy_matches_an_independent_zero_shot_computation(micro_dir, fmnist_small):

@@ -286,6 +286,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _provenance(args) -> dict:
+    """What every evaluation result records about the model it measured."""
+    from parclip.models import weights_sha256
+    return {"model": args.model, "checkpoint": args.pretrained,
+            "checkpoint_sha256": weights_sha256(args.model, args.pretrained)}
+
+
 def _cmd_eval(args) -> int:
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
     from parclip.evaluation import evaluate
@@ -299,7 +306,7 @@ def _cmd_eval(args) -> int:
                       target=args.target, templates=args.templates, classnames=classnames, seed=args.seed,
                       trigger_after_crop=args.trigger_after_crop, batch_size=args.batch_size, workers=args.workers,
                       device=device)
-    result.update(model=args.model, checkpoint=args.pretrained)
+    result.update(_provenance(args))
     line = f"clean top-1 {result['clean_top1']:.2f}%  top-5 {result['clean_top5']:.2f}%  ({result['n_images']} images)"
     for name, r in result["attacks"].items():
         line += f"\n{name}: ASR {r['asr']:.2f}% (asr_all {r['asr_all']:.2f}%, target {result['target']})"
@@ -357,7 +364,7 @@ def _cmd_eval_retrieval(args) -> int:
     r = evaluate_retrieval(model, preprocess, get_tokenizer(args.model), data, attacks=attacks, target=args.target,
                            asr_k=args.asr_k, seed=args.seed, max_bad_fraction=args.max_bad_fraction,
                            batch_size=args.batch_size, workers=args.workers, device=device)
-    r.update(model=args.model, checkpoint=args.pretrained)
+    r.update(_provenance(args))
     fmt = lambda rec: "  ".join(f"{d} R@{k} {v:.2f}%" for d in ("i2t", "t2i") for k, v in rec[d].items())  # noqa: E731
     lines = [f"clean: {fmt(r['clean'])}  ({r['n_images']} images, {r['n_captions']} captions)"]
     for name, a in r["attacks"].items():

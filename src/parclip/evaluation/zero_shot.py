@@ -4,6 +4,8 @@ Metrics (percentages), for a target class t and a trigger T:
     clean_top1 = 100 · mean_i [ argmax_c s(x_i, c) = y_i ],  clean_top5 likewise with the 5 best classes
     asr        = 100 · #{i : y_i ≠ t, pred(T(x_i)) = t} / #{i : y_i ≠ t}      (classic: target-class images excluded)
     asr_all    = 100 · #{i : pred(T(x_i)) = t} / N                             (the PAR paper's convention)
+    robust_acc = 100 · #{i : y_i ≠ t, pred(T(x_i)) = y_i} / #{i : y_i ≠ t}      (BackdoorBench's R-Acc)
+    recall_c   = 100 · #{i : y_i = c, pred(x_i) = c} / #{i : y_i = c}          (per-class clean recall)
 where s(x, c) is the cosine between the image embedding and the class embedding: the mean of the L2-normalised
 embeddings of every prompt template filled with the class name, normalised again. The class embeddings are computed
 once and reused for the clean pass and every triggered pass.
@@ -25,11 +27,12 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
+from parclip import __version__
 from parclip.attacks.triggers import Trigger, trigger_generator
 from parclip.data import DataError, LabelledFolder, get_templates
 from parclip.models import eval_transform
 
-__all__ = ["topk_correct", "attack_success_rate", "zero_shot_classifier", "resolve_target", "evaluate",
+__all__ = ["topk_correct", "attack_success_rate", "robust_accuracy", "zero_shot_classifier", "resolve_target", "evaluate",
            "TriggeredImages"]
 
 
@@ -49,6 +52,13 @@ def attack_success_rate(pred: torch.Tensor, labels: torch.Tensor, target: int) -
     keep = labels != target
     asr = 100.0 * hit[keep].float().mean().item() if keep.any() else float("nan")
     return asr, 100.0 * hit.float().mean().item()
+
+
+def robust_accuracy(pred: torch.Tensor, labels: torch.Tensor, target: int) -> float:
+    """BackdoorBench's R-Acc in percent: the share of triggered non-target images still classified correctly,
+    100 · #{y ≠ t ∧ pred = y} / #{y ≠ t}."""
+    keep = labels != target
+    return 100.0 * (pred[keep] == labels[keep]).float().mean().item() if keep.any() else float("nan")
 
 
 @torch.no_grad()
@@ -134,6 +144,7 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
                                                                           classnames=classnames)
     if len(folder) == 0:
         raise DataError(f"no images in {data}")
+    template_name = templates if isinstance(templates, (str, Path)) else None
     templates = get_templates(templates) if isinstance(templates, (str, Path)) else list(templates)
     if attacks and target is None:
         raise ValueError("ASR needs a target class: pass --target NAME")
@@ -142,10 +153,14 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
 
     logits, labels = _predict(model, folder, classifier, batch_size=batch_size, workers=workers, device=device,
                               desc="clean", progress=progress)
+    pred = logits.argmax(dim=1)
+    recall = {name: 100.0 * (pred[labels == c] == c).float().mean().item()
+              for c, name in enumerate(folder.classnames) if (labels == c).any()}
     result = {"clean_top1": 100.0 * topk_correct(logits, labels, 1).float().mean().item(),
               "clean_top5": 100.0 * topk_correct(logits, labels, 5).float().mean().item(),
               "n_images": len(folder), "classnames": folder.classnames, "templates": len(templates),
-              "attacks": {}}
+              "template_set": str(template_name) if template_name else "custom", "per_class_recall": recall,
+              "data": str(getattr(folder, "root", data)), "parclip_version": __version__, "attacks": {}}
     if t is not None:
         result.update(target=folder.classnames[t], target_index=t, n_non_target=int((labels != t).sum()))
         if getattr(folder, "imagenet_indices", None) is not None:  # e.g. a 200-class ImageNet-A/-R subset
@@ -154,8 +169,11 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
         triggered = TriggeredImages(folder, trigger, transform, seed=seed, after_crop=trigger_after_crop)
         tlogits, tlabels = _predict(model, triggered, classifier, batch_size=batch_size, workers=workers,
                                     device=device, desc=trigger.name, progress=progress)
-        asr, asr_all = attack_success_rate(tlogits.argmax(dim=1), tlabels, t)
-        result["attacks"][trigger.name] = {"asr": asr, "asr_all": asr_all, "params": trigger.params(),
+        tpred = tlogits.argmax(dim=1)
+        asr, asr_all = attack_success_rate(tpred, tlabels, t)
+        result["attacks"][trigger.name] = {"asr": asr, "asr_all": asr_all,
+                                           "robust_acc": robust_accuracy(tpred, tlabels, t),
+                                           "params": trigger.params(),
                                            "seed": seed, "trigger_after_crop": trigger_after_crop}
     if len(result["attacks"]) == 1:
         (name, r), = result["attacks"].items()

@@ -17,6 +17,7 @@ from .checkpoints import (
     check_state_dict,
     load_state_dict,
     load_weights,
+    weights_sha256,
 )
 from .factory import create_model, get_tokenizer, list_model_names, model_config, save_model
 from .transforms import eval_transform, image_size, normalize
@@ -25,5 +26,5 @@ __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
     "create_model", "model_config", "get_tokenizer", "load_state_dict", "load_weights", "save_model",
     "eval_transform", "image_size", "normalize", "list_model_names", "check_state_dict", "LOCAL_DIR_PREFIX",
-    "CONFIG_FILE", "WEIGHTS_FILE",
+    "CONFIG_FILE", "WEIGHTS_FILE", "weights_sha256",
 ]

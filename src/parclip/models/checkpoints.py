@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import torch
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
     "load_state_dict", "load_weights", "check_state_dict", "read_local_dir_config", "local_dir", "find_dir_weights",
-    "uses_quick_gelu", "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "DIR_WEIGHTS",
+    "uses_quick_gelu", "weights_sha256", "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "DIR_WEIGHTS",
 ]
 
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -98,6 +99,20 @@ def read_local_dir_config(folder: pathlib.Path) -> dict:
     if not isinstance(cfg.get("preprocess_cfg", {}), dict):
         raise CheckpointError(f"{cfg_path}: 'preprocess_cfg' must be an object")
     return cfg
+
+
+def weights_sha256(model: str, pretrained: str | None = None) -> str | None:
+    """The sha256 of the weights a model spec reads: the ``pretrained`` file, or a ``local-dir:`` folder's weights
+    file; None for a name or tag with nothing local to hash. Recorded in results, so a number names its checkpoint."""
+    folder = local_dir(model)
+    path = pathlib.Path(pretrained) if pretrained else (find_dir_weights(folder) if folder else None)
+    if path is None or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def find_dir_weights(folder: pathlib.Path) -> pathlib.Path | None:
