@@ -7,6 +7,7 @@
     parclip train                     fine-tune: --objective par|cleanclip|roclip (clean) or clip (plain / plant)
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
     parclip eval-retrieval            image↔text R@k and the retrieval ASR on a Karpathy JSON or a caption table
+    parclip report RESULTS…           many eval results in one table (Markdown, CSV) and a clean-vs-ASR chart
     parclip models                    list the model architectures parclip can build
     parclip triggers list|show        the attack catalogue: a table of every trigger, or a PNG gallery of them
     parclip defences list             the cleaning methods (par, cleanclip, roclip, clip) and their presets
@@ -175,9 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the result JSON here too")
+    p.add_argument("--clip-benchmark-out", default=None, metavar="PATH",
+                   help="also write the result in clip_benchmark's layout (dataset, model, pretrained, task, metrics)")
+    p.add_argument("--dataset-name", default=None, help="data set name for --clip-benchmark-out (default: the "
+                   "folder's name)")
     _add_trigger_param_arg(p)
 
     _add_eval_retrieval_parser(sub)
+    p = sub.add_parser("report", help="gather eval results into one table and a chart",
+                       description="Read any number of `parclip eval` / `parclip eval-retrieval` result JSONs and "
+                       "print one table: model, task, clean accuracy (zero-shot top-1 or image→text R@1) and the ASR "
+                       "of every attack (asr, or asr_text for retrieval).",
+                       epilog="example:\n  parclip report results/*.json --out table.md --csv table.csv --plot "
+                       "table.png", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="result JSON files")
+    p.add_argument("--out", default=None, help="write the Markdown table here")
+    p.add_argument("--csv", default=None, help="write the table as CSV here")
+    p.add_argument("--plot", default=None, help="write a bar chart of clean accuracy and ASR per model (PNG)")
 
     sub.add_parser("models", help="list the model architectures parclip can build (no download ever)",
                    description="Every open_clip architecture name parclip can build offline, plus parclip's own small "
@@ -312,6 +327,10 @@ def _cmd_eval(args) -> int:
         line += f"\n{name}: ASR {r['asr']:.2f}% (asr_all {r['asr_all']:.2f}%, target {result['target']})"
     print(line)
     text = json.dumps({k: v for k, v in result.items() if k != "classnames"}, indent=2)
+    if args.clip_benchmark_out:
+        from parclip.evaluation.report import to_clip_benchmark
+        from parclip.utils.files import write_json
+        write_json(args.clip_benchmark_out, to_clip_benchmark(result, args.dataset_name or Path(args.data).name))
     if args.out:
         write_text(args.out, text + "\n")
     else:
@@ -377,6 +396,15 @@ def _cmd_eval_retrieval(args) -> int:
         write_text(args.out, text + "\n")
     else:
         print(text)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from parclip.evaluation.report import format_markdown, report_rows, write_report
+
+    rows = report_rows(args.results)
+    print(format_markdown(rows))
+    write_report(rows, markdown=args.out, csv_path=args.csv, plot=args.plot)
     return 0
 
 
@@ -456,7 +484,7 @@ def _cmd_defences(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
-            "eval-retrieval": _cmd_eval_retrieval,
+            "eval-retrieval": _cmd_eval_retrieval, "report": _cmd_report,
             "models": _cmd_models, "triggers": _cmd_triggers, "defences": _cmd_defences, "attack": _cmd_attack}
 
 
