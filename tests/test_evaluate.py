@@ -178,3 +178,23 @@ def test_an_unknown_target_fails_before_any_image_is_encoded(micro_dir, fmnist_s
     with pytest.raises(ValueError, match="banana.*not a class"):
         zero_shot.evaluate(model, pp, get_tokenizer(f"local-dir:{micro_dir}"), fmnist_small["test_dir"],
                            attacks=build_triggers(["badnet_rs"], 32), target="banana", workers=0, progress=False)
+
+
+def test_a_corrupt_image_is_counted_named_and_left_out(micro_dir, tmp_path, capsys):
+    """One undecodable file among 40: above the limit a message naming it (no traceback), below it left out of every
+    number (clean and triggered) and counted."""
+    for c in ("bag", "shirt"):
+        (tmp_path / c).mkdir()
+        for i in range(20):
+            Image.new("RGB", (32, 32), (10 * i, 100 if c == "bag" else 200, 0)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "shirt" / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    model, pp = create_model(f"local-dir:{micro_dir}")
+    tok = get_tokenizer(f"local-dir:{micro_dir}")
+    from parclip.attacks.triggers import build_triggers
+    r = evaluate(model, pp, tok, tmp_path, attacks=build_triggers(["badnet_rs"], image_size(pp)), target="bag",
+                 templates=["a photo of a {}."], workers=0, progress=False, max_bad_fraction=0.05)
+    assert (r["n_images"], r["n_bad_images"], r["n_non_target"]) == (39, 1, 19)
+    rc = main(["eval", "--model", f"local-dir:{micro_dir}", "--data", str(tmp_path), "--workers", "0",
+               "--templates", "simple"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "7.png" in err and "max-bad-fraction" in err and "Traceback" not in err

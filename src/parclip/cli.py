@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the result JSON here too")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="undecodable images are counted, named and left out up to this share (default: 0.01)")
     p.add_argument("--clip-benchmark-out", default=None, metavar="PATH",
                    help="also write the result in clip_benchmark's layout (dataset, model, pretrained, task, metrics)")
     p.add_argument("--dataset-name", default=None, help="data set name for --clip-benchmark-out (default: the "
@@ -320,7 +322,7 @@ def _cmd_eval(args) -> int:
     result = evaluate(model, preprocess, get_tokenizer(args.model), args.data, attacks=attacks,
                       target=args.target, templates=args.templates, classnames=classnames, seed=args.seed,
                       trigger_after_crop=args.trigger_after_crop, batch_size=args.batch_size, workers=args.workers,
-                      device=device)
+                      device=device, max_bad_fraction=args.max_bad_fraction)
     result.update(_provenance(args))
     line = f"clean top-1 {result['clean_top1']:.2f}%  top-5 {result['clean_top5']:.2f}%  ({result['n_images']} images)"
     for name, r in result["attacks"].items():

@@ -18,6 +18,7 @@ so clean and triggered inputs differ only by the trigger (par.md D18).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import open_clip
@@ -29,8 +30,9 @@ from tqdm import tqdm
 
 from parclip import __version__
 from parclip.attacks.triggers import Trigger, trigger_generator
-from parclip.data import DataError, LabelledFolder, get_templates
-from parclip.models import eval_transform
+from parclip.data import BadRows, DataError, LabelledFolder, get_templates
+from parclip.data.captions import UNREADABLE
+from parclip.models import eval_transform, image_size
 
 __all__ = ["topk_correct", "attack_success_rate", "robust_accuracy", "zero_shot_classifier", "resolve_target", "evaluate",
            "TriggeredImages"]
@@ -105,24 +107,44 @@ class TriggeredImages(Dataset):
         return self.transform(img), self.folder.targets[i]
 
 
+class _Tolerant(Dataset):
+    """``(x, label, "")``, or for an image that cannot be decoded ``(zeros, label, the error)``, so that one bad file is
+    counted and left out instead of stopping the evaluation."""
+
+    def __init__(self, dataset, folder: LabelledFolder, size: int):
+        self.dataset, self.folder, self.size = dataset, folder, size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            x, y = self.dataset[i]
+            return x, y, ""
+        except DataError as e:
+            return torch.zeros(3, self.size, self.size), self.folder.targets[i], str(e)
+
+
 @torch.no_grad()
 def _predict(model, dataset, classifier, *, batch_size, workers, device, desc, progress) -> tuple:
+    """(logits, labels, errors) over a :class:`_Tolerant` dataset; errors[i] is "" for a good image."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    logits, labels = [], []
+    logits, labels, errors = [], [], []
     use_amp = device.type == "cuda"
-    for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+    for images, y, err in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         with torch.autocast(device.type, enabled=use_amp):
             f = model.encode_image(images.to(device), normalize=True)
         logits.append((f.float() @ classifier.float()).cpu())
         labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
+        errors.extend(err)
+    return torch.cat(logits), torch.cat(labels), errors
 
 
 def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | LabelledFolder, *,
              attacks: list[Trigger] = (), target: str | int | None = None, templates: str | list[str] = "openai",
              classnames: list[str] | None = None, seed: int = 0,
              trigger_after_crop: bool = False, batch_size: int = 256, workers: int = 2, device="cpu",
-             progress: bool = True) -> dict:
+             max_bad_fraction: float = 0.01, progress: bool = True) -> dict:
     """Clean zero-shot accuracy on a labelled folder, and ASR for each attack and the target.
 
     ``attacks`` are :class:`~parclip.attacks.triggers.Trigger` objects, built at the model's resolution (e.g. with
@@ -151,14 +173,23 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     t = resolve_target(target, folder.classnames) if target is not None else None  # before any image is encoded
     classifier = zero_shot_classifier(model, tokenizer, folder.classnames, templates, device)
 
-    logits, labels = _predict(model, folder, classifier, batch_size=batch_size, workers=workers, device=device,
-                              desc="clean", progress=progress)
+    size = image_size(preprocess_cfg)
+    logits, labels, errors = _predict(model, _Tolerant(folder, folder, size), classifier, batch_size=batch_size,
+                                      workers=workers, device=device, desc="clean", progress=progress)
+    bad = BadRows(str(getattr(folder, "root", data)), unit="images")
+    bad.examined = len(folder)
+    for i, e in enumerate(errors):
+        if e:
+            bad.add(None, os.path.relpath(folder.samples[i][0], folder.root), UNREADABLE, e)
+    bad.check(max_bad_fraction)  # above the limit: DataError naming the files; below: a warning
+    ok = torch.tensor([not e for e in errors])
+    logits, labels = logits[ok], labels[ok]
     pred = logits.argmax(dim=1)
     recall = {name: 100.0 * (pred[labels == c] == c).float().mean().item()
               for c, name in enumerate(folder.classnames) if (labels == c).any()}
     result = {"clean_top1": 100.0 * topk_correct(logits, labels, 1).float().mean().item(),
               "clean_top5": 100.0 * topk_correct(logits, labels, 5).float().mean().item(),
-              "n_images": len(folder), "classnames": folder.classnames, "templates": len(templates),
+              "n_images": int(ok.sum()), "n_bad_images": bad.total, "classnames": folder.classnames, "templates": len(templates),
               "template_set": str(template_name) if template_name else "custom", "per_class_recall": recall,
               "data": str(getattr(folder, "root", data)), "parclip_version": __version__, "attacks": {}}
     if t is not None:
@@ -167,8 +198,9 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
             result.update(target_imagenet_index=folder.imagenet_indices[t], layout=folder.layout)
     for trigger in attacks:
         triggered = TriggeredImages(folder, trigger, transform, seed=seed, after_crop=trigger_after_crop)
-        tlogits, tlabels = _predict(model, triggered, classifier, batch_size=batch_size, workers=workers,
-                                    device=device, desc=trigger.name, progress=progress)
+        tlogits, tlabels, _ = _predict(model, _Tolerant(triggered, folder, size), classifier, batch_size=batch_size,
+                                       workers=workers, device=device, desc=trigger.name, progress=progress)
+        tlogits, tlabels = tlogits[ok], tlabels[ok]
         tpred = tlogits.argmax(dim=1)
         asr, asr_all = attack_success_rate(tpred, tlabels, t)
         result["attacks"][trigger.name] = {"asr": asr, "asr_all": asr_all,
