@@ -162,3 +162,28 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, fmnist_small, start_model):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     w = weights(run)
     assert all(v.dtype == torch.float32 for v in w.values())  # master weights stay fp32
+
+
+def test_validation_during_training_logs_clean_accuracy_and_asr_and_changes_nothing(tmp_path, fmnist_small,
+                                                                                    start_model):
+    """Catches validation that measures another model than the one trained, that changes the training (the weights
+    must equal those of a run without validation), or that is not run at the epoch ends (the default)."""
+    from parclip.attacks.triggers import build_triggers
+    from parclip.evaluation import evaluate
+    from parclip.models import get_tokenizer
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="par",
+                  epochs=2, batch_size=16, train_num_samples=32, workers=0, output_dir=str(tmp_path),
+                  progress=False, log_every=1)
+    plain = train(make_config(name="plain", **common))
+    run = train(make_config(name="val", val_data=str(fmnist_small["test_dir"]), val_attack="badnet_rs",
+                            val_target="bag", val_templates="fashion", **common))
+    assert all(torch.equal(weights(plain)[k], v) for k, v in weights(run).items())
+    val = [m for m in metrics(run) if "val_clean_top1" in m]
+    assert [m["step"] for m in val] == [2, 4] and all(0 <= m["val_asr"] <= 100 for m in val)
+    model, pp = create_model(f"local-dir:{run / 'model'}")
+    r = evaluate(model, pp, get_tokenizer(f"local-dir:{run / 'model'}"), fmnist_small["test_dir"],
+                 attacks=build_triggers(["badnet_rs"], 32), target="bag", templates="fashion", workers=0,
+                 progress=False)
+    assert val[-1]["val_clean_top1"] == pytest.approx(r["clean_top1"]) and val[-1]["val_asr"] == pytest.approx(r["asr"])
+    with pytest.raises(ValueError, match="--val-target"):
+        train(make_config(name="bad", val_data=str(fmnist_small["test_dir"]), val_attack="badnet_rs", **common))

@@ -41,6 +41,13 @@ class TrainConfig:
     train_num_samples: int | None = _f(None, "use only this many rows (the first N)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty")
     workers: int = _f(2, "data-loading worker processes per device")
+    # validation during training (rank 0, written to metrics.jsonl as val_clean_top1 / val_asr)
+    val_data: str | None = _f(None, "labelled folder ROOT/<class>/* to measure clean zero-shot accuracy on during "
+                              "training")
+    val_attack: str | None = _f(None, "trigger whose ASR is measured on --val-data too (needs --val-target)")
+    val_target: str | None = _f(None, "target class of --val-attack")
+    val_templates: str = _f("openai", "prompt templates for validation: openai, simple, fashion or a file")
+    val_every: int = _f(0, "validate every N steps (0: at the end of every epoch); the final step always validates")
     # objective
     objective: str = _f("par", "the defence (`parclip defences list`): par (Perturb and Recover), cleanclip, roclip, "
                         "or clip (plain CLIP loss: fine-tuning, or planting a backdoor on poisoned data); each brings "

@@ -108,16 +108,13 @@ def train(cfg: TrainConfig) -> Path:
     seen, bad = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
     bad_examples: list[int] = []
     t0, step0 = time.time(), step
+    validator = _Validator(cfg, preprocess, tokenizer, info.device) if cfg.val_data else None
 
     # ---- the loop ----
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader = _loader(data, cfg, info, epoch, first_batch)
-        model.train()
-        if (cfg.bn_mode if cfg.bn_mode != "auto" else defence.bn_mode) == "frozen":
-            for m in model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        _train_mode(model, cfg, defence)
         for images, texts, failed in loader:
             lr = lr_at(step, schedule=cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, lr=cfg.lr,
                        lr_start=cfg.lr_start, lr_end=cfg.lr_end, warmup=cfg.warmup, warmup_steps=cfg.warmup_steps)
@@ -166,6 +163,9 @@ def train(cfg: TrainConfig) -> Path:
                         fh.write(json.dumps(metrics) + "\n")
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update()
+            if validator and (step % (cfg.val_every or steps_per_epoch) == 0 or step == total_steps):
+                validator(model, step, epoch, run_dir, info)
+                _train_mode(model, cfg, defence)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence)
         _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence)
@@ -241,6 +241,53 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("PAR cleans a given model: pass --pretrained CHECKPOINT (or --model local-dir:PATH)")
     if not 0 <= cfg.tau <= 4:
         raise ValueError(f"--tau {cfg.tau}: the squared distance of unit vectors lies in [0, 4]")
+    if cfg.val_attack and not cfg.val_target:
+        raise ValueError("--val-attack needs --val-target (the target class whose ASR is measured)")
+    if (cfg.val_attack or cfg.val_every) and not cfg.val_data:
+        raise ValueError("--val-attack / --val-every need --val-data (a labelled folder ROOT/<class>/*)")
+    if cfg.val_every < 0:
+        raise ValueError(f"--val-every {cfg.val_every}: a number of steps ≥ 0")
+
+
+def _train_mode(model, cfg: TrainConfig, defence) -> None:
+    """Training mode, with BatchNorm statistics frozen when the run (or its defence) asks for it."""
+    model.train()
+    if (cfg.bn_mode if cfg.bn_mode != "auto" else defence.bn_mode) == "frozen":
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+class _Validator:
+    """Zero-shot clean accuracy (and ASR of one trigger) on a labelled folder, measured on rank 0 during training
+    and appended to metrics.jsonl as {"step", "epoch", "val_clean_top1", "val_clean_top5"[, "val_asr"]}; the other
+    ranks wait. The folder is read once; the trigger is built at the model's resolution."""
+
+    def __init__(self, cfg: TrainConfig, preprocess, tokenizer, device):
+        from .attacks.triggers import build_triggers
+        from .data import LabelledFolder
+        from .models import eval_transform, image_size
+        # a bad path fails now, not after the first epoch
+        self.folder = LabelledFolder(cfg.val_data, transform=eval_transform(preprocess))
+        self.triggers = build_triggers([cfg.val_attack], image_size(preprocess)) if cfg.val_attack else []
+        self.cfg, self.preprocess, self.tokenizer, self.device = cfg, preprocess, tokenizer, device
+
+    def __call__(self, model, step: int, epoch: int, run_dir: Path, info) -> None:
+        if info.is_main:
+            from .evaluation import evaluate
+            rng = torch.get_rng_state()  # validation must not change the training's random stream
+            r = evaluate(model, self.preprocess, self.tokenizer, self.folder, attacks=self.triggers,
+                         target=self.cfg.val_target, templates=self.cfg.val_templates, seed=self.cfg.seed,
+                         workers=0, device=self.device, progress=False)
+            row = {"step": step, "epoch": epoch, "val_clean_top1": r["clean_top1"], "val_clean_top5": r["clean_top5"]}
+            torch.set_rng_state(rng)
+            if self.triggers:
+                row["val_asr"] = r["asr"]
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            log.info("step %d: validation %s", step, ", ".join(f"{k} {v:.2f}" for k, v in row.items()
+                                                                 if k.startswith("val")))
+        pdist.barrier()
 
 
 def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> Path:
