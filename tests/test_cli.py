@@ -8,8 +8,8 @@ import pytest
 from parclip.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["demo", "data", "poison", "train", "eval", "eval-retrieval", "report", "models",
-                                     "triggers", "attack"])
+@pytest.mark.parametrize("command", ["demo", "data", "poison", "train", "eval", "eval-retrieval", "report", "plot",
+                                     "models", "triggers", "attack"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

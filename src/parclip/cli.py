@@ -8,6 +8,7 @@
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
     parclip eval-retrieval            image↔text R@k and the retrieval ASR on a Karpathy JSON or a caption table
     parclip report RESULTS…           many eval results in one table (Markdown, CSV) and a clean-vs-ASR chart
+    parclip plot embeddings|tradeoff  t-SNE of clean and triggered embeddings; clean accuracy against ASR
     parclip models                    list the model architectures parclip can build
     parclip triggers list|show        the attack catalogue: a table of every trigger, or a PNG gallery of them
     parclip defences list             the cleaning methods (par, cleanclip, roclip, clip) and their presets
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the Markdown table here")
     p.add_argument("--csv", default=None, help="write the table as CSV here")
     p.add_argument("--plot", default=None, help="write a bar chart of clean accuracy and ASR per model (PNG)")
+    _add_plot_parser(sub)
 
     sub.add_parser("models", help="list the model architectures parclip can build (no download ever)",
                    description="Every open_clip architecture name parclip can build offline, plus parclip's own small "
@@ -401,6 +403,66 @@ def _cmd_eval_retrieval(args) -> int:
     return 0
 
 
+def _add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="pictures: t-SNE of embeddings, clean-vs-ASR trade-off",
+                       description="Pictures people look at: `embeddings` maps clean and triggered image embeddings "
+                       "of a model (and optionally a second one, e.g. after cleaning) to 2-D with t-SNE; `tradeoff` "
+                       "plots clean accuracy against ASR from `parclip eval` results.")
+    psub = _subcommands(p, "plot_command", "ACTION")
+    e = psub.add_parser("embeddings", help="t-SNE of clean and triggered image embeddings, before and after",
+                        description="One panel per model: clean images coloured by class (the target outlined), "
+                        "triggered images as black crosses. A backdoor gathers the crosses into one cluster.",
+                        epilog="example:\n  parclip plot embeddings --model local-dir:runs/poisoned/model "
+                        "--after local-dir:runs/par/model --data test/ --attack badnet_rs --target bag --out tsne.png",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(e)
+    e.add_argument("--after", default=None, metavar="MODEL", help="a second model (e.g. the cleaned one): "
+                   "architecture or local-dir:PATH, with --after-pretrained for a checkpoint file")
+    e.add_argument("--after-pretrained", default=None, help="checkpoint file of --after")
+    e.add_argument("--data", required=True, help="labelled folder ROOT/<class>/*")
+    e.add_argument("--attack", required=True, help="the trigger")
+    e.add_argument("--target", default=None, help="target class, outlined in the plot")
+    e.add_argument("--per-class", type=int, default=30, help="images per class (default: 30)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", default="embeddings.png", help="PNG to write (the coordinates go beside it as .json)")
+    _add_trigger_param_arg(e)
+    tr = psub.add_parser("tradeoff", help="clean accuracy against ASR from eval results",
+                         description="One point per (result file, attack) of `parclip eval` results.")
+    tr.add_argument("results", nargs="+", help="result JSON files")
+    tr.add_argument("--out", default="tradeoff.png", help="PNG to write")
+
+
+def _cmd_plot(args) -> int:
+    from parclip.evaluation import embeddings as emb
+
+    if args.plot_command == "tradeoff":
+        print(f"wrote {emb.plot_tradeoff(args.out, args.results)}")
+        return 0
+    from parclip.attacks.triggers import build_triggers, parse_trigger_params
+    from parclip.data import LabelledFolder
+    from parclip.models import image_size
+
+    folder = LabelledFolder(args.data)
+    if args.target:
+        from parclip.evaluation import resolve_target
+        resolve_target(args.target, folder.classnames)  # before any model runs
+    maps, pp = {}, None
+    for label, model_name, pretrained in (("before", args.model, args.pretrained),
+                                          ("after", args.after, args.after_pretrained)):
+        if model_name is None:
+            continue
+        args.model, args.pretrained = model_name, pretrained
+        model, pp, _ = _load_model(args)
+        (trigger,) = build_triggers([args.attack], image_size(pp), parse_trigger_params(args.trigger_param))
+        name = f"{label}: {Path(pretrained).name if pretrained else model_name}"
+        maps[name] = emb.embedding_map(model, pp, folder, trigger, per_class=args.per_class, seed=args.seed)
+    out = emb.plot_embeddings(args.out, maps, folder.classnames, args.target)
+    emb.save_map(Path(args.out).with_suffix(".json"), maps)
+    print(f"wrote {out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from parclip.evaluation.report import format_markdown, report_rows, write_report
 
@@ -486,7 +548,7 @@ def _cmd_defences(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
-            "eval-retrieval": _cmd_eval_retrieval, "report": _cmd_report,
+            "eval-retrieval": _cmd_eval_retrieval, "report": _cmd_report, "plot": _cmd_plot,
             "models": _cmd_models, "triggers": _cmd_triggers, "defences": _cmd_defences, "attack": _cmd_attack}
 
 
