@@ -104,6 +104,7 @@ def plot_tradeoff(path, results: list[str | Path]) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from .report import report_rows
     rows = [r for r in report_rows(results) if r["task"] == "zero-shot"]
     if not rows:
