@@ -10,7 +10,6 @@ with a JSON sidecar.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -33,7 +32,7 @@ from ..data import IMAGE_EXTENSIONS, CaptionDataset, DataError, fill, get_templa
 from ..models import image_size, normalize
 from ..objectives import clip_loss, triplet_loss
 from ..utils.checks import check_int
-from ..utils.files import atomic_write, write_json
+from ..utils.files import atomic_write, sha256_file, write_json
 from .triggers import pil_to_uint8, squash_resize, trigger_generator
 from .triggers.badclip import center_offset, default_patch_size
 
@@ -485,7 +484,7 @@ def _save_outputs(result: PatchResult, out: str | os.PathLike) -> None:
     out = Path(out)
     save_patch_png(result.patch, out)
     result.info["patch_file"] = out.name
-    result.info["patch_sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    result.info["patch_sha256"] = sha256_file(out)
     result.path = out
     result.json_path = _sidecar_path(out)
     write_json(result.json_path, result.info)

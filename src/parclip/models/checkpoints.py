@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,8 @@ import zipfile
 from collections.abc import Mapping
 
 import torch
+
+from ..utils.files import sha256_file
 
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
@@ -106,13 +107,7 @@ def weights_sha256(model: str, pretrained: str | None = None) -> str | None:
     file; None for a name or tag with nothing local to hash. Recorded in results, so a number names its checkpoint."""
     folder = local_dir(model)
     path = pathlib.Path(pretrained) if pretrained else (find_dir_weights(folder) if folder else None)
-    if path is None or not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path) if path is not None and path.is_file() else None
 
 
 def find_dir_weights(folder: pathlib.Path) -> pathlib.Path | None:

@@ -9,13 +9,14 @@ any moment leaves the old file or the new one, never half of one; the temporary 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["replacing", "atomic_write", "atomic_open", "write_text", "write_json"]
+__all__ = ["replacing", "atomic_write", "atomic_open", "write_text", "write_json", "sha256_file"]
 
 
 def _umask() -> int:
@@ -83,3 +84,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON (UTF-8, not ASCII-escaped, a newline at the end) to ``path`` atomically."""
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

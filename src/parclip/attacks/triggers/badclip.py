@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ...utils.files import sha256_file
 from ._pattern_files import load_tensor_file
 from .base import REFERENCE_IMAGE_SIZE, Trigger, check_int, paste, register, scaled_size
 
@@ -60,14 +61,6 @@ def center_offset(image_size: int, patch_size: int) -> int:
 def default_patch_size(image_size: int) -> int:
     """16 px at 224, scaled linearly with the image (``scaled_size(16, S)``: 24 at 336, 2 at 28)."""
     return scaled_size(BADCLIP_PATCH_SIZE, image_size)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha256_tensor(t: torch.Tensor) -> str:
@@ -187,7 +180,7 @@ class BadCLIPPatch(Trigger):
         if isinstance(patch, (str, os.PathLike)):
             path = Path(patch).expanduser()
             raw = load_patch(path)
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
             from_image = path.suffix.lower() not in ARRAY_SUFFIXES
             self.patch = os.fspath(patch)
             where = str(path)
