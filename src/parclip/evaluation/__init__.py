@@ -1,5 +1,6 @@
 """Evaluation: the metrics a cleaned or poisoned model is judged by.
 
+    encode.py             encoding evaluation images with bad files counted and left out (shared)
     zero_shot.py          zero-shot classification on a labelled folder: clean top-1/top-5 and the attack success rate
     retrieval_metrics.py  image↔text R@k and the retrieval ASR as pure functions of embeddings
     retrieval.py          retrieval evaluation of a model on a Karpathy JSON or a caption table

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
-from parclip.attacks.triggers import Trigger, trigger_generator
+from parclip.attacks.triggers import Trigger
 from parclip.data import DataError, LabelledFolder
-from parclip.models import eval_transform
+from parclip.models import eval_transform, image_size
+
+from .encode import Tolerant, encode_images, usable
+from .zero_shot import TriggeredImages
 
 __all__ = ["sample_per_class", "image_embeddings", "tsne_2d", "embedding_map", "plot_embeddings", "plot_tradeoff",
            "save_map"]
@@ -35,21 +39,17 @@ def sample_per_class(labels: list[int], per_class: int, seed: int = 0) -> list[i
     return sorted(out)
 
 
-@torch.no_grad()
 def image_embeddings(model, preprocess_cfg: dict, folder: LabelledFolder, indices: list[int],
                      trigger: Trigger | None = None, seed: int = 0, batch_size: int = 128) -> torch.Tensor:
-    """L2-normalised image embeddings [len(indices), d], triggered (seeded per image, as in evaluation) or not."""
-    transform = eval_transform(preprocess_cfg)
+    """L2-normalised image embeddings [len(indices), d], triggered (seeded per image, as in evaluation) or not.
+    A bad image is a DataError naming it: a map silently missing points would mislead."""
     model.eval()
-    device = next(model.parameters()).device
-    feats = []
-    for b in range(0, len(indices), batch_size):
-        imgs = []
-        for i in indices[b:b + batch_size]:
-            img = folder.load_image(i)
-            imgs.append(transform(trigger(img, generator=trigger_generator(seed, i)) if trigger else img))
-        feats.append(model.encode_image(torch.stack(imgs).to(device), normalize=True).float().cpu())
-    return torch.cat(feats)
+    images = Subset(TriggeredImages(folder, trigger, eval_transform(preprocess_cfg), seed=seed), indices)
+    feats, errors = encode_images(model, Tolerant(images, image_size(preprocess_cfg)), batch_size=batch_size,
+                                  workers=0, device=next(model.parameters()).device, desc="embeddings",
+                                  progress=False)
+    usable(errors, [str(folder.samples[i][0]) for i in indices], str(folder.root), 0.0)
+    return feats
 
 
 def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:

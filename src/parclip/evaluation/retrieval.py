@@ -10,48 +10,35 @@ above it a :class:`~parclip.data.DataError` says which.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from parclip.attacks.triggers import Trigger, trigger_generator
-from parclip.data import BadRows, DataError, open_rgb
+from parclip.data import open_rgb
 from parclip.data.retrieval import RetrievalSet
 from parclip.data.targets import target_pattern
 from parclip.models import eval_transform, image_size
 
+from .encode import Tolerant, encode_images, usable
 from .retrieval_metrics import image_asr, recall_at_k, text_asr
 
 __all__ = ["evaluate_retrieval"]
 
 
 class _Images(Dataset):
-    """The set's images, optionally triggered; a bad file gives a zero image and its error message."""
+    """The set's images, optionally triggered (per-image randomness seeded as in zero-shot evaluation)."""
 
-    def __init__(self, paths, transform, size: int, trigger: Trigger | None = None, seed: int = 0):
-        self.paths, self.transform, self.size, self.trigger, self.seed = paths, transform, size, trigger, seed
+    def __init__(self, paths, transform, trigger: Trigger | None = None, seed: int = 0):
+        self.paths, self.transform, self.trigger, self.seed = paths, transform, trigger, seed
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            img = open_rgb(self.paths[i])
-        except DataError as e:
-            return torch.zeros(3, self.size, self.size), str(e)
+        img = open_rgb(self.paths[i])
         if self.trigger is not None:
             img = self.trigger(img, generator=trigger_generator(self.seed, i))
-        return self.transform(img), ""
-
-
-@torch.no_grad()
-def _encode_images(model, dataset, *, batch_size, workers, device, desc, progress):
-    feats, errors = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    for x, err in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            feats.append(model.encode_image(x.to(device), normalize=True).float().cpu())
-        errors.extend(err)
-    return torch.cat(feats), errors
+        return self.transform(img)
 
 
 @torch.no_grad()
@@ -82,15 +69,9 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
     model = model.to(device).eval()
     transform, size = eval_transform(preprocess_cfg), image_size(preprocess_cfg)
 
-    img, errors = _encode_images(model, _Images(data.images, transform, size), batch_size=batch_size,
-                                 workers=workers, device=device, desc="clean images", progress=progress)
-    bad = BadRows(data.source, unit="images")
-    bad.examined = len(data.images)
-    for i, e in enumerate(errors):
-        if e:
-            bad.add(None, str(data.images[i]), "unreadable", e)
-    bad.check(max_bad_fraction)
-    ok = torch.tensor([not e for e in errors])
+    encode = dict(batch_size=batch_size, workers=workers, device=device, progress=progress)
+    img, errors = encode_images(model, Tolerant(_Images(data.images, transform), size), desc="clean images", **encode)
+    ok, bad = usable(errors, [str(p) for p in data.images], data.source, max_bad_fraction)
     new_index = torch.cumsum(ok.long(), 0) - 1
     owner = torch.tensor(data.owner)
     keep_caption = ok[owner]
@@ -114,8 +95,8 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
         names = torch.tensor([pattern.search(c) is not None for c in captions])
         result.update(target=target, n_target_captions=int(names.sum()))
     for trigger in attacks:
-        timg, _ = _encode_images(model, _Images(data.images, transform, size, trigger, seed), batch_size=batch_size,
-                                 workers=workers, device=device, desc=trigger.name, progress=progress)
+        timg, _ = encode_images(model, Tolerant(_Images(data.images, transform, trigger, seed), size),
+                                desc=trigger.name, **encode)
         timg = timg[ok]
         result["attacks"][trigger.name] = {"recall": recall_at_k(timg, txt, owner, ks),
                                            **text_asr(timg, txt, names, owner, asr_k),

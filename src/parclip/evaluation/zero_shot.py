@@ -23,19 +23,19 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-from tqdm import tqdm
 
 from parclip import __version__
 from parclip.attacks.triggers import Trigger, trigger_generator
-from parclip.data import BadRows, DataError, LabelledFolder, get_templates
-from parclip.data.captions import UNREADABLE
+from parclip.data import DataError, LabelledFolder, get_templates
 from parclip.models import eval_transform, image_size
 
-__all__ = ["topk_correct", "attack_success_rate", "robust_accuracy", "zero_shot_classifier", "resolve_target", "evaluate",
-           "TriggeredImages"]
+from .encode import Tolerant, encode_images, usable
+
+__all__ = ["topk_correct", "attack_success_rate", "robust_accuracy", "zero_shot_classifier", "resolve_target",
+           "evaluate", "TriggeredImages"]
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,14 +87,14 @@ def resolve_target(target: str | int, classnames: list[str]) -> int:
 
 class TriggeredImages(Dataset):
     """A labelled folder seen through a trigger: per-image randomness comes from trigger_generator(seed, index), so
-    evaluating the same checkpoint twice gives the same ASR."""
+    evaluating the same checkpoint twice gives the same ASR. `trigger=None`: the clean images, same transform."""
 
-    def __init__(self, folder: LabelledFolder, trigger: Trigger, transform, *, seed: int = 0,
+    def __init__(self, folder: LabelledFolder, trigger: Trigger | None, transform, *, seed: int = 0,
                  after_crop: bool = False):
         self.folder, self.trigger, self.transform, self.seed = folder, trigger, transform, seed
-        size = trigger.image_size
+        size = trigger.image_size if trigger is not None else None
         self.crop = (T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size)])
-                     if after_crop else None)
+                     if after_crop and trigger is not None else None)
 
     def __len__(self):
         return len(self.folder)
@@ -103,41 +103,15 @@ class TriggeredImages(Dataset):
         img = self.folder.load_image(i)
         if self.crop is not None:
             img = self.crop(img)
-        img = self.trigger(img, generator=trigger_generator(self.seed, i))
+        if self.trigger is not None:
+            img = self.trigger(img, generator=trigger_generator(self.seed, i))
         return self.transform(img), self.folder.targets[i]
 
 
-class _Tolerant(Dataset):
-    """``(x, label, "")``, or for an image that cannot be decoded ``(zeros, label, the error)``, so that one bad file is
-    counted and left out instead of stopping the evaluation."""
-
-    def __init__(self, dataset, folder: LabelledFolder, size: int):
-        self.dataset, self.folder, self.size = dataset, folder, size
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        try:
-            x, y = self.dataset[i]
-            return x, y, ""
-        except DataError as e:
-            return torch.zeros(3, self.size, self.size), self.folder.targets[i], str(e)
-
-
-@torch.no_grad()
-def _predict(model, dataset, classifier, *, batch_size, workers, device, desc, progress) -> tuple:
-    """(logits, labels, errors) over a :class:`_Tolerant` dataset; errors[i] is "" for a good image."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    logits, labels, errors = [], [], []
-    use_amp = device.type == "cuda"
-    for images, y, err in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, enabled=use_amp):
-            f = model.encode_image(images.to(device), normalize=True)
-        logits.append((f.float() @ classifier.float()).cpu())
-        labels.append(y)
-        errors.extend(err)
-    return torch.cat(logits), torch.cat(labels), errors
+def _predict(model, dataset, classifier, *, size, **kw) -> tuple[torch.Tensor, list[str]]:
+    """(zero-shot logits of every item, its load error or ""), the items made tolerant of bad files."""
+    feats, errors = encode_images(model, Tolerant(dataset, size), **kw)
+    return feats @ classifier.float().cpu(), errors
 
 
 def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | LabelledFolder, *,
@@ -173,38 +147,32 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     t = resolve_target(target, folder.classnames) if target is not None else None  # before any image is encoded
     classifier = zero_shot_classifier(model, tokenizer, folder.classnames, templates, device)
 
-    size = image_size(preprocess_cfg)
-    logits, labels, errors = _predict(model, _Tolerant(folder, folder, size), classifier, batch_size=batch_size,
-                                      workers=workers, device=device, desc="clean", progress=progress)
-    bad = BadRows(str(getattr(folder, "root", data)), unit="images")
-    bad.examined = len(folder)
-    for i, e in enumerate(errors):
-        if e:
-            bad.add(None, os.path.relpath(folder.samples[i][0], folder.root), UNREADABLE, e)
-    bad.check(max_bad_fraction)  # above the limit: DataError naming the files; below: a warning
-    ok = torch.tensor([not e for e in errors])
-    logits, labels = logits[ok], labels[ok]
+    encode = dict(size=image_size(preprocess_cfg), batch_size=batch_size, workers=workers, device=device,
+                  progress=progress)
+    logits, errors = _predict(model, folder, classifier, desc="clean", **encode)
+    ok, bad = usable(errors, [os.path.relpath(p, folder.root) for p, _ in folder.samples], str(folder.root),
+                     max_bad_fraction)  # above the limit: DataError naming the files; below: a warning
+    labels = torch.tensor(folder.targets)[ok]
+    logits = logits[ok]
     pred = logits.argmax(dim=1)
     recall = {name: 100.0 * (pred[labels == c] == c).float().mean().item()
               for c, name in enumerate(folder.classnames) if (labels == c).any()}
     result = {"clean_top1": 100.0 * topk_correct(logits, labels, 1).float().mean().item(),
               "clean_top5": 100.0 * topk_correct(logits, labels, 5).float().mean().item(),
-              "n_images": int(ok.sum()), "n_bad_images": bad.total, "classnames": folder.classnames, "templates": len(templates),
-              "template_set": str(template_name) if template_name else "custom", "per_class_recall": recall,
-              "data": str(getattr(folder, "root", data)), "parclip_version": __version__, "attacks": {}}
+              "n_images": int(ok.sum()), "n_bad_images": bad.total, "classnames": folder.classnames,
+              "templates": len(templates), "template_set": str(template_name) if template_name else "custom",
+              "per_class_recall": recall, "data": str(folder.root), "parclip_version": __version__, "attacks": {}}
     if t is not None:
         result.update(target=folder.classnames[t], target_index=t, n_non_target=int((labels != t).sum()))
         if getattr(folder, "imagenet_indices", None) is not None:  # e.g. a 200-class ImageNet-A/-R subset
             result.update(target_imagenet_index=folder.imagenet_indices[t], layout=folder.layout)
     for trigger in attacks:
         triggered = TriggeredImages(folder, trigger, transform, seed=seed, after_crop=trigger_after_crop)
-        tlogits, tlabels, _ = _predict(model, _Tolerant(triggered, folder, size), classifier, batch_size=batch_size,
-                                       workers=workers, device=device, desc=trigger.name, progress=progress)
-        tlogits, tlabels = tlogits[ok], tlabels[ok]
-        tpred = tlogits.argmax(dim=1)
-        asr, asr_all = attack_success_rate(tpred, tlabels, t)
+        tlogits, _ = _predict(model, triggered, classifier, desc=trigger.name, **encode)
+        tpred = tlogits[ok].argmax(dim=1)
+        asr, asr_all = attack_success_rate(tpred, labels, t)
         result["attacks"][trigger.name] = {"asr": asr, "asr_all": asr_all,
-                                           "robust_acc": robust_accuracy(tpred, tlabels, t),
+                                           "robust_acc": robust_accuracy(tpred, labels, t),
                                            "params": trigger.params(),
                                            "seed": seed, "trigger_after_crop": trigger_after_crop}
     if len(result["attacks"]) == 1:
