@@ -158,45 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 """, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
 
-    # eval
-    p = sub.add_parser("eval", help="zero-shot clean accuracy and ASR on a labelled image folder",
-                       description="Clean top-1/top-5 zero-shot accuracy on ROOT/<class>/*, and for each --attack "
-                       "the ASR: asr excludes images of the target class, asr_all counts all (the PAR paper's "
-                       "convention). Triggers use seeded per-image randomness, so results repeat exactly.")
-    _add_model_args(p)
-    p.add_argument("--data", required=True, help="labelled folder ROOT/<class>/*")
-    p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
-    p.add_argument("--target", default=None, help="target class name or index (needed with --attack)")
-    p.add_argument("--templates", default="openai", help="prompt templates: openai (80), simple, fashion or a file")
-    p.add_argument("--classnames", default=None, help="file with one class name per line (default: folder names, "
-                   "or ImageNet names for 1000 WordNet-id folders)")
-    p.add_argument("--trigger-after-crop", action="store_true",
-                   help="trigger after resize+centre-crop instead of after the reference's squash-resize")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-image trigger randomness")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="write the result JSON here too")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="undecodable images are counted, named and left out up to this share (default: 0.01)")
-    p.add_argument("--clip-benchmark-out", default=None, metavar="PATH",
-                   help="also write the result in clip_benchmark's layout (dataset, model, pretrained, task, metrics)")
-    p.add_argument("--dataset-name", default=None, help="data set name for --clip-benchmark-out (default: the "
-                   "folder's name)")
-    _add_trigger_param_arg(p)
-
-    _add_eval_retrieval_parser(sub)
-    p = sub.add_parser("report", help="gather eval results into one table and a chart",
-                       description="Read any number of `parclip eval` / `parclip eval-retrieval` result JSONs and "
-                       "print one table: model, task, clean accuracy (zero-shot top-1 or image→text R@1) and the ASR "
-                       "of every attack (asr, or asr_text for retrieval).",
-                       epilog="example:\n  parclip report results/*.json --out table.md --csv table.csv --plot "
-                       "table.png", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", help="result JSON files")
-    p.add_argument("--out", default=None, help="write the Markdown table here")
-    p.add_argument("--csv", default=None, help="write the table as CSV here")
-    p.add_argument("--plot", default=None, help="write a bar chart of clean accuracy and ASR per model (PNG)")
-    _add_plot_parser(sub)
+    _add_eval_parsers(sub)
 
     sub.add_parser("models", help="list the model architectures parclip can build (no download ever)",
                    description="Every open_clip architecture name parclip can build offline, plus parclip's own small "
@@ -250,14 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(args):
-    """(model, preprocess_cfg, device) from the shared --model/--pretrained/--device flags."""
+def _load_model(args, model_name: str | None = None, pretrained: str | None = None):
+    """(model, preprocess_cfg, device) from the shared --model/--pretrained/--device flags (or the given model and
+    checkpoint with the same --device and loading flags)."""
     import torch
 
     from parclip.models import create_model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, preprocess = create_model(args.model, args.pretrained, device=device,
+    model, preprocess = create_model(model_name or args.model, pretrained if model_name else args.pretrained,
+                                     device=device,
                                      force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
     return model, preprocess, device
 
@@ -316,7 +280,6 @@ def _cmd_eval(args) -> int:
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
     from parclip.evaluation import evaluate
     from parclip.models import get_tokenizer, image_size
-    from parclip.utils.files import write_text
 
     model, preprocess, device = _load_model(args)
     classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
@@ -329,17 +292,71 @@ def _cmd_eval(args) -> int:
     line = f"clean top-1 {result['clean_top1']:.2f}%  top-5 {result['clean_top5']:.2f}%  ({result['n_images']} images)"
     for name, r in result["attacks"].items():
         line += f"\n{name}: ASR {r['asr']:.2f}% (asr_all {r['asr_all']:.2f}%, target {result['target']})"
-    print(line)
-    text = json.dumps({k: v for k, v in result.items() if k != "classnames"}, indent=2)
     if args.clip_benchmark_out:
         from parclip.evaluation.report import to_clip_benchmark
         from parclip.utils.files import write_json
         write_json(args.clip_benchmark_out, to_clip_benchmark(result, args.dataset_name or Path(args.data).name))
-    if args.out:
-        write_text(args.out, text + "\n")
+    return _emit(line, {k: v for k, v in result.items() if k != "classnames"}, args.out)
+
+
+def _emit(summary: str, result: dict, out: str | None) -> int:
+    """Print an evaluation's summary lines, then write its JSON to `out` (or print it when there is none)."""
+    from parclip.utils.files import write_text
+
+    print(summary)
+    text = json.dumps(result, indent=2)
+    if out:
+        write_text(out, text + "\n")
     else:
         print(text)
     return 0
+
+
+def _add_eval_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags every evaluation command shares: trigger seed, batching, device, output, bad-image limit."""
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-image trigger randomness")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the result JSON here too")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="undecodable images are counted, named and left out (retrieval: with their captions) up to "
+                   "this share (default: 0.01)")
+    _add_trigger_param_arg(p)
+
+
+def _add_eval_parsers(sub) -> None:
+    """eval, eval-retrieval, report and plot."""
+    p = sub.add_parser("eval", help="zero-shot clean accuracy and ASR on a labelled image folder",
+                       description="Clean top-1/top-5 zero-shot accuracy on ROOT/<class>/*, and for each --attack "
+                       "the ASR: asr excludes images of the target class, asr_all counts all (the PAR paper's "
+                       "convention). Triggers use seeded per-image randomness, so results repeat exactly.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="labelled folder ROOT/<class>/*")
+    p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
+    p.add_argument("--target", default=None, help="target class name or index (needed with --attack)")
+    p.add_argument("--templates", default="openai", help="prompt templates: openai (80), simple, fashion or a file")
+    p.add_argument("--classnames", default=None, help="file with one class name per line (default: folder names, "
+                   "or ImageNet names for 1000 WordNet-id folders)")
+    p.add_argument("--trigger-after-crop", action="store_true",
+                   help="trigger after resize+centre-crop instead of after the reference's squash-resize")
+    p.add_argument("--clip-benchmark-out", default=None, metavar="PATH",
+                   help="also write the result in clip_benchmark's layout (dataset, model, pretrained, task, metrics)")
+    p.add_argument("--dataset-name", default=None, help="data set name for --clip-benchmark-out (default: the "
+                   "folder's name)")
+    _add_eval_run_args(p)
+    _add_eval_retrieval_parser(sub)
+    p = sub.add_parser("report", help="gather eval results into one table and a chart",
+                       description="Read any number of `parclip eval` / `parclip eval-retrieval` result JSONs and "
+                       "print one table: model, task, clean accuracy (zero-shot top-1 or image→text R@1) and the ASR "
+                       "of every attack (asr, or asr_text for retrieval).",
+                       epilog="example:\n  parclip report results/*.json --out table.md --csv table.csv --plot "
+                       "table.png", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="result JSON files")
+    p.add_argument("--out", default=None, help="write the Markdown table here")
+    p.add_argument("--csv", default=None, help="write the table as CSV here")
+    p.add_argument("--plot", default=None, help="write a bar chart of clean accuracy and ASR per model (PNG)")
+    _add_plot_parser(sub)
 
 
 def _add_eval_retrieval_parser(sub) -> None:
@@ -363,14 +380,7 @@ def _add_eval_retrieval_parser(sub) -> None:
     p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
     p.add_argument("--target", default=None, help="target word (needed with --attack), e.g. banana")
     p.add_argument("--asr-k", type=int, default=5, help="top-k of the retrieval ASR (default: 5, the reference's)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="undecodable images are skipped (with their captions) up to this share (default: 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-image trigger randomness")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="write the result JSON here too")
-    _add_trigger_param_arg(p)
+    _add_eval_run_args(p)
 
 
 def _cmd_eval_retrieval(args) -> int:
@@ -378,7 +388,6 @@ def _cmd_eval_retrieval(args) -> int:
     from parclip.data.retrieval import read_retrieval
     from parclip.evaluation import evaluate_retrieval
     from parclip.models import get_tokenizer, image_size
-    from parclip.utils.files import write_text
 
     data = read_retrieval(args.data, root=args.data_root, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
                           clean=not args.raw_captions)
@@ -394,13 +403,7 @@ def _cmd_eval_retrieval(args) -> int:
         lines.append(f"{name}: {fmt(a['recall'])}\n  asr_text {a['asr_text']:.2f}%  asr_text_strict "
                      f"{a['asr_text_strict']:.2f}%  asr_image {a['asr_image']:.2f}% (target {r['target']}, "
                      f"top {a['k']})")
-    print("\n".join(lines))
-    text = json.dumps(r, indent=2)
-    if args.out:
-        write_text(args.out, text + "\n")
-    else:
-        print(text)
-    return 0
+    return _emit("\n".join(lines), r, args.out)
 
 
 def _add_plot_parser(sub) -> None:
@@ -452,8 +455,7 @@ def _cmd_plot(args) -> int:
                                           ("after", args.after, args.after_pretrained)):
         if model_name is None:
             continue
-        args.model, args.pretrained = model_name, pretrained
-        model, pp, _ = _load_model(args)
+        model, pp, _ = _load_model(args, model_name, pretrained)
         (trigger,) = build_triggers([args.attack], image_size(pp), parse_trigger_params(args.trigger_param))
         name = f"{label}: {Path(pretrained).name if pretrained else model_name}"
         maps[name] = emb.embedding_map(model, pp, folder, trigger, per_class=args.per_class, seed=args.seed)
