@@ -334,18 +334,13 @@ def stage_plant(s: Settings, attack: str, foundation: dict, split: dict, patch: 
         t2 = time.time()
         test = evaluate_model(model, test_dir(s), [trigger], s)
         before = evaluate_model(Path(foundation["model"]), test_dir(s), [trigger], s)  # the trigger's natural ASR
-        val = evaluate_model(model, Path(split["val_dir"]), [trigger], s) if s.lr_grid else None
         return {"model": str(model), "n_poison": m["n_poison"], "n_rows": m["n_rows"], "test": flat(test, attack),
-                "foundation_test": flat(before, attack),
-                "val": flat(val, attack) if val else None,
+                "foundation_test": flat(before, attack), "val": None,
                 "minutes": {"poison": round((t1 - t0) / 60, 2), "train": round((t2 - t1) / 60, 2),
                             "eval": round((time.time() - t2) / 60, 2)}}
 
-    rec = cached(run.parent / f"plant-{attack}.json", spec, compute, run)
-    if s.lr_grid and rec.get("val") is None:  # planted before grid selection was asked for: add its val numbers
-        rec["val"] = flat(evaluate_model(Path(rec["model"]), Path(split["val_dir"]), [trigger], s), attack)
-        write_json(run.parent / f"plant-{attack}.json", rec)
-    return rec
+    return with_val(s, cached(run.parent / f"plant-{attack}.json", spec, compute, run),
+                    run.parent / f"plant-{attack}.json", trigger, attack)
 
 
 # ------------------------------------------------------------------------------------------------ stage C
@@ -369,17 +364,19 @@ def clean_config(s: Settings, defence: str, plant: dict, lr: float, **knobs):
 
 def train_run(s: Settings, run: Path, cfg, plant: dict, trigger, attack: str) -> dict:
     """Train (cached, resumable) one cleaning run; with --lr-grid also evaluate it on the validation split."""
-    def validate(model) -> dict:
-        return flat(evaluate_model(Path(model), Path(s.cache) / "data" / "val", [trigger], s), attack)
-
     def compute():
-        model = run_training(cfg)
-        return {"model": str(model), "lr": cfg.lr, "val": validate(model) if s.lr_grid else None}
+        return {"model": str(run_training(cfg)), "lr": cfg.lr, "val": None}
 
     rec = cached(run / "result.json", {"plant": plant["key"], "train": config_spec(cfg)}, compute, run)
-    if s.lr_grid and rec.get("val") is None:  # trained for a fixed-rate matrix or a curve: add its val numbers
-        rec["val"] = validate(rec["model"])
-        write_json(run / "result.json", rec)
+    return with_val(s, rec, run / "result.json", trigger, attack)
+
+
+def with_val(s: Settings, rec: dict, path: Path, trigger, attack: str) -> dict:
+    """With --lr-grid, the record's model evaluated on the validation split (once: a record computed for a fixed-rate
+    matrix, a curve or a plant gets its numbers when a grid first needs them, and keeps them in `path`)."""
+    if s.lr_grid and rec.get("val") is None:
+        rec["val"] = flat(evaluate_model(Path(rec["model"]), Path(s.cache) / "data" / "val", [trigger], s), attack)
+        write_json(path, rec)
     return rec
 
 
