@@ -21,6 +21,7 @@ from parclip.data import (
     read_table,
     write_table,
 )
+from parclip.data.retrieval import pre_caption, read_retrieval
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(fashion_mnist.DATA_DIR),
                                   reason="Debian package dataset-fashion-mnist not installed")
@@ -389,6 +390,19 @@ def test_fashion_mnist_export(fmnist_small):
         assert test.classnames[label] == FASHION_CLASSES[yt[idx]]
         with Image.open(path) as im:
             assert np.array_equal(np.asarray(im), xt[idx])
+
+    ret = read_retrieval(p["retrieval_csv"])  # the retrieval set: 5 captions from distinct templates per test image
+    n_ret = 300  # every test image of the small export (fewer than retrieval_images = 1000)
+    assert [Path(im) for im in ret.images] == [Path(p["root"]) / f"test/{FASHION_CLASSES[yt[i]].replace(' ', '_')}/"
+                                               f"{i:05d}.png" for i in range(n_ret)]
+    assert len(ret.captions) == 5 * n_ret and ret.owner == [i for i in range(n_ret) for _ in range(5)]
+    first = ret.captions[:5]
+    for i in range(0, n_ret, 29):  # five distinct templates, the same for every image, filled with its class
+        own = ret.captions[5 * i:5 * i + 5]
+        assert len(set(own)) == 5
+        assert set(own) <= {pre_caption(fill(t, FASHION_CLASSES[yt[i]])) for t in templates}
+        assert [c.replace(pre_caption(FASHION_CLASSES[yt[i]]), "{}") for c in own] == \
+            [c.replace(pre_caption(FASHION_CLASSES[yt[0]]), "{}") for c in first]
 
 
 @needs_fmnist

@@ -1,6 +1,7 @@
 """The demo pipeline end to end on a small slice (the full demo runs in the README's first command)."""
 import json
 
+import pytest
 import yaml
 
 from parclip import demo
@@ -21,11 +22,24 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path, monkeypatch, 
     _tiny(monkeypatch, holdout=300, n_train=1300, n_test=300, plant_rows=500, batch=100)
     r = demo.run_demo(tmp_path, attack="badnet_rs", target="bag")
     out = capsys.readouterr().out
-    assert "model        | clean top-1 |     ASR" in out and "fine-tuning" in out
+    assert "model        | clean top-1 |         ASR |     i2t R@1 |     t2i R@1 |   retr. ASR" in out
+    assert "fine-tuning" in out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [row["model"] for row in saved["rows"]] == ["foundation", "poisoned", "fine-tuning", "PAR"]
     for row in saved["rows"]:
         assert {"model", "clean_top1", "asr", "asr_all"} <= set(row)
+        assert (row["retrieval"]["n_images"], row["retrieval"]["n_captions"]) == (300, 1500)  # every test image, 5 each
+    # the retrieval row is the PAR model's on the test images' caption table, identical captions interchangeable
+    from parclip.data.retrieval import read_retrieval
+    from parclip.evaluation import evaluate_retrieval
+    from parclip.models import create_model, get_tokenizer
+    par = f"local-dir:{tmp_path / 'runs' / 'par-badnet_rs' / 'model'}"
+    model, pp = create_model(par)
+    trig = demo._demo_triggers(["badnet_rs"], None)["badnet_rs"]
+    ret = evaluate_retrieval(model, pp, get_tokenizer(par), read_retrieval(tmp_path / "fashion-mnist" / "retrieval.csv"),
+                             attacks=[trig], target="bag", workers=0, progress=False, merge_identical=True)
+    assert saved["rows"][-1]["retrieval"]["i2t_r1"] == pytest.approx(ret["clean"]["i2t"][1])
+    assert saved["rows"][-1]["retrieval"]["asr_text"] == pytest.approx(ret["attacks"]["badnet_rs"]["asr_text"])
     assert saved["trigger"]["patch_size"] == 8 and r["attack"] == "badnet_rs"
     assert (tmp_path / "results.png").stat().st_size > 10_000
     manifest = json.loads((tmp_path / "poisoned-badnet_rs" / "manifest.json").read_text())

@@ -39,6 +39,31 @@ def test_recall_at_k_equals_a_brute_force_count(monkeypatch):
     assert 0 < r["i2t"][1] < r["i2t"][10] and 0 < r["t2i"][1] < r["t2i"][10]  # the case discriminates
 
 
+def test_merged_recall_equals_a_brute_force_count_and_the_reference_rule_on_unique_captions(monkeypatch):
+    """With identical captions interchangeable, a hit is a retrieved caption with the text of one of the image's own
+    (i2t) or a retrieved image owning the query's text (t2i); with unique captions both rules agree."""
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(19, 8, generator=g), dim=-1)
+    owner = torch.randint(0, 19, (47,), generator=g)
+    tid = torch.randint(0, 9, (47,), generator=g)  # 9 texts shared by many images, as templated captions are
+    txt = F.normalize(img[owner] + 0.9 * torch.randn(47, 8, generator=g), dim=-1)
+    monkeypatch.setattr(rm, "BLOCK", 4)
+    texts = {i: {tid[j].item() for j in range(47) if owner[j] == i} for i in range(19)}
+    s = img @ txt.T
+    r = rm.recall_at_k(img, txt, owner, ks=(1, 3), text_id=tid)
+    for k in (1, 3):
+        i2t = sum(any(tid[j].item() in texts[i] for j in sorted(range(47), key=lambda j: -s[i, j].item())[:k])
+                  for i in range(19)) / 19
+        t2i = sum(any(tid[j].item() in texts[i] for i in sorted(range(19), key=lambda i: -s[i, j].item())[:k])
+                  for j in range(47)) / 47
+        assert math.isclose(r["i2t"][k], 100 * i2t, abs_tol=1e-4) and math.isclose(r["t2i"][k], 100 * t2i,
+                                                                                    abs_tol=1e-4), k
+    assert r["i2t"][1] > rm.recall_at_k(img, txt, owner, ks=(1,))["i2t"][1]  # merging changes the numbers here
+    unique = rm.text_ids([f"caption {j}" for j in range(47)])
+    assert rm.recall_at_k(img, txt, owner, ks=(1, 5), text_id=unique) == rm.recall_at_k(img, txt, owner, ks=(1, 5))
+    assert rm.text_ids(["a", "b", "a", "c", "b"]).tolist() == [0, 1, 0, 2, 1]
+
+
 def _unit(*rows):
     return F.normalize(torch.tensor(rows, dtype=torch.float), dim=-1)
 

@@ -9,6 +9,7 @@
     parclip eval-retrieval            image↔text R@k and the retrieval ASR on a Karpathy JSON or a caption table
     parclip report RESULTS…           many eval results in one table (Markdown, CSV) and a clean-vs-ASR chart
     parclip plot embeddings|tradeoff  t-SNE of clean and triggered embeddings; clean accuracy against ASR
+    parclip runs [FOLDER]             training run directories with their last metrics
     parclip models                    list the model architectures parclip can build
     parclip triggers list|show        the attack catalogue: a table of every trigger, or a PNG gallery of them
     parclip defences list             the cleaning methods (par, cleanclip, roclip, clip) and their presets
@@ -159,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
 
     _add_eval_parsers(sub)
+
+    p = sub.add_parser("runs", help="list training run directories with their last metrics",
+                       description="Every run directory under FOLDER (or FOLDER itself, if it is one), newest first: "
+                       "objective, last logged step, loss, images/s, the last validation numbers and whether the "
+                       "run finished (its model/ was exported). An unfinished run resumes when `parclip train` is "
+                       "started again with the same --name.")
+    p.add_argument("folder", nargs="?", default="runs", help="parent of run directories (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     sub.add_parser("models", help="list the model architectures parclip can build (no download ever)",
                    description="Every open_clip architecture name parclip can build offline, plus parclip's own small "
@@ -380,6 +389,10 @@ def _add_eval_retrieval_parser(sub) -> None:
     p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
     p.add_argument("--target", default=None, help="target word (needed with --attack), e.g. banana")
     p.add_argument("--asr-k", type=int, default=5, help="top-k of the retrieval ASR (default: 5, the reference's)")
+    p.add_argument("--merge-identical-captions", action="store_true",
+                   help="count a retrieved caption as a hit when its text equals one of the image's own captions "
+                   "(for templated captions shared by many images; the default, the reference's rule, breaks ties "
+                   "among identical captions by chance)")
     _add_eval_run_args(p)
 
 
@@ -395,7 +408,8 @@ def _cmd_eval_retrieval(args) -> int:
     attacks = build_triggers(args.attack, image_size(preprocess), parse_trigger_params(args.trigger_param))
     r = evaluate_retrieval(model, preprocess, get_tokenizer(args.model), data, attacks=attacks, target=args.target,
                            asr_k=args.asr_k, seed=args.seed, max_bad_fraction=args.max_bad_fraction,
-                           batch_size=args.batch_size, workers=args.workers, device=device)
+                           batch_size=args.batch_size, workers=args.workers, device=device,
+                           merge_identical=args.merge_identical_captions)
     r.update(_provenance(args))
     fmt = lambda rec: "  ".join(f"{d} R@{k} {v:.2f}%" for d in ("i2t", "t2i") for k, v in rec[d].items())  # noqa: E731
     lines = [f"clean: {fmt(r['clean'])}  ({r['n_images']} images, {r['n_captions']} captions)"]
@@ -471,6 +485,14 @@ def _cmd_report(args) -> int:
     rows = report_rows(args.results)
     print(format_markdown(rows))
     write_report(rows, markdown=args.out, csv_path=args.csv, plot=args.plot)
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from parclip.runs import format_runs, list_runs
+
+    rows = list_runs(args.folder)
+    print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
     return 0
 
 
@@ -551,7 +573,8 @@ def _cmd_defences(args) -> int:
 
 COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
             "eval-retrieval": _cmd_eval_retrieval, "report": _cmd_report, "plot": _cmd_plot,
-            "models": _cmd_models, "triggers": _cmd_triggers, "defences": _cmd_defences, "attack": _cmd_attack}
+            "runs": _cmd_runs, "models": _cmd_models, "triggers": _cmd_triggers, "defences": _cmd_defences,
+            "attack": _cmd_attack}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@
    the way the released poisoned CLIPs were made (a fine-tuned foundation, not a new model);
 4. clean the poisoned model with each defence at a fine-tuning learning rate on 10k disjoint clean pairs (by default
    plain fine-tuning and PAR; `defences=` adds CleanCLIP, RoCLIP and PAR without its perturbation term);
-5. evaluate clean zero-shot accuracy and ASR of every model and print the table.
+5. evaluate every model: clean zero-shot accuracy and ASR on the test folder, and retrieval (clean R@1 both ways, the
+   retrieval ASR) on 1 000 test images with 5 templated captions each; print the table.
 
 Every stage goes through the same code a user's CC3M / ImageNet run goes through (CSV loader, poisoning tool,
 training loop, evaluator). Finished stages are reused when the demo is run again with the same settings.
@@ -28,7 +29,8 @@ from parclip.attacks.triggers import (Trigger, accepted_params, build_triggers, 
                                      trigger_class, trigger_generator)
 from parclip.config import make_config
 from parclip.data import LabelledFolder, fashion_mnist, read_table, write_table
-from parclip.evaluation import evaluate
+from parclip.data.retrieval import read_retrieval
+from parclip.evaluation import evaluate, evaluate_retrieval
 from parclip.models import create_model, get_tokenizer, model_config
 from parclip.train import train
 from parclip.utils.files import write_json
@@ -95,11 +97,20 @@ def _train_stage(out: Path, name: str, fresh: bool, **values) -> Path:
     return train(cfg) / "model"
 
 
-def _evaluate(model_dir: Path, test_dir: Path, attack, target: str, seed: int) -> dict:
+def _evaluate(model_dir: Path, data: dict, attack, target: str, seed: int) -> dict:
+    """Zero-shot clean top-1 / ASR on the test folder, and retrieval on the test images' caption table: clean R@1
+    both ways (identical templated captions interchangeable) and the retrieval ASR (top-5 captions name the target)."""
     model, pp = create_model(f"local-dir:{model_dir}")
-    r = evaluate(model, pp, get_tokenizer(f"local-dir:{model_dir}"), test_dir, attacks=[attack], target=target,
-                 templates=TEMPLATES, seed=seed, batch_size=500, workers=1)
-    return {k: r[k] for k in ("clean_top1", "clean_top5", "asr", "asr_all", "attack", "target", "n_images")}
+    tokenizer = get_tokenizer(f"local-dir:{model_dir}")
+    r = evaluate(model, pp, tokenizer, data["test_dir"], attacks=[attack], target=target, templates=TEMPLATES,
+                 seed=seed, batch_size=500, workers=1)
+    ret = evaluate_retrieval(model, pp, tokenizer, read_retrieval(data["retrieval_csv"]), attacks=[attack],
+                             target=target, seed=seed, batch_size=500, workers=1, merge_identical=True)
+    a = ret["attacks"][attack.name]
+    return {**{k: r[k] for k in ("clean_top1", "clean_top5", "asr", "asr_all", "attack", "target", "n_images")},
+            "retrieval": {"i2t_r1": ret["clean"]["i2t"][1], "t2i_r1": ret["clean"]["t2i"][1],
+                          "asr_text": a["asr_text"], "asr_text_strict": a["asr_text_strict"],
+                          "n_images": ret["n_images"], "n_captions": ret["n_captions"]}}
 
 
 def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target: str = "bag", tau: float | None = None,
@@ -116,7 +127,7 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
     print("[1/5] ", end="")
     data = _export(out, seed)
     foundation = _foundation(out, data, seed, fresh, step="[2/5]")
-    rows = [dict(model="foundation", **_evaluate(foundation, data["test_dir"], trigger, target, seed))]
+    rows = [dict(model="foundation", **_evaluate(foundation, data, trigger, target, seed))]
     _report(rows[-1])
     rows += _attack_and_clean(out, data, foundation, trigger, target=target, tau=tau, seed=seed, fresh=fresh,
                               defences=names, step="[{}/5]", first=3)
@@ -216,7 +227,9 @@ def _plant_table(data: dict) -> Path:
 
 
 def _report(row: dict) -> None:
-    print(f"      {row['model']}: clean top-1 {row['clean_top1']:.1f}%, ASR {row['asr']:.1f}%", flush=True)
+    ret = row["retrieval"]
+    print(f"      {row['model']}: clean top-1 {row['clean_top1']:.1f}%, ASR {row['asr']:.1f}%; retrieval R@1 "
+          f"i2t {ret['i2t_r1']:.1f}% t2i {ret['t2i_r1']:.1f}%, retrieval ASR {ret['asr_text']:.1f}%", flush=True)
 
 
 def _attack_and_clean(out: Path, data: dict, foundation: Path, trigger: Trigger, *, target, tau, seed, fresh,
@@ -235,7 +248,7 @@ def _attack_and_clean(out: Path, data: dict, foundation: Path, trigger: Trigger,
                    templates=TEMPLATES)
     poisoned = _train_stage(out, f"poisoned-{trigger.name}", fresh, model=f"local-dir:{foundation}",
                             train_data=str(poisoned_dir / "poisoned.csv"), seed=seed, **PLANT)
-    rows = [dict(model="poisoned", **_evaluate(poisoned, data["test_dir"], trigger, target, seed))]
+    rows = [dict(model="poisoned", **_evaluate(poisoned, data, trigger, target, seed))]
     _report(rows[-1])
 
     print(f"{step.format(first + 1)} cleaning with {', '.join(defences)} on {Path(data['holdout_csv']).name} "
@@ -247,7 +260,7 @@ def _attack_and_clean(out: Path, data: dict, foundation: Path, trigger: Trigger,
         slug = label.lower().replace(" + ", "-").replace(" ", "-")
         cleaned = _train_stage(out, f"{slug}-{trigger.name}", fresh, train_data=str(data["holdout_csv"]),
                                model=f"local-dir:{poisoned}", seed=seed, **values)
-        rows.append(dict(model=label, **_evaluate(cleaned, data["test_dir"], trigger, target, seed)))
+        rows.append(dict(model=label, **_evaluate(cleaned, data, trigger, target, seed)))
         _report(rows[-1])
     return rows
 
@@ -261,9 +274,15 @@ def format_matrix(matrix: list[dict]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    """Zero-shot (clean top-1, ASR) and retrieval (clean R@1 both ways, retrieval ASR) per model."""
     w = max(12, *(len(r["model"]) for r in rows))
-    lines = [f"{'model':<{w}} | {'clean top-1':>11} | {'ASR':>7}", f"{'-' * w}-+-{'-' * 11}-+-{'-' * 7}"]
-    lines += [f"{r['model']:<{w}} | {r['clean_top1']:>10.1f}% | {r['asr']:>6.1f}%" for r in rows]
+    cols = ("clean top-1", "ASR", "i2t R@1", "t2i R@1", "retr. ASR")
+    lines = [f"{'model':<{w}} | " + " | ".join(f"{c:>11}" for c in cols), "-+-".join(["-" * w] + ["-" * 11] * 5)]
+    for r in rows:
+        ret = r.get("retrieval", {})
+        vals = (r["clean_top1"], r["asr"], ret.get("i2t_r1"), ret.get("t2i_r1"), ret.get("asr_text"))
+        lines.append(f"{r['model']:<{w}} | " + " | ".join(f"{v:>10.1f}%" if v is not None else f"{'–':>11}"
+                                                          for v in vals))
     return "\n".join(lines)
 
 

@@ -7,6 +7,9 @@ Layout written by :func:`export` under ``out_dir``::
     train.csv                       image,caption,label for the first len-holdout train images (paths relative to out_dir)
     holdout.csv                     the same for the last `holdout` train images: the defender's clean set (disjoint)
     test/<class_folder>/00000.png   the test split as a labelled folder (file name = index in the test split)
+    retrieval.csv                   image,caption for the first `retrieval_images` test images, `RETRIEVAL_CAPTIONS`
+                                    captions each (the same distinct templates for every image): a retrieval test
+                                    set in the COCO layout
     fashion_mnist.json              what was exported (counts, classes, templates, seed, source, licence)
 
 Captions are a template drawn at random (seeded) and filled with the class name: "a photo of a sneaker.". The ``label``
@@ -46,7 +49,8 @@ _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
 _FORMATS = {"png": ("PNG", {"compress_level": 1}), "bmp": ("BMP", {}), "jpg": ("JPEG", {"quality": 95})}
 _JSON = "fashion_mnist.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+RETRIEVAL_CAPTIONS = 5  # captions per retrieval image, as COCO has
 
 
 def folder_name(classname: str) -> str:
@@ -96,22 +100,23 @@ def load_arrays(split: str, *, data_dir: str | os.PathLike | None = None) -> tup
 
 def _paths(root: Path, classnames: list[str], templates: list[str]) -> dict:
     return {"root": root, "train_csv": root / "train.csv", "holdout_csv": root / "holdout.csv",
-            "test_dir": root / "test", "classnames": list(classnames), "templates": list(templates),
+            "test_dir": root / "test", "retrieval_csv": root / "retrieval.csv", "classnames": list(classnames),
+            "templates": list(templates),
             "test_classnames": sorted(classnames, key=folder_name)}
 
 
 def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | None = None,
            n_test: int | None = None, seed: int = 0, templates: str | os.PathLike | Sequence[str] = "fashion",
-           image_format: str = "png", data_dir: str | os.PathLike | None = None) -> dict:
+           image_format: str = "png", data_dir: str | os.PathLike | None = None, retrieval_images: int = 1000) -> dict:
     """Export Fashion-MNIST under ``out_dir`` (see the module docstring for the layout).
 
     ``n_train``: use only the first n_train train images (the holdout is taken from their end); ``n_test``: the first
     n_test test images. ``templates``: a set name, a template file, or a list of format strings. Running it again with
     the same arguments on a complete export does nothing; otherwise the previous export in ``out_dir`` is replaced.
 
-    Returns ``{"root", "train_csv", "holdout_csv", "test_dir"}`` (paths), ``"classnames"`` (Fashion-MNIST label order,
-    matching the CSVs' ``label`` column), ``"templates"`` and ``"test_classnames"`` (the order of
-    ``LabelledFolder(test_dir)`` labels).
+    Returns ``{"root", "train_csv", "holdout_csv", "test_dir", "retrieval_csv"}`` (paths), ``"classnames"``
+    (Fashion-MNIST label order, matching the CSVs' ``label`` column), ``"templates"`` and ``"test_classnames"`` (the
+    order of ``LabelledFolder(test_dir)`` labels).
     """
     t0 = time.perf_counter()
     root = Path(out_dir).expanduser().absolute()
@@ -138,10 +143,12 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
     if not 0 <= holdout < n_used:
         raise DataError(f"holdout must be between 0 and {n_used - 1} (the train images used), got {holdout}")
     n_fit = n_used - holdout
+    n_ret = min(int(retrieval_images), n_tst)
+    n_caps = min(RETRIEVAL_CAPTIONS, len(template_list))
 
     config = {"format_version": _FORMAT_VERSION, "n_train_images": n_used, "holdout": int(holdout),
-              "n_test": n_tst, "seed": int(seed), "templates": template_list, "image_format": fmt,
-              "classes": FASHION_CLASSES}
+              "n_test": n_tst, "retrieval_images": n_ret, "seed": int(seed), "templates": template_list,
+              "image_format": fmt, "classes": FASHION_CLASSES}
     paths = _paths(root, FASHION_CLASSES, template_list)
     meta_path = root / _JSON
     ext = "." + fmt
@@ -158,8 +165,8 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
         except (OSError, ValueError):
             old = {}
     if (old and old.get("complete") and old.get("config") == config and paths["train_csv"].is_file()
-            and paths["holdout_csv"].is_file() and (root / train_names[-1]).is_file()
-            and (root / test_names[-1]).is_file()):
+            and paths["holdout_csv"].is_file() and paths["retrieval_csv"].is_file()
+            and (root / train_names[-1]).is_file() and (root / test_names[-1]).is_file()):
         logger.info("Fashion-MNIST export in %s is up to date", root)
         return paths
 
@@ -193,8 +200,15 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
              "label": int(train_y[i])} for i in range(n_used)]
     write_table(paths["train_csv"], ["image", "caption", "label"], rows[:n_fit])
     write_table(paths["holdout_csv"], ["image", "caption", "label"], rows[n_fit:])
+    # the same RETRIEVAL_CAPTIONS templates (drawn once, on their own stream) for every image: with identical captions
+    # merged, retrieval is then class-level (i2t R@1: the best caption names the image's class)
+    ret_templates = np.random.default_rng([seed, 1]).choice(len(template_list), n_caps, replace=False)
+    write_table(paths["retrieval_csv"], ["image", "caption", "label"],
+                [{"image": test_names[i], "caption": fill(template_list[t], FASHION_CLASSES[int(test_y[i])]),
+                  "label": int(test_y[i])} for i in range(n_ret) for t in ret_templates])
 
     counts = {"train_images": n_used, "train_csv": n_fit, "holdout_csv": int(holdout), "test": n_tst,
+              "retrieval_images": n_ret, "retrieval_captions": n_ret * n_caps,
               "test_per_class": {c: int((test_y[:n_tst] == k).sum()) for k, c in enumerate(FASHION_CLASSES)}}
     write_json(meta_path, {
         "complete": True,

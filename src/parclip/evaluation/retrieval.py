@@ -20,7 +20,7 @@ from parclip.data.targets import target_pattern
 from parclip.models import eval_transform, image_size
 
 from .encode import Tolerant, encode_images, usable
-from .retrieval_metrics import image_asr, recall_at_k, text_asr
+from .retrieval_metrics import image_asr, recall_at_k, text_asr, text_ids
 
 __all__ = ["evaluate_retrieval"]
 
@@ -54,8 +54,11 @@ def _encode_texts(model, tokenizer, captions, *, batch_size, device, progress):
 def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSet, *, attacks: list[Trigger] = (),
                        target: str | None = None, ks=(1, 5, 10), asr_k: int = 5, seed: int = 0,
                        max_bad_fraction: float = 0.01, batch_size: int = 256, workers: int = 2, device="cpu",
-                       progress: bool = True) -> dict:
+                       progress: bool = True, merge_identical: bool = False) -> dict:
     """R@k (i2t, t2i) on clean images and, per attack, on triggered images, with the retrieval ASR.
+
+    `merge_identical`: identical captions are interchangeable in R@k (for templated captions; see
+    :func:`~parclip.evaluation.retrieval_metrics.recall_at_k`); the default is the reference's rule.
 
     Returns {"clean": {"i2t": {k: R@k}, "t2i": {…}}, "n_images", "n_captions", "target", "n_target_captions",
     "attacks": {name: {"recall": {…}, "asr_text", "asr_text_strict", "n_strict", "asr_image", "n_queries", "k",
@@ -79,12 +82,15 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
     owner = new_index[owner[keep_caption]]
     txt = _encode_texts(model, tokenizer, captions, batch_size=batch_size, device=device, progress=progress)
     img = img[ok]
+    tid = text_ids(captions) if merge_identical else None
 
-    result = {"clean": recall_at_k(img, txt, owner, ks), "n_images": int(ok.sum()), "n_captions": len(captions),
+    result = {"clean": recall_at_k(img, txt, owner, ks, tid), "n_images": int(ok.sum()), "n_captions": len(captions),
               "n_bad_images": bad.total, "source": data.source, "attacks": {},
               "conventions": {"recall": "percent; i2t R@k: an own caption among the image's top k captions; "
                                         "t2i R@k: the caption's image among its top k images (reference "
-                                        "TextPrec/ImagePrec)",
+                                        "TextPrec/ImagePrec)" + (
+                                            "; identical captions interchangeable (a hit is a caption with the "
+                                            "text of one of the image's own)" if merge_identical else ""),
                               "asr_text": f"percent of triggered images whose top {asr_k} captions include one "
                                           f"naming the target (reference ASR-Text, all images)",
                               "asr_text_strict": "asr_text over the images none of whose own captions names the "
@@ -98,7 +104,7 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
         timg, _ = encode_images(model, Tolerant(_Images(data.images, transform, trigger, seed), size),
                                 desc=trigger.name, **encode)
         timg = timg[ok]
-        result["attacks"][trigger.name] = {"recall": recall_at_k(timg, txt, owner, ks),
+        result["attacks"][trigger.name] = {"recall": recall_at_k(timg, txt, owner, ks, tid),
                                            **text_asr(timg, txt, names, owner, asr_k),
                                            **{k: v for k, v in image_asr(img, timg, txt, names, asr_k).items()
                                               if k != "k"},

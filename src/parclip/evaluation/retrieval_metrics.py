@@ -7,6 +7,17 @@ s(·, j).
     i2t R@k        = 100 · mean_i [ ∃ j ∈ top_k(i) : owner(j) = i ]       (reference "TextPrec@k")
     t2i R@k        = 100 · mean_j [ owner(j) ∈ top_k(j) ]                 (reference "ImagePrec@k")
 
+With ``text_id`` given (caption j's text t(j); identical captions share an id), identical captions are
+interchangeable: a hit is a retrieved caption with the *text* of one of the image's own captions, or a retrieved image
+owning a caption with the query's text:
+
+    i2t R@k (merged) = 100 · mean_i [ ∃ j ∈ top_k(i) : t(j) ∈ T(i) ],   T(i) = {t(j') : owner(j') = i}
+    t2i R@k (merged) = 100 · mean_j [ ∃ i ∈ top_k(j) : t(j) ∈ T(i) ]
+
+With unique captions (COCO, Flickr30k: almost all) both rules agree. With templated captions ("a photo of a bag."
+owned by every bag image) the reference rule scores ties among identical captions by chance; the merged rule asks
+whether the model retrieves the right *text* (for a class-templated set: the right class).
+
 The retrieval ASR, with every image triggered (s computed on T(x_i)) and "names the target" the package's one rule
 (`parclip.data.targets`: the target word or its plural, whole word, any case):
 
@@ -25,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["recall_at_k", "caption_hits", "text_asr", "image_asr"]
+__all__ = ["recall_at_k", "text_ids", "caption_hits", "text_asr", "image_asr"]
 
 BLOCK = 1024  # rows of the score matrix computed at once
 
@@ -37,16 +48,33 @@ def _topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tenso
                       for b in range(0, queries.shape[0], BLOCK)]) if len(queries) else torch.empty(0, k, dtype=int)
 
 
-def recall_at_k(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
+def text_ids(captions: Sequence[str]) -> torch.Tensor:
+    """[M] long: the same id for identical caption strings (ids in order of first appearance)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(c, len(index)) for c in captions], dtype=torch.long)
+
+
+def recall_at_k(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                text_id: torch.Tensor | None = None) -> dict:
     """{"i2t": {k: R@k}, "t2i": {k: R@k}} for L2-normalised image [N, d] and caption [M, d] embeddings and
-    owner [M] (the image index of each caption). Formulas in the module docstring."""
+    owner [M] (the image index of each caption). `text_id` [M] (see :func:`text_ids`) makes identical captions
+    interchangeable. Formulas in the module docstring."""
     owner = torch.as_tensor(owner, dtype=torch.long)
     if owner.shape[0] != txt.shape[0]:
         raise ValueError(f"owner has {owner.shape[0]} entries for {txt.shape[0]} captions")
     kmax = max(ks)
-    i2t = owner[_topk_rows(img, txt, kmax)]                      # [N, kmax] image owning each retrieved caption
-    own = i2t == torch.arange(img.shape[0])[:, None]
-    t2i = _topk_rows(txt, img, kmax) == owner[:, None]           # [M, kmax] retrieved image is the caption's own
+    top_txt, top_img = _topk_rows(img, txt, kmax), _topk_rows(txt, img, kmax)  # [N, kmax], [M, kmax]
+    if text_id is None:
+        own = owner[top_txt] == torch.arange(img.shape[0])[:, None]   # retrieved caption is the image's own
+        t2i = top_img == owner[:, None]                               # retrieved image is the caption's own
+    else:
+        text_id = torch.as_tensor(text_id, dtype=torch.long)
+        if text_id.shape != owner.shape:
+            raise ValueError(f"text_id has {text_id.shape[0]} entries for {owner.shape[0]} captions")
+        n_text = int(text_id.max()) + 1 if len(text_id) else 1
+        owns = torch.unique(owner * n_text + text_id)                # the (image, text) pairs that exist, as keys
+        own = torch.isin(torch.arange(img.shape[0])[:, None] * n_text + text_id[top_txt], owns)
+        t2i = torch.isin(top_img * n_text + text_id[:, None], owns)
     return {"i2t": {k: 100.0 * own[:, :k].any(dim=1).float().mean().item() for k in ks},
             "t2i": {k: 100.0 * t2i[:, :k].any(dim=1).float().mean().item() for k in ks}}
 
