@@ -78,6 +78,75 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
     assert diff < 1e-3 * moved, (diff, moved)
 
 
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_accumulated_micro_batches_equal_one_large_batch(tmp_path, fmnist_small, start_model, objective):
+    """--accum-freq 4 with batch 4 gives the losses and the update of batch 16 (the loss is over the whole accumulated
+    batch, not an average of four small-batch losses); RoCLIP's pool moves once per step, as with one batch."""
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective=objective,
+                  epochs=1, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False,
+                  log_every=1, **OBJECTIVES[objective], **linear_adam())
+    big = train(make_config(**dict(common, batch_size=16, name="big")))
+    acc = train(make_config(**dict(common, batch_size=4, accum_freq=4, name="acc")))
+    small = train(make_config(**dict(common, batch_size=4, name="small")))  # what accumulation must not be
+    mb, ma = metrics(big), metrics(acc)
+    assert len(mb) == len(ma) == 2 and len(metrics(small)) == 8
+    for a, b in zip(mb, ma):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    w0, wb, wa, ws = load_file(start_model / "open_clip_model.safetensors"), weights(big), weights(acc), weights(small)
+    moved = max((wb[k] - w0[k]).abs().max().item() for k in w0)
+    assert moved > 1e-4
+    assert max((wb[k] - wa[k]).abs().max().item() for k in w0) < 1e-3 * moved
+    assert max((wb[k] - ws[k]).abs().max().item() for k in w0) > 0.1 * moved  # the case discriminates
+    if objective == "roclip":
+        pool = lambda run: torch.load(run / "checkpoints/latest.pt", weights_only=True)["defence"]  # noqa: E731
+        assert pool(big)["text_pool"]["ptr"] == pool(acc)["text_pool"]["ptr"] == 32 % 16
+        assert torch.allclose(pool(big)["text_pool"]["bank"], pool(acc)["text_pool"]["bank"], atol=1e-5)
+
+
+def test_two_gloo_processes_accumulating_equal_one_process_on_the_whole_batch(tmp_path, fmnist_small, start_model):
+    """DDP with --accum-freq 2 (gradients synchronised once per step, after the last micro-batch) = one process, batch
+    16; the clip objective learns the logit scale, whose gradient must be counted once."""
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="clip",
+                  epochs=1, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False,
+                  log_every=1, **linear_adam())
+    (tmp_path / "w2.yaml").write_text(yaml.safe_dump(dict(common, batch_size=4, accum_freq=2, name="w2")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "parclip", "train", "--config", str(tmp_path / "w2.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run1 = train(make_config(**dict(common, batch_size=16, name="w1")))
+    for a, b in zip(metrics(run1), metrics(tmp_path / "w2"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    w0, w1, w2 = load_file(start_model / "open_clip_model.safetensors"), weights(run1), weights(tmp_path / "w2")
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w0)
+    assert moved > 1e-4 and max((w1[k] - w2[k]).abs().max().item() for k in w0) < 1e-3 * moved
+    assert (w1["logit_scale"] - w0["logit_scale"]).abs().item() > 0  # the scale learned, and equally (above)
+
+
+@pytest.mark.parametrize("option", ["grad_checkpointing", "torch_compile"])
+def test_gradient_checkpointing_and_compile_give_the_same_training(tmp_path, fmnist_small, start_model, option):
+    """Both change how the step is computed, not what it computes."""
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="par",
+                  epochs=1, batch_size=8, train_num_samples=16, workers=0, output_dir=str(tmp_path), progress=False,
+                  log_every=1, tau=4.0, **linear_adam())
+    plain = train(make_config(**common, name="plain"))
+    other = train(make_config(**common, name="other", **{option: True}))
+    w0, wp, wo = load_file(start_model / "open_clip_model.safetensors"), weights(plain), weights(other)
+    moved = max((wp[k] - w0[k]).abs().max().item() for k in w0)
+    assert moved > 1e-4 and max((wp[k] - wo[k]).abs().max().item() for k in w0) < 1e-3 * moved
+    assert [m["loss"] for m in metrics(plain)] == pytest.approx([m["loss"] for m in metrics(other)], abs=1e-5)
+
+
+def test_accum_freq_must_be_a_positive_integer_and_fit_the_data(tmp_path, fmnist_small, start_model):
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="clip",
+                  train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="--accum-freq 0"):
+        train(make_config(**common, batch_size=4, accum_freq=0))
+    with pytest.raises(DataError, match="--accum-freq 16"):
+        train(make_config(**common, batch_size=4, accum_freq=16))
+
+
 @pytest.mark.parametrize("objective,extra", [
     ("par", dict(tau=1.0, augment="par")),
     # RoCLIP's pool is state: filled in epoch 1 (prefill), used in epoch 2; the checkpoint at step 3 must carry it

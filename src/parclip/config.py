@@ -33,17 +33,23 @@ class TrainConfig:
     force_quick_gelu: bool = _f(False, "use QuickGELU activations (OpenAI-derived weights need it)")
     allow_unsafe_load: bool = _f(False, "allow pickled code in checkpoints (TorchScript/JIT); only for files you trust")
     # data
-    train_data: str | None = _f(None, "image–caption table (CSV/TSV) of clean pairs")
+    train_data: str | None = _f(None, "clean image–caption pairs: a table (CSV/TSV), or webdataset shards "
+                                "('shards/{00000..00099}.tar', several sources joined by '::', as open_clip)")
+    dataset_type: str = _f("auto", "auto: webdataset for .tar paths and brace patterns, csv otherwise",
+                           ["auto", "csv", "webdataset"])
     data_root: str | None = _f(None, "folder that image paths in the table are relative to (default: the table's folder)")
     csv_img_key: str = _f("image", "column with image paths")
     csv_caption_key: str = _f("caption", "column with captions")
     csv_separator: str | None = _f(None, "column separator (default: tab for .tsv, comma otherwise)")
-    train_num_samples: int | None = _f(None, "use only this many rows (the first N)")
+    train_num_samples: int | None = _f(None, "CSV: use only this many rows (the first N); webdataset: the samples "
+                                       "per epoch (needed there: shards do not say how many they hold, unless "
+                                       "they have an img2dataset _stats.json or a parclip manifest)")
+    shuffle_buffer: int = _f(1000, "webdataset: samples in the shuffle buffer (shards are shuffled too)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty")
     workers: int = _f(2, "data-loading worker processes per device")
     # validation during training (rank 0, written to metrics.jsonl as val_clean_top1 / val_asr)
     val_data: str | None = _f(None, "labelled folder ROOT/<class>/* to measure clean zero-shot accuracy on during "
-                              "training")
+                              "training (open_clip's --imagenet-val)", aliases=("--imagenet-val",))
     val_attack: str | None = _f(None, "trigger whose ASR is measured on --val-data too (needs --val-target)")
     val_target: str | None = _f(None, "target class of --val-attack")
     val_templates: str = _f("openai", "prompt templates for validation: openai, simple, fashion or a file")
@@ -80,31 +86,56 @@ class TrainConfig:
     lr: float = _f(3e-6, "peak learning rate (the reference's --lr)")
     lr_start: float = _f(3e-5, "learning rate at step 0 for the reference schedule (it decays linearly to --lr)")
     lr_end: float = _f(1e-9, "final learning rate")
-    warmup: float = _f(0.5, "fraction of training before the cosine part starts")
-    warmup_steps: int | None = _f(None, "warm-up of the cosine schedule in steps instead of --warmup (CleanCLIP: 50)")
+    warmup: float = _f(0.5, "warm-up: a fraction of training (< 1), or a whole number of steps (≥ 1, open_clip's "
+                       "meaning); for the reference schedule the part before the cosine starts")
+    warmup_steps: int | None = _f(None, "warm-up in steps instead of --warmup (CleanCLIP: 50)")
     schedule: str = _f("reference", "reference: PAR's schedule (lr_start → lr linearly, then cosine to lr_end); "
-                       "cosine: linear warm-up from 0 then cosine; constant", ["reference", "cosine", "constant"])
+                       "cosine: linear warm-up from 0 then cosine; constant (open_clip's const)",
+                       ["reference", "cosine", "constant", "const"], aliases=("--lr-scheduler",))
     wd: float = _f(1e-4, "AdamW weight decay on ≥2-D weights (biases, norms, embeddings of dim<2 get none)")
     beta1: float = _f(0.9, "AdamW β1")
     beta2: float = _f(0.98, "AdamW β2")
     eps: float = _f(1e-8, "AdamW ε")
-    grad_clip: float | None = _f(None, "clip the global gradient norm to this value (off in the reference)")
+    grad_clip: float | None = _f(None, "clip the global gradient norm to this value (off in the reference)",
+                                 aliases=("--grad-clip-norm",))
+    accum_freq: int = _f(1, "micro-batches of --batch-size per optimiser step (open_clip's --accum-freq): the loss is "
+                         "over the whole accumulated batch, as for one large batch (features cached, one extra "
+                         "forward per micro-batch)")
+    grad_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~1/3 more compute; "
+                                  "transformer towers only)")
+    torch_compile: bool = _f(False, "compile the model's forward with torch.compile (GPU; slow first steps)",
+                             aliases=("--torchcompile",))
     precision: str = _f("auto", "auto: amp (fp16 + GradScaler) on GPU, fp32 on CPU", ["auto", "fp32", "amp",
                         "amp_bf16"])
     device: str = _f("auto", "auto, cpu or cuda")
     bn_mode: str = _f("auto", "BatchNorm during training (RN50): frozen running statistics (what the reference "
                       "effectively does), train, or auto: frozen for par, train for clip", ["auto", "frozen", "train"])
     # run
-    output_dir: str = _f("runs", "parent folder of run directories")
+    output_dir: str = _f("runs", "parent folder of run directories", aliases=("--logs",))
     name: str | None = _f(None, "run name (default: <date>-<objective>-<model>); re-using a name resumes it")
     seed: int = _f(0, "seed for data order, augmentation and initialisation")
     resume: str = _f("auto", "auto: continue the run in --name if it has a checkpoint; none: start over; or a "
                      "checkpoint path")
     save_every: int = _f(0, "also checkpoint every N steps (0: only at the end of each epoch)")
-    log_every: int = _f(10, "write a metrics line every N steps")
+    save_frequency: int = _f(0, "keep a copy of the checkpoint every N epochs as checkpoints/epoch_N.pt "
+                             "(open_clip's --save-frequency; 0: only latest.pt)")
+    log_every: int = _f(10, "write a metrics line every N steps", aliases=("--log-every-n-steps",))
+    report_to: str = _f("", "also log to: tensorboard (event files in <run>/tensorboard); metrics.jsonl is always "
+                        "written")
     progress: bool = _f(True, "show a progress bar (rank 0)")
 
-
+    def __post_init__(self):
+        """open_clip_train's spellings of values, and the checks a value needs on its own."""
+        if self.schedule == "const":
+            self.schedule = "constant"
+        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
+            raise ValueError(f"--warmup {self.warmup}: a fraction of training in [0, 1), or a whole number of steps "
+                             f"(≥ 1, as open_clip_train counts it)")
+        targets = {t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"}
+        if targets - {"tensorboard"}:
+            raise ValueError(f"--report-to {self.report_to}: parclip logs to tensorboard (and always to "
+                             f"metrics.jsonl); {', '.join(sorted(targets - {'tensorboard'}))} is not supported")
+        self.report_to = ",".join(sorted(targets))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from datetime import datetime
@@ -36,6 +36,7 @@ from parclip.defences import Embeddings, get_defence
 from parclip.defences.augment import train_transform
 from parclip.defences.schedule import lr_at
 from parclip.models import create_model, get_tokenizer, save_model
+from parclip.runs import RunLog, write_run_info
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
 
@@ -50,6 +51,7 @@ def train(cfg: TrainConfig) -> Path:
     _check(cfg)
     run_dir = _run_dir(cfg, info)
     _setup_logging(run_dir, info.is_main)
+    runlog = RunLog(run_dir, cfg.report_to, enabled=info.is_main)  # metrics.jsonl (+ TensorBoard)
     torch.manual_seed(cfg.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
 
     # ---- models: θ is trained, θ0 is a frozen copy of the starting (possibly poisoned) model ----
@@ -59,6 +61,8 @@ def train(cfg: TrainConfig) -> Path:
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if defence.frozen_copy() else None
     learn_scale = (cfg.logit_scale if cfg.logit_scale != "auto" else defence.logit_scale) == "learned"
     model.logit_scale.requires_grad_(learn_scale)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # recompute activations in backward: less memory, about 1/3 more compute
     tokenizer = get_tokenizer(cfg.model)
 
     # ---- data: the plain view (with the defence's augmentation) and the defence's extra views ----
@@ -70,11 +74,12 @@ def train(cfg: TrainConfig) -> Path:
                           transform=_Views(plain, *extra) if extra else plain,
                           max_bad_fraction=cfg.max_bad_fraction, num_samples=cfg.train_num_samples)
     data.captions, data.caption_views = defence.prepare_captions(data.captions)
-    global_batch = cfg.batch_size * info.world_size
+    global_batch = cfg.batch_size * info.world_size * cfg.accum_freq  # images per optimiser step
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:
         raise DataError(f"{cfg.train_data} has {len(data)} usable rows, fewer than one global batch of "
-                        f"{global_batch} ({cfg.batch_size} × {info.world_size} processes); lower --batch-size")
+                        f"{global_batch} ({cfg.batch_size} × {info.world_size} processes × --accum-freq "
+                        f"{cfg.accum_freq}); lower --batch-size or --accum-freq")
     total_steps = steps_per_epoch * cfg.epochs
 
     # ---- optimiser, precision ----
@@ -99,10 +104,12 @@ def train(cfg: TrainConfig) -> Path:
                              f"{total_steps}; use a new --name or --resume none")
         log.info("resumed from %s at step %d/%d", ckpt_path, step, total_steps)
     ddp = DistributedDataParallel(model) if info.distributed else model
+    forward = torch.compile(ddp) if cfg.torch_compile else ddp  # state dicts are still read from `model`
 
     if info.is_main:
-        log.info("%s: %d rows, %d steps of %d images (%d per device × %d), %s, %s", cfg.objective, len(data),
-                 total_steps, global_batch, cfg.batch_size, info.world_size, precision, info.device)
+        log.info("%s: %d rows, %d steps of %d images (%d per device × %d%s), %s, %s", cfg.objective, len(data),
+                 total_steps, global_batch, cfg.batch_size, info.world_size,
+                 f" × {cfg.accum_freq} accumulated" if cfg.accum_freq > 1 else "", precision, info.device)
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and info.is_main), desc=cfg.objective,
                dynamic_ncols=True, unit="step")
     seen, bad = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
@@ -115,28 +122,15 @@ def train(cfg: TrainConfig) -> Path:
         epoch, first_batch = divmod(step, steps_per_epoch)
         loader = _loader(data, cfg, info, epoch, first_batch)
         _train_mode(model, cfg, defence)
-        for images, texts, failed in loader:
+        for micro in _groups(loader, cfg.accum_freq):
             lr = lr_at(step, schedule=cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, lr=cfg.lr,
                        lr_start=cfg.lr_start, lr_end=cfg.lr_end, warmup=cfg.warmup, warmup_steps=cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            n = failed.shape[0]  # pairs in this process's batch; views are stacked after the plain one
-            images = _stacked(images).to(info.device, non_blocking=True)
-            texts = _stacked(texts).to(info.device, non_blocking=True)
-
-            with autocast:
-                img, txt, scale = ddp(images, texts)  # L2-normalised embeddings of every view, exp(logit_scale)
-                batch = Embeddings(img=[pdist.gather_with_grad(v) for v in img.split(n)],
-                                   txt=[pdist.gather_with_grad(v) for v in txt.split(n)])
-                scale = scale if learn_scale else scale.detach()
-                if frozen is not None:
-                    with torch.no_grad():
-                        img0, txt0, _ = frozen(images[:n], texts[:n])
-                    batch.img0, batch.txt0 = pdist.gather_with_grad(img0), pdist.gather_with_grad(txt0)
-                loss, parts = defence.loss(batch, scale, epoch=epoch)
-
+            micro = [(_stacked(i).to(info.device, non_blocking=True), _stacked(t).to(info.device, non_blocking=True),
+                      f) for i, t, f in micro]  # per micro-batch: views stacked after the plain one
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss, parts = _accumulate(forward, frozen, defence, micro, scaler, autocast, learn_scale, epoch, ddp)
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -148,28 +142,33 @@ def train(cfg: TrainConfig) -> Path:
             step += 1
 
             # bookkeeping: corrupt images, metrics, progress, checkpoints
-            seen += n
+            failed = torch.cat([f for _, _, f in micro])
+            seen += failed.shape[0]
             failed = failed[failed >= 0]
             bad += failed.numel()
             bad_examples += failed.tolist()[: max(0, 5 - len(bad_examples))]
             if step % cfg.log_every == 0 or step == total_steps:
                 _check_bad_rows(data, cfg, seen, bad, bad_examples)
                 metrics = {"step": step, "epoch": epoch, "lr": lr, "loss": loss.item(),
-                           "logit_scale": float(scale.detach()), "images_per_s":
+                           "logit_scale": model.logit_scale.detach().exp().item(), "images_per_s":
                            (step - step0) * global_batch / max(time.time() - t0, 1e-9)}
                 metrics.update(parts)
-                if info.is_main:
-                    with open(run_dir / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+                runlog.write(metrics)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
+                            img_s=f"{(step - step0) * global_batch / max(time.time() - t0, 1e-9):.0f}", refresh=False)
             bar.update()
             if validator and (step % (cfg.val_every or steps_per_epoch) == 0 or step == total_steps):
-                validator(model, step, epoch, run_dir, info)
+                validator(model, step, epoch, runlog, info)
                 _train_mode(model, cfg, defence)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence)
         _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence)
+        if cfg.save_frequency and info.is_main and (step // steps_per_epoch) % cfg.save_frequency == 0:
+            done = step // steps_per_epoch  # open_clip's epoch_N.pt: a copy kept for every N-th finished epoch
+            atomic_write(run_dir / "checkpoints" / f"epoch_{done}.pt",
+                         lambda tmp: shutil.copyfile(run_dir / "checkpoints" / "latest.pt", tmp))
     bar.close()
+    runlog.close()
 
     _check_bad_rows(data, cfg, seen, bad, bad_examples, final=True)
     if info.is_main:
@@ -203,6 +202,72 @@ class _Views:
         return tuple(t(img) for t in self.transforms)
 
 
+def _groups(loader, k: int):
+    """Lists of k consecutive batches (the micro-batches of one optimiser step); an incomplete last group is dropped."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+
+
+def _embed(forward, frozen, images, texts, n: int) -> tuple[Embeddings, torch.Tensor]:
+    """The global batch's embeddings of one micro-batch (every view, gathered across processes with gradient), the
+    frozen copy's of the plain view when there is one, and exp(logit_scale)."""
+    img, txt, scale = forward(images, texts)  # L2-normalised embeddings of every view
+    batch = Embeddings(img=[pdist.gather_with_grad(v) for v in img.split(n)],
+                       txt=[pdist.gather_with_grad(v) for v in txt.split(n)])
+    if frozen is not None:
+        with torch.no_grad():
+            img0, txt0, _ = frozen(images[:n], texts[:n])
+        batch.img0, batch.txt0 = pdist.gather_with_grad(img0), pdist.gather_with_grad(txt0)
+    return batch, scale
+
+
+def _joined(parts: list[Embeddings]) -> Embeddings:
+    """Micro-batch embeddings concatenated into those of the accumulated batch (view by view)."""
+    cat = lambda xs: torch.cat(xs) if xs[0] is not None else None  # noqa: E731
+    return Embeddings(img=[torch.cat(v) for v in zip(*(p.img for p in parts))],
+                      txt=[torch.cat(v) for v in zip(*(p.txt for p in parts))],
+                      img0=cat([p.img0 for p in parts]), txt0=cat([p.txt0 for p in parts]))
+
+
+def _accumulate(forward, frozen, defence, micro, scaler, autocast, learn_scale: bool, epoch: int, ddp):
+    """Backward of the defence's loss on the accumulated batch of the micro-batches `micro` [(images, texts, failed)].
+
+    One micro-batch: the plain step. Several (open_clip's --accum-freq): embeddings of every micro-batch are first
+    computed without gradient and cached; then for each micro-batch j its embeddings are recomputed with gradient and
+    put in place of the cached ones, and the loss over the *whole* accumulated batch is back-propagated. Each backward
+    yields the gradient through micro-batch j only, so the sum is the gradient of the loss of one large batch (exact,
+    not an average of small-batch losses); the shared logit scale gets its gradient from the last pass only. A stateful defence (RoCLIP's pool) sees the state before the step in every
+    pass and is updated once, by the last. Returns (loss, metrics) of the accumulated batch.
+    """
+    ns = [f.shape[0] for _, _, f in micro]
+    if len(micro) == 1:
+        (images, texts, _), = micro
+        with autocast:
+            batch, scale = _embed(forward, frozen, images, texts, ns[0])
+            loss, parts = defence.loss(batch, scale if learn_scale else scale.detach(), epoch=epoch)
+        scaler.scale(loss).backward()
+        return loss, parts
+    with torch.no_grad(), autocast:
+        cached = [_embed(forward, frozen, i, t, n)[0] for (i, t, _), n in zip(micro, ns)]
+    last = len(micro) - 1
+    for j, ((images, texts, _), n) in enumerate(zip(micro, ns)):
+        sync = ddp.no_sync() if j < last and isinstance(ddp, DistributedDataParallel) else nullcontext()
+        with sync:
+            with autocast:
+                fresh, scale = _embed(forward, None, images, texts, n)
+                fresh.img0, fresh.txt0 = cached[j].img0, cached[j].txt0
+                d = copy.deepcopy(defence) if defence.stateful and j < last else defence
+                # the logit scale is shared by every pass: its gradient is taken once, in the last
+                loss, parts = d.loss(_joined(cached[:j] + [fresh] + cached[j + 1:]),
+                                     scale if learn_scale and j == last else scale.detach(), epoch=epoch)
+            scaler.scale(loss).backward()
+    return loss, parts
+
+
 def _stacked(x) -> torch.Tensor:
     """A batch of one view [B, ...], or of several (a tuple of [B, ...]), as one tensor [V·B, ...], plain view first."""
     return torch.cat(list(x)) if isinstance(x, (tuple, list)) else x
@@ -224,11 +289,12 @@ class _SeededItems(Dataset):
 
 
 def _loader(data, cfg: TrainConfig, info: pdist.DistInfo, epoch: int, first_batch: int) -> DataLoader:
-    """The epoch's shuffled share of this rank (as DistributedSampler), skipping batches a resumed run already did."""
+    """The epoch's shuffled share of this rank (as DistributedSampler), skipping the optimiser steps a resumed run
+    already did (`first_batch` steps of `accum_freq` micro-batches each)."""
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     sampler.set_epoch(epoch)
-    indices = list(sampler)[first_batch * cfg.batch_size:]
+    indices = list(sampler)[first_batch * cfg.batch_size * cfg.accum_freq:]
     return DataLoader(_SeededItems(data, cfg.seed, epoch), batch_size=cfg.batch_size, sampler=indices,
                       num_workers=cfg.workers, drop_last=True, pin_memory=info.device.type == "cuda",
                       persistent_workers=False)
@@ -247,6 +313,9 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("--val-attack / --val-every need --val-data (a labelled folder ROOT/<class>/*)")
     if cfg.val_every < 0:
         raise ValueError(f"--val-every {cfg.val_every}: a number of steps ≥ 0")
+    if not isinstance(cfg.accum_freq, int) or cfg.accum_freq < 1:
+        raise ValueError(f"--accum-freq {cfg.accum_freq}: the number of micro-batches per optimiser step, an integer "
+                         f"≥ 1 (1: no accumulation)")
 
 
 def _train_mode(model, cfg: TrainConfig, defence) -> None:
@@ -272,7 +341,7 @@ class _Validator:
         self.triggers = build_triggers([cfg.val_attack], image_size(preprocess)) if cfg.val_attack else []
         self.cfg, self.preprocess, self.tokenizer, self.device = cfg, preprocess, tokenizer, device
 
-    def __call__(self, model, step: int, epoch: int, run_dir: Path, info) -> None:
+    def __call__(self, model, step: int, epoch: int, runlog: RunLog, info) -> None:
         if info.is_main:
             from .evaluation import evaluate
             rng = torch.get_rng_state()  # validation must not change the training's random stream
@@ -283,8 +352,7 @@ class _Validator:
             torch.set_rng_state(rng)
             if self.triggers:
                 row["val_asr"] = r["asr"]
-            with open(run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            runlog.write(row)
             log.info("step %d: validation %s", step, ", ".join(f"{k} {v:.2f}" for k, v in row.items()
                                                                  if k.startswith("val")))
         pdist.barrier()
@@ -301,6 +369,7 @@ def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> Path:
     if info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        write_run_info(run_dir, info.world_size)
     pdist.barrier()
     return run_dir
 

@@ -9,6 +9,8 @@
         prepare_captions(captions, cfg)    (captions to train on, extra caption views), computed once per data set
         loss(batch, logit_scale, epoch)    -> (loss, {metric: float}); `batch` holds the *global* embeddings
         state_dict() / load_state_dict()   state that must survive a resume (RoCLIP's pool)
+        stateful                           whether loss() changes that state (gradient accumulation then calls it on
+                                           a copy in all passes but the last, so the state moves once per step)
 
 A defence sees the global batch (the loop gathers every view across processes first), so any state it keeps is the
 same on every process and the update equals a one-process step on the global batch.
@@ -45,6 +47,7 @@ class Defence:
     logit_scale: ClassVar[str] = "learned"      # what --logit-scale auto means
     bn_mode: ClassVar[str] = "train"            # what --bn-mode auto means
     augment: ClassVar[str] = "none"             # what --augment auto means (the plain view's augmentation)
+    stateful: ClassVar[bool] = False            # whether loss() updates state (see the module docstring)
 
     def __init__(self, cfg):
         self.cfg = cfg

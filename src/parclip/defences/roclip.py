@@ -80,6 +80,8 @@ class RoCLIP(Defence):
     defaults = CLEANCLIP_RECIPE
     augment = "roclip"  # its cross-augmentation; "none" with --no-roclip-cross-aug
 
+    stateful = True  # the pool moves with every loss call
+
     def __init__(self, cfg):
         super().__init__(cfg)
         check_int("roclip_every", cfg.roclip_every, 1)

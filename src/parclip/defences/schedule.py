@@ -20,6 +20,7 @@ def reference_lr(
     lr_peak: float = 3e-6,
     lr_end: float = 1e-9,
     warmup_frac: float = 0.5,
+    warmup_steps: int | None = None,
 ) -> float:
     """The PAR reference schedule, entry for optimiser step `step` (0-based, counted over all epochs).
 
@@ -27,7 +28,7 @@ def reference_lr(
         T  = E·(K+1),   Wu = int(warmup_frac·E·(K+1))
         k < Wu:  lr_k = lr_start + k·(lr_peak − lr_start)/(Wu − 1)                 (linear, both ends included)
         k ≥ Wu:  lr_k = lr_end + ½(lr_peak − lr_end)·(1 + cos(π·(k − Wu)/(T − Wu)))
-    and step i of epoch e reads lr_{K·e + i}, so the last E entries are never used. With the reference values
+    and step i of epoch e reads lr_{K·e + i}, so the last E entries are never used. `warmup_steps` sets Wu directly. With the reference values
     (3e-5 → 3e-6, warm-up half of training) the "warm-up" is a linear *decay* from a 10× higher start.
     """
     if not 0 <= step < steps_per_epoch * epochs:
@@ -35,7 +36,7 @@ def reference_lr(
     e, i = divmod(step, steps_per_epoch)
     k = steps_per_epoch * e + i  # = step; kept explicit to mirror the reference's indexing
     total = epochs * (steps_per_epoch + 1)
-    warm = int(warmup_frac * epochs * (steps_per_epoch + 1))
+    warm = int(warmup_frac * epochs * (steps_per_epoch + 1)) if warmup_steps is None else int(warmup_steps)
     if k < warm:
         return lr_start if warm == 1 else lr_start + k * (lr_peak - lr_start) / (warm - 1)
     return lr_end + 0.5 * (lr_peak - lr_end) * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
@@ -57,11 +58,13 @@ SCHEDULES = ("reference", "cosine", "constant")
 
 def lr_at(step: int, *, schedule: str, steps_per_epoch: int, epochs: int, lr: float, lr_start: float, lr_end: float,
           warmup: float, warmup_steps: int | None = None) -> float:
-    """Dispatch on the schedule name. `warmup` is a fraction of training for "reference" and "cosine";
-    `warmup_steps`, when given, sets the cosine schedule's warm-up in steps instead (CleanCLIP's 50 steps)."""
+    """Dispatch on the schedule name. `warmup` is a fraction of training (< 1) or, from 1 on, a whole number of steps
+    (open_clip_train's meaning); `warmup_steps`, when given, sets the warm-up in steps instead (CleanCLIP's 50)."""
+    if warmup_steps is None and warmup >= 1:
+        warmup_steps = int(warmup)
     if schedule == "reference":
         return reference_lr(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr_start=lr_start, lr_peak=lr,
-                            lr_end=lr_end, warmup_frac=warmup)
+                            lr_end=lr_end, warmup_frac=warmup, warmup_steps=warmup_steps)
     if schedule == "cosine":
         total = steps_per_epoch * epochs
         warm = int(warmup * total) if warmup_steps is None else min(int(warmup_steps), total)

@@ -19,11 +19,14 @@ from typing import get_type_hints
 __all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args"]
 
 
-def flag(default, help: str, choices=None, *, shown: str | None = None, metavar: str | None = None):
+def flag(default, help: str, choices=None, *, shown: str | None = None, metavar: str | None = None,
+         aliases: Sequence[str] = ()):
     """A dataclass field that is also a flag: `help`, `choices` and `metavar` go to argparse; `shown` is how the
-    default reads in the help when the value itself would not teach (e.g. None meaning "the model's input size").
+    default reads in the help when the value itself would not teach (e.g. None meaning "the model's input size");
+    `aliases` are further spellings of the flag (open_clip_train's, e.g. "--logs" for --output-dir).
     `default=MISSING` makes the field (and its flag) required."""
-    return field(default=default, metadata={"help": help, "choices": choices, "shown": shown, "metavar": metavar})
+    return field(default=default, metadata={"help": help, "choices": choices, "shown": shown, "metavar": metavar,
+                                            "aliases": tuple(aliases)})
 
 
 def _base_type(tp) -> type:
@@ -42,19 +45,24 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, requi
     """
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *meta_aliases(f)]
         tp = _base_type(hints[f.name])
         meta = f.metadata
         needed = f.default is MISSING or f.name in required
         shown = meta.get("shown") or f.default
         help_ = meta["help"] if needed else f"{meta['help']} (default: {shown})"
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 required=needed, help=help_)
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, choices=meta.get("choices"),
+            parser.add_argument(*flags, dest=f.name, type=tp, default=None, choices=meta.get("choices"),
                                 required=needed, help=help_,
                                 metavar=meta.get("metavar") or (None if meta.get("choices") else tp.__name__.upper()))
+
+
+def meta_aliases(f: dataclasses.Field) -> tuple[str, ...]:
+    """The extra flag spellings of a field."""
+    return tuple(f.metadata.get("aliases", ()))
 
 
 def dataclass_values(cls: type, args: argparse.Namespace) -> dict:

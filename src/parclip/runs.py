@@ -1,0 +1,144 @@
+"""Run directories: what a training run writes besides its checkpoints, and `parclip runs`, which lists them.
+
+A run directory (`<output_dir>/<name>/`) holds `config.yaml` (the resolved configuration), `run.json` (how it was
+started: parclip and torch versions, the git commit of the source tree when it is a checkout, the command line, the
+world size, the host), `metrics.jsonl` (one JSON object per logged step, validation rows included), `tensorboard/`
+with `--report-to tensorboard`, `checkpoints/` and, when finished, `model/`.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["RunLog", "write_run_info", "git_commit", "list_runs", "format_runs"]
+
+
+class RunLog:
+    """Appends metric rows to metrics.jsonl and, with "tensorboard" in `report_to`, writes them as scalars (every
+    number of the row but "step", at the row's step) to `<run>/tensorboard`. Only the main process writes."""
+
+    def __init__(self, run_dir: Path, report_to: str = "", enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and "tensorboard" in report_to.split(","):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # tensorboard is a dependency; a broken install says how to fix it
+                raise RuntimeError(f"--report-to tensorboard needs the tensorboard package ({e}); "
+                                   f"pip install tensorboard") from e
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}", value,
+                                       row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def git_commit(path: Path | None = None) -> dict | None:
+    """{"commit", "dirty"} of the git checkout holding `path` (default: this package), or None outside one."""
+    where = str(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def write_run_info(run_dir: Path, world_size: int) -> None:
+    """run.json: how this run was started (appended to a list, so a resumed run keeps every start)."""
+    import torch
+
+    from parclip import __version__
+    from parclip.utils.files import write_json
+
+    path = Path(run_dir) / "run.json"
+    try:
+        starts = json.loads(path.read_text())["starts"] if path.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        starts = []
+    starts.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parclip": __version__, "torch": torch.__version__,
+                   "python": platform.python_version(), "git": git_commit(), "argv": sys.argv,
+                   "world_size": world_size, "host": platform.node()})
+    write_json(path, {"starts": starts})
+
+
+def _last_rows(path: Path) -> tuple[dict, dict]:
+    """The last training row and the last validation row of a metrics.jsonl."""
+    train, val = {}, {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            if any(k.startswith("val_") for k in row):
+                val = row
+            elif "loss" in row:
+                train = row
+    return train, val
+
+
+def list_runs(root: str | Path) -> list[dict]:
+    """One dict per run directory under `root` (or `root` itself if it is one): name, objective, model, step,
+    total steps, last loss, last validation numbers, whether it finished, its path. Newest first."""
+    import yaml
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    dirs = [root] if (root / "config.yaml").is_file() else sorted(p for p in root.iterdir()
+                                                                   if (p / "config.yaml").is_file())
+    rows = []
+    for d in dirs:
+        try:
+            cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+        train, val = _last_rows(d / "metrics.jsonl")
+        rows.append({"name": d.name, "objective": cfg.get("objective"), "model": cfg.get("model"),
+                     "step": train.get("step"), "epoch": train.get("epoch"), "loss": train.get("loss"),
+                     "images_per_s": train.get("images_per_s"),
+                     **{k: v for k, v in val.items() if k.startswith("val_")},
+                     "finished": (d / "model" / "open_clip_config.json").is_file(), "path": str(d),
+                     "mtime": (d / "metrics.jsonl").stat().st_mtime if (d / "metrics.jsonl").is_file()
+                     else (d / "config.yaml").stat().st_mtime})
+    return sorted(rows, key=lambda r: -r["mtime"])
+
+
+def format_runs(rows: list[dict]) -> str:
+    """A fixed-width table of `list_runs` rows."""
+    if not rows:
+        return "no runs"
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    name_w = max(4, *(len(r["name"]) for r in rows))
+    head = (f"{'name':<{name_w}}  {'objective':<9}  {'step':>6}  {'loss':>7}  {'img/s':>7}  {'val top-1':>9}  "
+            f"{'val ASR':>7}  state")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name']:<{name_w}}  {fmt(r['objective'], '<9')}  {fmt(r['step'], '>6')}  "
+                     f"{fmt(r['loss'], '>7.3f')}  {fmt(r['images_per_s'], '>7.1f')}  "
+                     f"{fmt(r.get('val_clean_top1'), '>9.2f')}  {fmt(r.get('val_asr'), '>7.2f')}  "
+                     f"{'finished' if r['finished'] else 'unfinished'}")
+    return "\n".join(lines)
