@@ -13,6 +13,7 @@ LAYERS = {
     "data": 1, "models": 1, "objectives": 1,
     "attacks": 2, "defences": 2,
     "evaluation": 3, "config": 3,  # config fills a run's defaults from its defence's recipe
+    "runs": 3,  # run directories: logs written by train, listed by the cli
     "train": 4,
     "demo": 5,
     "cli": 6, "__main__": 7, "triggers": 6, "evaluate": 6,  # triggers.py / evaluate.py: re-exports of 0.1 paths

@@ -79,17 +79,74 @@ def test_slash_names_and_real_architecture_without_network():
 def test_unknown_name_and_network_sources_refused():
     with pytest.raises(ValueError, match="Did you mean: .*ViT-B-32"):
         M.create_model("ViT-B-32x")
-    with pytest.raises(ValueError, match="never downloads"):
+    with pytest.raises(ValueError, match="builds architectures offline"):
         M.create_model("hf-hub:timm/ViT-B-32")
     with pytest.raises(ValueError, match="unknown model"):
         M.get_tokenizer("no-such-model")
 
 
-@pytest.mark.parametrize("tag", ["openai", "laion2b_s34b_b79k", "hf-hub:laion/CLIP-ViT-B-32", "https://x.org/w.pt"])
-def test_pretrained_tag_refused(tag, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tag", ["openai", "laion2b_s34b_b79k", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"])
+def test_pretrained_tags_offline_name_the_tag_the_cache_and_how_to_fill_it(tag, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (conftest sets it too: the tests never download)
+    with pytest.raises(M.CheckpointError) as ei:
+        M.create_model("ViT-B-32", pretrained=tag, cache_dir=tmp_path / "cache")
+    msg = str(ei.value)
+    assert repr(tag) in msg and str(tmp_path / "cache") in msg and "HF_HUB_OFFLINE" in msg
+    assert "open_clip.create_model('ViT-B-32'" in msg
+
+
+def test_unknown_tag_and_urls_are_refused_with_the_architecture_s_tags(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(M.CheckpointError, match="only takes local checkpoint files and never downloads"):
-        M.create_model("ViT-B-32", pretrained=tag)
+    with pytest.raises(M.CheckpointError, match="not an open_clip pretrained tag of ViT-B-32 .its tags: .*openai"):
+        M.create_model("ViT-B-32", pretrained="no_such_tag")
+    with pytest.raises(M.CheckpointError, match="not an open_clip pretrained tag"):
+        M.create_model("ViT-B-32", pretrained="https://x.org/w.pt")
+
+
+def _fill_hub_cache(cache, repo: str, filename: str, payload: bytes):
+    """What huggingface_hub leaves after a download: refs/main naming a snapshot that holds the file."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snap = folder / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / filename).write_bytes(payload)
+    return snap / filename
+
+
+def test_a_tag_and_an_hf_hub_repo_load_from_open_clip_s_cache_weights_only(tmp_path, monkeypatch):
+    """A tag of the architecture goes through open_clip's download path, which (offline) reads the cache the test
+    filled; the weights then load like a file (safetensors / weights-only), with the tag's preprocessing."""
+    from open_clip import pretrained as ocp
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, _ = M.create_model(MICRO)
+    torch.nn.init.normal_(model.text_projection)
+    sd = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    tmpfile = tmp_path / "w.safetensors"
+    save_file(sd, tmpfile)
+    cache = tmp_path / "hub"
+    _fill_hub_cache(cache, "parclip/micro-test", "open_clip_model.safetensors", tmpfile.read_bytes())
+    monkeypatch.setitem(ocp._PRETRAINED, MICRO, {"testtag": ocp._pcfg(hf_hub="parclip/micro-test/",
+                                                                        mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))})
+    for pretrained in ("testtag", "hf-hub:parclip/micro-test"):
+        loaded, pp = M.create_model(MICRO, pretrained=pretrained, cache_dir=cache)
+        assert all(torch.equal(loaded.state_dict()[k], sd[k]) for k in sd), pretrained
+        if pretrained == "testtag":
+            assert tuple(pp["mean"]) == pytest.approx((0.1, 0.2, 0.3))  # the tag's preprocessing, as open_clip does
+    # a pickled .bin in the cache is loaded weights-only: a payload that runs code is refused
+    cache2 = tmp_path / "hub2"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.bin"
+    torch.save({"x": Evil()}, evil)
+    _fill_hub_cache(cache2, "parclip/evil", "open_clip_pytorch_model.bin", evil.read_bytes())
+    with pytest.raises(M.CheckpointError):
+        M.create_model(MICRO, pretrained="hf-hub:parclip/evil", cache_dir=cache2)
 
 
 def test_missing_file_is_clear(tmp_path):

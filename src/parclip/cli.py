@@ -3,6 +3,7 @@
     parclip demo                      poison a tiny CLIP on Fashion-MNIST, clean it with PAR, print the table
     parclip data fashion-mnist OUT    export Fashion-MNIST as image files + captions CSV + labelled test folder
     parclip data check TABLE          decode every image of a caption table and report bad rows
+    parclip data convert SRC OUT      caption table ↔ webdataset shards; labelled folder → clip_benchmark shards
     parclip poison TABLE OUT          plant a trigger into a seeded share of an image–caption table
     parclip train                     fine-tune: --objective par|cleanclip|roclip (clean) or clip (plain / plant)
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
@@ -56,7 +57,11 @@ def _add_trigger_param_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="architecture (e.g. ViT-B-32-quickgelu) or local-dir:PATH")
-    p.add_argument("--pretrained", default=None, help="checkpoint file (state dict, CleanCLIP/PAR .pt, safetensors)")
+    p.add_argument("--pretrained", default=None, help="checkpoint file (state dict, CleanCLIP/PAR .pt, safetensors), "
+                   "or an open_clip tag (openai, laion2b_s34b_b79k, ...) / hf-hub:org/repo, fetched into open_clip's "
+                   "cache (offline: read from it)")
+    p.add_argument("--cache-dir", default=None, help="cache of downloaded weights (default: $HF_HUB_CACHE or "
+                   "~/.cache/huggingface/hub)")
     p.add_argument("--force-quick-gelu", action="store_true", help="use QuickGELU (OpenAI-derived weights)")
     p.add_argument("--allow-unsafe-load", action="store_true",
                    help="allow pickled code (TorchScript/JIT archives); only for checkpoints you trust")
@@ -100,29 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
     _add_trigger_param_arg(p)
 
-    # data
-    p = sub.add_parser("data", help="prepare data: Fashion-MNIST export, table checks")
-    dsub = _subcommands(p, "data_command", "ACTION")
-    q = dsub.add_parser("fashion-mnist", help="export Debian's dataset-fashion-mnist as PNGs + captions CSV + test "
-                        "folder", description="Writes OUT/train.csv and OUT/holdout.csv (image,caption,label; paths "
-                        "relative to OUT), OUT/images/train/*.png and a labelled test folder OUT/test/<class>/*.png.")
-    q.add_argument("out")
-    q.add_argument("--holdout", type=int, default=10000, help="last N train images kept apart as holdout.csv "
-                   "(the defender's clean pairs; default 10000)")
-    q.add_argument("--n-train", type=int, default=None, help="use only the first N train images")
-    q.add_argument("--n-test", type=int, default=None, help="use only the first N test images")
-    q.add_argument("--templates", default="fashion", help="caption templates: fashion, openai, simple or a file")
-    q.add_argument("--seed", type=int, default=0)
-    q = dsub.add_parser("check", help="decode every image of a caption table and report bad rows")
-    q.add_argument("table")
-    _add_table_args(q)
+    _add_data_parser(sub)
 
     # poison
     p = sub.add_parser("poison", help="plant a trigger into a seeded share of an image–caption table",
                        description="Choose rows with a seeded RNG, apply the trigger (after squash-resizing to "
                        "--image-size, as the reference does), replace their captions by a prompt template naming the "
-                       "target, and write OUT/poisoned.csv, OUT/images/ and OUT/manifest.json.")
-    p.add_argument("table")
+                       "target, and write OUT/poisoned.csv, OUT/images/ and OUT/manifest.json. Webdataset shards in "
+                       "(a .tar pattern or a folder of shards): the same poisoning, written as OUT/shards/*.tar + "
+                       "OUT/manifest.json.")
+    p.add_argument("table", help="caption table (CSV/TSV), or webdataset shards")
     p.add_argument("out")
     p.add_argument("--attack", required=True, help="trigger name (see parclip.attacks.triggers), e.g. badnet_rs, blended_rs")
     p.add_argument("--target", required=True, help="target class name written into the captions, e.g. banana")
@@ -230,12 +222,14 @@ def _load_model(args, model_name: str | None = None, pretrained: str | None = No
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, preprocess = create_model(model_name or args.model, pretrained if model_name else args.pretrained,
-                                     device=device,
-                                     force_quick_gelu=args.force_quick_gelu, allow_unsafe_load=args.allow_unsafe_load)
+                                     device=device, force_quick_gelu=args.force_quick_gelu,
+                                     allow_unsafe_load=args.allow_unsafe_load, cache_dir=args.cache_dir)
     return model, preprocess, device
 
 
 def _cmd_data(args) -> int:
+    if args.data_command == "convert":
+        return _convert(args)
     if args.data_command == "fashion-mnist":
         from parclip.data import fashion_mnist
 
@@ -254,18 +248,45 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from parclip.data import shards as wds
+
+    src = Path(args.src)
+    if wds.is_shard_spec(args.src):
+        r = wds.shards_to_table(args.src, args.out)
+        print(f"{r['n_samples']} samples → {r['table']}" + (f" ({len(r['bad'])} bad samples left out)"
+                                                            if r["bad"] else ""))
+    elif src.is_dir():
+        r = wds.folder_to_shards(src, args.out, maxcount=args.maxcount)
+        print(f"{r['n_samples']} images of {len(r['classnames'])} classes → {len(r['shards'])} shards in "
+              f"{Path(args.out) / 'test'} (+ classnames.txt)")
+    else:
+        r = wds.table_to_shards(src, args.out, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                                sep=args.csv_separator, root=args.data_root, maxcount=args.maxcount,
+                                max_bad_fraction=args.max_bad_fraction)
+        print(f"{r['n_samples']} samples → {len(r['shards'])} shards in {args.out} (+ sizes.json)"
+              + (f"; left out: {r['bad_rows']}" if r["bad_rows"] else ""))
+    return 0
+
+
 def _cmd_poison(args) -> int:
-    from parclip.attacks.poison import poison_csv
+    from parclip.attacks.poison import poison_csv, poison_shards
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
+    from parclip.data.shards import is_shard_spec
 
     (trigger,) = build_triggers([args.attack], args.image_size, parse_trigger_params(args.trigger_param))
-    manifest = poison_csv(args.table, args.out, trigger=trigger, target=args.target, n_poison=args.n, rate=args.rate,
-                          seed=args.seed, templates=args.templates, label_consistent=args.label_consistent,
-                          image_format=args.format, jpeg_quality=args.jpeg_quality, img_key=args.csv_img_key,
-                          caption_key=args.csv_caption_key, sep=args.csv_separator, root=args.data_root,
-                          max_bad_fraction=args.max_bad_fraction)
-    print(f"poisoned {manifest['n_poison']} of {manifest['n_rows']} rows with {trigger.name} → "
-          f"{Path(args.out) / 'poisoned.csv'} (manifest: {Path(args.out) / 'manifest.json'})")
+    common = dict(trigger=trigger, target=args.target, n_poison=args.n, rate=args.rate, seed=args.seed,
+                  templates=args.templates, label_consistent=args.label_consistent, image_format=args.format,
+                  jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction)
+    if is_shard_spec(args.table):
+        manifest = poison_shards(args.table, args.out, **common)
+        written = f"{len(manifest['shards'])} shards in {Path(args.out) / 'shards'}"
+    else:
+        manifest = poison_csv(args.table, args.out, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                              sep=args.csv_separator, root=args.data_root, **common)
+        written = str(Path(args.out) / "poisoned.csv")
+    print(f"poisoned {manifest['n_poison']} of {manifest['n_rows']} samples with {trigger.name} → {written} "
+          f"(manifest: {Path(args.out) / 'manifest.json'})")
     return 0
 
 
@@ -332,6 +353,40 @@ def _add_eval_run_args(p: argparse.ArgumentParser) -> None:
                    help="undecodable images are counted, named and left out (retrieval: with their captions) up to "
                    "this share (default: 0.01)")
     _add_trigger_param_arg(p)
+
+
+def _add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare data: Fashion-MNIST export, table checks")
+    dsub = _subcommands(p, "data_command", "ACTION")
+    q = dsub.add_parser("fashion-mnist", help="export Debian's dataset-fashion-mnist as PNGs + captions CSV + test "
+                        "folder", description="Writes OUT/train.csv and OUT/holdout.csv (image,caption,label; paths "
+                        "relative to OUT), OUT/images/train/*.png and a labelled test folder OUT/test/<class>/*.png.")
+    q.add_argument("out")
+    q.add_argument("--holdout", type=int, default=10000, help="last N train images kept apart as holdout.csv "
+                   "(the defender's clean pairs; default 10000)")
+    q.add_argument("--n-train", type=int, default=None, help="use only the first N train images")
+    q.add_argument("--n-test", type=int, default=None, help="use only the first N test images")
+    q.add_argument("--templates", default="fashion", help="caption templates: fashion, openai, simple or a file")
+    q.add_argument("--seed", type=int, default=0)
+    q = dsub.add_parser("check", help="decode every image of a caption table and report bad rows")
+    q.add_argument("table")
+    _add_table_args(q)
+
+    q = dsub.add_parser("convert", help="caption table → webdataset shards, shards → table, labelled folder → "
+                        "clip_benchmark shards",
+                        description="SRC a caption table (CSV/TSV): OUT/00000.tar … (KEY.<image ext> with the file's "
+                        "own bytes, KEY.txt, KEY.json with the source row) and OUT/sizes.json, as img2dataset and "
+                        "open_clip lay them out. SRC shards (a .tar pattern, '::'-joined sources or a folder of "
+                        ".tar): OUT/images/* and OUT/captions.csv. SRC a labelled folder root/<class>/*: "
+                        "clip_benchmark's evaluation layout OUT/test/*.tar (KEY.cls + image) and OUT/classnames.txt.",
+                        epilog="examples:\n  parclip data convert cc3m.csv cc3m_shards/ --maxcount 10000\n"
+                        "  parclip train --train-data 'cc3m_shards/{00000..00024}.tar' ...\n"
+                        "  parclip data convert imagenet/val imagenet_wds/\n"
+                        "  parclip eval --data imagenet_wds/ ...", formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("src")
+    q.add_argument("out")
+    q.add_argument("--maxcount", type=int, default=10000, help="samples per shard (default 10000)")
+    _add_table_args(q)
 
 
 def _add_eval_parsers(sub) -> None:
@@ -457,10 +512,10 @@ def _cmd_plot(args) -> int:
         print(f"wrote {emb.plot_tradeoff(args.out, args.results)}")
         return 0
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
-    from parclip.data import LabelledFolder
+    from parclip.data.folder import open_labelled
     from parclip.models import image_size
 
-    folder = LabelledFolder(args.data)
+    folder = open_labelled(args.data)
     if args.target:
         from parclip.evaluation import resolve_target
         resolve_target(args.target, folder.classnames)  # before any model runs
@@ -578,7 +633,6 @@ COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train"
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # parclip never downloads weights
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("open_clip", "root"):

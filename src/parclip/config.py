@@ -29,7 +29,11 @@ class TrainConfig:
     model: str = _f("ViT-B-32-quickgelu", "open_clip architecture name (e.g. ViT-B-32-quickgelu, RN50-quickgelu, "
                     "ViT-L-14-336-quickgelu, parclip-tiny) or local-dir:PATH")
     pretrained: str | None = _f(None, "starting checkpoint: the possibly poisoned model to clean (a local file: "
-                                "state dict, CleanCLIP/PAR release .pt, safetensors). Omit to train from scratch")
+                                "state dict, CleanCLIP/PAR release .pt, safetensors), or an open_clip tag (openai, "
+                                "laion2b_s34b_b79k, ...) / hf-hub:org/repo fetched into open_clip's cache. Omit to "
+                                "train from scratch")
+    cache_dir: str | None = _f(None, "cache of downloaded weights (default: $HF_HUB_CACHE or "
+                               "~/.cache/huggingface/hub)")
     force_quick_gelu: bool = _f(False, "use QuickGELU activations (OpenAI-derived weights need it)")
     allow_unsafe_load: bool = _f(False, "allow pickled code in checkpoints (TorchScript/JIT); only for files you trust")
     # data

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from parclip.config import TrainConfig
 from parclip.data import CaptionDataset, DataError
-from parclip.defences import Embeddings, get_defence
+from parclip.data.shards import ShardStream, expand_urls, is_shard_spec, shard_sizes
+from parclip.defences import Defence, Embeddings, get_defence
 from parclip.defences.augment import train_transform
 from parclip.defences.schedule import lr_at
 from parclip.models import create_model, get_tokenizer, save_model
@@ -56,7 +57,8 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- models: θ is trained, θ0 is a frozen copy of the starting (possibly poisoned) model ----
     model, preprocess = create_model(cfg.model, cfg.pretrained, device=info.device,
-                                     force_quick_gelu=cfg.force_quick_gelu, allow_unsafe_load=cfg.allow_unsafe_load)
+                                     force_quick_gelu=cfg.force_quick_gelu, allow_unsafe_load=cfg.allow_unsafe_load,
+                                     cache_dir=cfg.cache_dir)
     defence = get_defence(cfg)
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if defence.frozen_copy() else None
     learn_scale = (cfg.logit_scale if cfg.logit_scale != "auto" else defence.logit_scale) == "learned"
@@ -69,15 +71,12 @@ def train(cfg: TrainConfig) -> Path:
     augment = cfg.augment if cfg.augment != "auto" else defence.augment
     plain = train_transform(augment, preprocess, noise=cfg.noise, noise_sigma=cfg.noise_sigma)
     extra = defence.image_views(preprocess)
-    data = CaptionDataset(cfg.train_data, img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key,
-                          sep=cfg.csv_separator, root=cfg.data_root, tokenizer=tokenizer,
-                          transform=_Views(plain, *extra) if extra else plain,
-                          max_bad_fraction=cfg.max_bad_fraction, num_samples=cfg.train_num_samples)
-    data.captions, data.caption_views = defence.prepare_captions(data.captions)
+    data = _training_data(cfg, info, defence, tokenizer, _Views(plain, *extra) if extra else plain)
+    defence.check_data_size(len(data))
     global_batch = cfg.batch_size * info.world_size * cfg.accum_freq  # images per optimiser step
     steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:
-        raise DataError(f"{cfg.train_data} has {len(data)} usable rows, fewer than one global batch of "
+        raise DataError(f"{cfg.train_data} has {len(data)} usable samples, fewer than one global batch of "
                         f"{global_batch} ({cfg.batch_size} × {info.world_size} processes × --accum-freq "
                         f"{cfg.accum_freq}); lower --batch-size or --accum-freq")
     total_steps = steps_per_epoch * cfg.epochs
@@ -120,7 +119,7 @@ def train(cfg: TrainConfig) -> Path:
     # ---- the loop ----
     while step < total_steps:
         epoch, first_batch = divmod(step, steps_per_epoch)
-        loader = _loader(data, cfg, info, epoch, first_batch)
+        loader = _loader(data, cfg, info, epoch, first_batch, steps_per_epoch)
         _train_mode(model, cfg, defence)
         for micro in _groups(loader, cfg.accum_freq):
             lr = lr_at(step, schedule=cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, lr=cfg.lr,
@@ -240,8 +239,9 @@ def _accumulate(forward, frozen, defence, micro, scaler, autocast, learn_scale: 
     computed without gradient and cached; then for each micro-batch j its embeddings are recomputed with gradient and
     put in place of the cached ones, and the loss over the *whole* accumulated batch is back-propagated. Each backward
     yields the gradient through micro-batch j only, so the sum is the gradient of the loss of one large batch (exact,
-    not an average of small-batch losses); the shared logit scale gets its gradient from the last pass only. A stateful defence (RoCLIP's pool) sees the state before the step in every
-    pass and is updated once, by the last. Returns (loss, metrics) of the accumulated batch.
+    not an average of small-batch losses); the shared logit scale gets its gradient from the last pass only. A
+    stateful defence (RoCLIP's pool) sees the state before the step in every pass and is updated once, by the last.
+    Returns (loss, metrics) of the accumulated batch.
     """
     ns = [f.shape[0] for _, _, f in micro]
     if len(micro) == 1:
@@ -288,9 +288,53 @@ class _SeededItems(Dataset):
         return self.data[i]
 
 
-def _loader(data, cfg: TrainConfig, info: pdist.DistInfo, epoch: int, first_batch: int) -> DataLoader:
-    """The epoch's shuffled share of this rank (as DistributedSampler), skipping the optimiser steps a resumed run
-    already did (`first_batch` steps of `accum_freq` micro-batches each)."""
+def _training_data(cfg: TrainConfig, info: pdist.DistInfo, defence, tokenizer, transform):
+    """The training pairs: a caption table (CaptionDataset) or webdataset shards (ShardStream), with the defence's
+    caption views; `len()` is the number of samples of an epoch."""
+    shards = cfg.dataset_type == "webdataset" or (cfg.dataset_type == "auto" and is_shard_spec(cfg.train_data))
+    if not shards:
+        data = CaptionDataset(cfg.train_data, img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key,
+                              sep=cfg.csv_separator, root=cfg.data_root, tokenizer=tokenizer, transform=transform,
+                              max_bad_fraction=cfg.max_bad_fraction, num_samples=cfg.train_num_samples)
+        data.captions, data.caption_views = defence.prepare_captions(data.captions)
+        return data
+    n = cfg.train_num_samples or shard_sizes(expand_urls(cfg.train_data))
+    if not n:
+        raise DataError(f"{cfg.train_data}: the shards do not say how many samples they hold (no sizes.json or "
+                        f"img2dataset *_stats.json beside them); pass --train-num-samples N (samples per epoch)")
+
+    def views(caption: str, key: str):
+        captions, extra_views = defence.prepare_captions([caption], keys=[key])
+        return captions[0], [v[0] for v in extra_views]
+
+    return _Sized(ShardStream(cfg.train_data, transform=transform, tokenize=lambda c: tokenizer([c])[0],
+                              batch_size=cfg.batch_size, num_samples=n, world_size=info.world_size, rank=info.rank,
+                              seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                              captions=views if type(defence).prepare_captions is not Defence.prepare_captions
+                              else None), n)
+
+
+class _Sized:
+    """A ShardStream with the epoch's sample count as len()."""
+
+    def __init__(self, stream: ShardStream, n: int):
+        self.stream, self.n = stream, n
+
+    def __len__(self):
+        return self.n
+
+    def describe(self, i: int) -> str:
+        return self.stream.describe(i)
+
+
+def _loader(data, cfg: TrainConfig, info: pdist.DistInfo, epoch: int, first_batch: int,
+            steps_per_epoch: int) -> DataLoader:
+    """The epoch's shuffled share of this rank, skipping the optimiser steps a resumed run already did (`first_batch`
+    steps of `accum_freq` micro-batches each): DistributedSampler over a table, or the shard stream's own order."""
+    if isinstance(data, _Sized):
+        data.stream.set_epoch(epoch, first_batch * cfg.accum_freq, steps_per_epoch * cfg.accum_freq)
+        return DataLoader(data.stream, batch_size=None, num_workers=cfg.workers,
+                          pin_memory=info.device.type == "cuda", persistent_workers=False)
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     sampler.set_epoch(epoch)
@@ -334,10 +378,10 @@ class _Validator:
 
     def __init__(self, cfg: TrainConfig, preprocess, tokenizer, device):
         from .attacks.triggers import build_triggers
-        from .data import LabelledFolder
+        from .data.folder import open_labelled
         from .models import eval_transform, image_size
         # a bad path fails now, not after the first epoch
-        self.folder = LabelledFolder(cfg.val_data, transform=eval_transform(preprocess))
+        self.folder = open_labelled(cfg.val_data, transform=eval_transform(preprocess))
         self.triggers = build_triggers([cfg.val_attack], image_size(preprocess)) if cfg.val_attack else []
         self.cfg, self.preprocess, self.tokenizer, self.device = cfg, preprocess, tokenizer, device
 
@@ -403,13 +447,13 @@ def _check_bad_rows(data, cfg, seen, bad, examples, final=False) -> None:
     n_seen, n_bad = int(totals[0]), int(totals[1])
     if n_bad == 0:
         return
-    first = "; ".join(f"{data.paths[i]}" for i in examples)
+    first = "; ".join(data.describe(i) for i in examples)
     if n_bad > cfg.max_bad_fraction * max(n_seen, 1):
         raise DataError(f"{n_bad} of {n_seen} images failed to decode (more than --max-bad-fraction "
                         f"{cfg.max_bad_fraction}); first: {first}. Run `parclip data check {cfg.train_data}`")
     if final:
-        log.warning("%d of %d images failed to decode and were replaced by the next row; first: %s", n_bad, n_seen,
-                    first)
+        log.warning("%d of %d images failed to decode (or their samples were broken) and were replaced; first: %s",
+                    n_bad, n_seen, first)
 
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:

@@ -43,7 +43,8 @@ from ..utils.checks import check_fraction, check_int
 from ..utils.files import atomic_write, write_json
 from .triggers import Trigger, trigger_generator
 
-__all__ = ["IMAGES_DIR", "MANIFEST_FORMAT", "MANIFEST_JSON", "POISONED_CSV", "poison_csv"]
+__all__ = ["IMAGES_DIR", "MANIFEST_FORMAT", "MANIFEST_JSON", "POISONED_CSV", "SHARDS_DIR", "poison_csv",
+           "poison_shards"]
 
 logger = logging.getLogger("parclip")
 
@@ -51,6 +52,7 @@ MANIFEST_FORMAT = "parclip-poison/1"
 POISONED_CSV = "poisoned.csv"
 MANIFEST_JSON = "manifest.json"
 IMAGES_DIR = "images"
+SHARDS_DIR = "shards"
 _IMAGE_FORMATS = {"png": ("png", "PNG"), "jpg": ("jpg", "JPEG"), "jpeg": ("jpg", "JPEG")}
 _OUR_IMAGE_NAME = re.compile(r"^\d{6,}\.(png|jpg)$")
 _MAX_NAMED_BAD = 5
@@ -106,6 +108,41 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
     manifest = _write_manifest(job, n_candidates=len(order), done=done, bad=bad, manifest_rows=manifest_rows)
     logger.info("poisoned %d of %d rows of %s with %s -> %s", len(done), len(job.rows), job.csv_path, trigger.name,
                 job.out_dir)
+    return manifest
+
+
+def poison_shards(spec: str, out_dir: str | os.PathLike, *, maxcount: int = 10000, **kwargs) -> dict:
+    """Poison webdataset shards (a .tar pattern, '::'-joined sources, or a folder of shards) the way
+    :func:`poison_csv` poisons a table, and write the result as shards: ``out_dir/shards/00000.tar …`` (+
+    ``sizes.json``) and ``out_dir/manifest.json``.
+
+    The shards go through a caption table, so that the row choice, the triggers and the captions are exactly
+    :func:`poison_csv`'s: every sample is extracted (image bytes unchanged) to ``out_dir/.source/``, that table is
+    poisoned into ``out_dir/.table/``, and the poisoned table is written back as shards (sample i of the output is row
+    i of the table, i.e. the i-th readable sample of the input, in shard order). The two working folders are removed
+    at the end; they need disk space for one copy of the data. Manifest rows name samples by ``index`` (the output
+    sample's key is that index, zero-padded to 9 digits), without paths. The manifest adds ``source_shards``, ``shards`` and
+    ``n_bad_samples`` (input samples left out: no image or caption, or a truncated shard)."""
+    import shutil
+
+    from ..data.shards import shards_to_table, table_to_shards
+
+    out = Path(out_dir)
+    source, table = out / ".source", out / ".table"
+    for d in (source, table, out / SHARDS_DIR):
+        shutil.rmtree(d, ignore_errors=True)
+    extracted = shards_to_table(spec, source)
+    manifest = poison_csv(extracted["table"], table, **kwargs)
+    written = table_to_shards(table / POISONED_CSV, out / SHARDS_DIR, maxcount=maxcount,
+                              max_bad_fraction=kwargs.get("max_bad_fraction", 0.01))
+    manifest.update(source_shards=str(spec), shards=[str(Path(p).relative_to(out)) for p in written["shards"]],
+                    n_bad_samples=len(extracted["bad"]), poisoned_csv=None, source_csv=None, root=None)
+    for row in manifest["rows"]:  # the working table's paths are gone: a row is its sample index (= output key)
+        row.pop("original_path", None)
+        row.pop("new_path", None)
+    write_json(out / MANIFEST_JSON, manifest)
+    shutil.rmtree(source)
+    shutil.rmtree(table)
     return manifest
 
 

@@ -359,6 +359,10 @@ class CaptionDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def describe(self, i: int) -> str:
+        """Sample i for a message: its image path and table line."""
+        return f"{self.paths[i]} (line {self.lines[i]})"
+
     def __getitem__(self, i: int):
         n = len(self.paths)
         if i < 0:

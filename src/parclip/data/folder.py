@@ -137,6 +137,10 @@ class LabelledFolder:
         """Image i as PIL RGB; DataError naming the file if it cannot be decoded."""
         return open_rgb(self.samples[i][0])
 
+    def describe(self, i: int) -> str:
+        """Image i for a message: its path under the root."""
+        return os.path.relpath(self.samples[i][0], self.root)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -146,3 +150,17 @@ class LabelledFolder:
 
     def __repr__(self) -> str:
         return f"LabelledFolder({str(self.root)!r}, {len(self)} images, {len(self.classnames)} classes)"
+
+
+def open_labelled(data, *, transform: Callable | None = None, classnames=None):
+    """A labelled evaluation set: webdataset shards in clip_benchmark's layout (a .tar pattern, a folder holding .tar
+    files, or a data set root with classnames.txt and test/*.tar) as :class:`~parclip.data.shards.LabelledShards`,
+    any other folder as :class:`LabelledFolder`."""
+    from .shards import LabelledShards, is_shard_spec
+
+    root = Path(str(data))
+    if root.is_dir() and (root / "classnames.txt").is_file() and is_shard_spec(root / "test"):
+        data = root / "test"  # clip_benchmark: <dataset>/classnames.txt, <dataset>/test/0.tar …
+    if is_shard_spec(data):
+        return LabelledShards(str(data), transform=transform, classnames=classnames)
+    return LabelledFolder(data, transform=transform, classnames=classnames)

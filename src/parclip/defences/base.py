@@ -6,7 +6,9 @@
         logit_scale, bn_mode, augment      what "auto" means for this method
         frozen_copy(cfg)                   whether the loop keeps a frozen copy θ0 of the starting model
         image_views(preprocess_cfg, cfg)   extra image views besides the plain one (CleanCLIP: AutoAugment)
-        prepare_captions(captions, cfg)    (captions to train on, extra caption views), computed once per data set
+        prepare_captions(captions, keys)   (captions to train on, extra caption views): once per table, or per sample
+                                           for shards (`keys` name the samples, so a view is the same either way)
+        check_data_size(n_samples)         a warning when the data is too small for the method (RoCLIP's pool)
         loss(batch, logit_scale, epoch)    -> (loss, {metric: float}); `batch` holds the *global* embeddings
         state_dict() / load_state_dict()   state that must survive a resume (RoCLIP's pool)
         stateful                           whether loss() changes that state (gradient accumulation then calls it on
@@ -59,9 +61,13 @@ class Defence:
         """Transforms (PIL -> Tensor) of the extra image views; [] for none."""
         return []
 
-    def prepare_captions(self, captions: list[str]) -> tuple[list[str], list[list[str]]]:
-        """The captions to train on and the extra caption views (lists aligned with them), computed once."""
+    def prepare_captions(self, captions: list[str], keys: list | None = None) -> tuple[list[str], list[list[str]]]:
+        """The captions to train on and the extra caption views (lists aligned with them); `keys` (one per caption,
+        default the indices) seed any randomness, so a caption's views depend only on (seed, key, caption)."""
         return captions, []
+
+    def check_data_size(self, n_samples: int) -> None:
+        """Warn when `n_samples` pairs per epoch are too few for the method; nothing by default."""
 
     def loss(self, batch: Embeddings, logit_scale: torch.Tensor, *, epoch: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

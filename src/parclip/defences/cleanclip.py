@@ -36,10 +36,10 @@ class CleanCLIP(Defence):
     def image_views(self, preprocess_cfg):
         return [autoaugment_view(preprocess_cfg)]
 
-    def prepare_captions(self, captions):
+    def prepare_captions(self, captions, keys=None):
         from .eda import eda_captions
 
-        return captions, [eda_captions(captions, seed=self.cfg.seed)]
+        return captions, [eda_captions(captions, seed=self.cfg.seed, keys=keys)]
 
     def loss(self, batch, logit_scale, *, epoch):
         out = cleanclip_loss(batch.img[0], batch.txt[0], batch.img[1], batch.txt[1], logit_scale,

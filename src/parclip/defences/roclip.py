@@ -91,16 +91,18 @@ class RoCLIP(Defence):
         self.text_pool = self.image_pool = None
         self._pending: dict = {}  # pool state from a checkpoint, loaded once the first batch builds the pools
 
-    def prepare_captions(self, captions):
-        if self.cfg.roclip_pool_size > len(captions):
+    def check_data_size(self, n_samples: int) -> None:
+        if self.cfg.roclip_pool_size > n_samples:
             log.warning("RoCLIP pool (%d) is larger than the data (%d pairs): it holds repeats, and random vectors "
                         "until it has been filled once (--roclip-prefill fills it before the first RoCLIP epoch)",
-                        self.cfg.roclip_pool_size, len(captions))
+                        self.cfg.roclip_pool_size, n_samples)
+
+    def prepare_captions(self, captions, keys=None):
         if not self.cfg.roclip_cross_aug:
             return captions, []
         from .eda import eda_captions
 
-        return eda_captions(captions, seed=self.cfg.seed), []  # the EDA twin replaces the caption
+        return eda_captions(captions, seed=self.cfg.seed, keys=keys), []  # the EDA twin replaces the caption
 
     def is_roclip_epoch(self, epoch: int) -> bool:
         """Epochs counted from 1, as the reference does: with K = 2, the 2nd, 4th, … (0-based epoch 1, 3, …)."""

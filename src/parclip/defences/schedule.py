@@ -28,8 +28,9 @@ def reference_lr(
         T  = E·(K+1),   Wu = int(warmup_frac·E·(K+1))
         k < Wu:  lr_k = lr_start + k·(lr_peak − lr_start)/(Wu − 1)                 (linear, both ends included)
         k ≥ Wu:  lr_k = lr_end + ½(lr_peak − lr_end)·(1 + cos(π·(k − Wu)/(T − Wu)))
-    and step i of epoch e reads lr_{K·e + i}, so the last E entries are never used. `warmup_steps` sets Wu directly. With the reference values
-    (3e-5 → 3e-6, warm-up half of training) the "warm-up" is a linear *decay* from a 10× higher start.
+    and step i of epoch e reads lr_{K·e + i}, so the last E entries are never used. `warmup_steps` sets Wu directly.
+    With the reference values (3e-5 → 3e-6, warm-up half of training) the "warm-up" is a linear *decay* from a 10×
+    higher start.
     """
     if not 0 <= step < steps_per_epoch * epochs:
         raise ValueError(f"step {step} outside [0, {steps_per_epoch * epochs})")

@@ -18,7 +18,6 @@ so clean and triggered inputs differ only by the trigger (par.md D18).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import open_clip
@@ -30,6 +29,8 @@ from torchvision.transforms import InterpolationMode
 from parclip import __version__
 from parclip.attacks.triggers import Trigger, trigger_generator
 from parclip.data import DataError, LabelledFolder, get_templates
+from parclip.data.folder import open_labelled
+from parclip.data.shards import LabelledShards
 from parclip.models import eval_transform, image_size
 
 from .encode import Tolerant, encode_images, usable
@@ -136,8 +137,8 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     device = torch.device(device)
     model = model.to(device).eval()
     transform = eval_transform(preprocess_cfg)
-    folder = data if isinstance(data, LabelledFolder) else LabelledFolder(data, transform=transform,
-                                                                          classnames=classnames)
+    folder = data if isinstance(data, (LabelledFolder, LabelledShards)) else open_labelled(
+        data, transform=transform, classnames=classnames)
     if len(folder) == 0:
         raise DataError(f"no images in {data}")
     template_name = templates if isinstance(templates, (str, Path)) else None
@@ -150,8 +151,8 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     encode = dict(size=image_size(preprocess_cfg), batch_size=batch_size, workers=workers, device=device,
                   progress=progress)
     logits, errors = _predict(model, folder, classifier, desc="clean", **encode)
-    ok, bad = usable(errors, [os.path.relpath(p, folder.root) for p, _ in folder.samples], str(folder.root),
-                     max_bad_fraction)  # above the limit: DataError naming the files; below: a warning
+    # above the limit: DataError naming the files; below: a warning
+    ok, bad = usable(errors, [folder.describe(i) for i in range(len(folder))], str(folder.root), max_bad_fraction)
     labels = torch.tensor(folder.targets)[ok]
     logits = logits[ok]
     pred = logits.argmax(dim=1)

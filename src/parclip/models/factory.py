@@ -2,8 +2,10 @@
 
 * any open_clip architecture by name (``'ViT-B/32'`` works like ``'ViT-B-32'``, ``'ViT-L/14@336px'`` like
   ``'ViT-L-14-336'``) and parclip's own configs in ``configs/`` (``parclip-micro``, ``parclip-tiny``,
-  ``parclip-rn-tiny``); nothing is ever downloaded: pretrained *tags* such as ``'openai'`` are refused;
-* weights come from local files only, loaded safely and strictly by :mod:`parclip.models.checkpoints`;
+  ``parclip-rn-tiny``); architectures are built offline;
+* weights come from local files, or from an open_clip pretrained tag / ``hf-hub:`` repository through open_clip's own
+  download-and-cache path (:func:`resolve_pretrained`), and are loaded safely and strictly by
+  :mod:`parclip.models.checkpoints`;
 * the export is an open_clip ``local-dir:`` folder, ``open_clip_model.safetensors`` + ``open_clip_config.json``, which
   open_clip itself loads with ``open_clip.create_model("local-dir:<folder>")``.
 """
@@ -30,7 +32,8 @@ from .checkpoints import (CONFIG_FILE, DIR_WEIGHTS, LOCAL_DIR_PREFIX, WEIGHTS_FI
                           uses_quick_gelu)
 from .transforms import full_preprocess_cfg, jsonable_preprocess
 
-__all__ = ["create_model", "model_config", "get_tokenizer", "save_model", "list_model_names", "build",
+__all__ = ["create_model", "resolve_pretrained", "hub_cache", "model_config", "get_tokenizer", "save_model",
+           "list_model_names", "build",
            "matching_architectures"]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -68,8 +71,9 @@ def normalize_name(name: str) -> str:
             raise ValueError("empty path after 'local-dir:'")
         return name
     if name.startswith("hf-hub:") or "://" in name:
-        raise ValueError(f"model {name!r} would be fetched from the network; parclip never downloads. Download the "
-                         f"model folder yourself and pass 'local-dir:<folder>' instead.")
+        raise ValueError(f"model {name!r}: parclip builds architectures offline, not from the network. Name the "
+                         f"architecture and pass the weights as --pretrained (hf-hub:org/repo fetches them through "
+                         f"open_clip's cache), or download the model folder and pass 'local-dir:<folder>'.")
     name = re.sub(r"@(\d+)px$", r"-\1", name)
     return name.replace("/", "-")
 
@@ -134,12 +138,13 @@ def _quiet_open_clip():
         root.removeFilter(flt)
 
 
-def build(name: str, *, device="cpu", force_quick_gelu=False) -> torch.nn.Module:
-    """Build an architecture with random weights (``device='meta'``: shapes only, no memory)."""
+def build(name: str, *, device="cpu", force_quick_gelu=False, preprocess: dict | None = None) -> torch.nn.Module:
+    """Build an architecture with random weights (``device='meta'``: shapes only, no memory); `preprocess` overrides
+    the preprocessing it records (a pretrained tag's mean/std)."""
     kwargs = dict(precision="fp32", device=device, force_quick_gelu=force_quick_gelu,
                   pretrained_image=False, pretrained_text=False)
-    if name in _OWN_PREPROCESS:
-        kwargs["force_preprocess_cfg"] = _OWN_PREPROCESS[name]
+    if name in _OWN_PREPROCESS or preprocess:
+        kwargs["force_preprocess_cfg"] = {**_OWN_PREPROCESS.get(name, {}), **(preprocess or {})}
     if name.startswith(LOCAL_DIR_PREFIX):
         kwargs["load_weights"] = False  # parclip loads the weights itself, safely and strictly
     ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
@@ -147,26 +152,20 @@ def build(name: str, *, device="cpu", force_quick_gelu=False) -> torch.nn.Module
         return open_clip.create_model(name, **kwargs)
 
 
-def _looks_like_tag(pretrained: str) -> bool:
-    if pretrained.startswith(("hf-hub:", "http://", "https://")):
-        return True
-    if os.sep in pretrained or "/" in pretrained or pathlib.Path(pretrained).suffix:
-        return False
-    known = {tag for _, tag in open_clip.list_pretrained()}
-    return pretrained in known or re.fullmatch(r"[A-Za-z0-9_]+", pretrained) is not None
-
-
 def create_model(name: str, pretrained: str | os.PathLike | None = None, *, device="cpu", force_quick_gelu=False,
-                 allow_unsafe_load=False) -> tuple[torch.nn.Module, dict]:
-    """Build ``name`` offline and load ``pretrained`` (a local file) strictly.
+                 allow_unsafe_load=False, cache_dir: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build ``name`` and load ``pretrained`` strictly.
 
     ``name``: an open_clip architecture ('ViT-B/32', 'RN50-quickgelu', 'parclip-micro', ...) or 'local-dir:<folder>'
     (architecture, preprocessing and weights from an exported folder; ``pretrained``, if given, replaces its weights).
-    ``pretrained=None`` gives random weights. Returns ``(model in eval mode, fp32, on device, preprocess_cfg)``.
+    ``pretrained``: a local checkpoint file, or an open_clip pretrained tag of the architecture ('openai',
+    'laion2b_s34b_b79k', ...) or 'hf-hub:org/repo', fetched through open_clip's own download-and-cache path (see
+    :func:`resolve_pretrained`); a tag also brings its QuickGELU setting and preprocessing, as in open_clip.
+    ``None`` gives random weights. Returns ``(model in eval mode, fp32, on device, preprocess_cfg)``.
     """
     name = normalize_name(name)
     folder = local_dir(name)
-    weights = None
+    weights, tag_cfg = None, {}
     if folder is not None:
         read_local_dir_config(folder)
         if pretrained is None:
@@ -177,19 +176,74 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, *, devi
     cfg = model_config(name)
     _refuse_networked_cfg(name, cfg)
     if pretrained is not None:
-        pretrained_str = os.fspath(pretrained)
-        if not os.path.exists(pretrained_str) and _looks_like_tag(pretrained_str):
-            raise CheckpointError(
-                f"pretrained={pretrained_str!r} looks like an open_clip pretrained tag or remote location, and no such "
-                f"local file exists. parclip only takes local checkpoint files and never downloads weights: download "
-                f"them yourself (on a trusted machine) and pass the file path.")
-        weights = pretrained_str
-    model = build(name, device="cpu", force_quick_gelu=force_quick_gelu)
+        weights, tag_cfg = resolve_pretrained(name, os.fspath(pretrained), cache_dir=cache_dir)
+    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    model = build(name, device="cpu", force_quick_gelu=force_quick_gelu or bool(tag_cfg.get("quick_gelu")),
+                  preprocess=preprocess or None)
     if weights is not None:
         load_weights(model, weights, allow_unsafe_load=allow_unsafe_load)
     model = model.to(device=device, dtype=torch.float32).eval()
-    preprocess = jsonable_preprocess(getattr(model.visual, "preprocess_cfg", None) or dataclasses.asdict(PreprocessCfg()))
+    preprocess = jsonable_preprocess(getattr(model.visual, "preprocess_cfg", None)
+                                     or dataclasses.asdict(PreprocessCfg()))
     return model, preprocess
+
+
+def hub_cache(cache_dir: str | os.PathLike | None = None) -> str:
+    """Where open_clip (through huggingface_hub) keeps downloaded weights: `cache_dir`, else $HF_HUB_CACHE, else
+    huggingface_hub's default (~/.cache/huggingface/hub)."""
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def resolve_pretrained(name: str, pretrained: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """``(local checkpoint path, the tag's pretrained cfg or {})`` for ``--pretrained``.
+
+    An existing file is used as is. An open_clip tag of the architecture, or ``hf-hub:org/repo``, is resolved by
+    open_clip's ``download_pretrained`` / ``download_pretrained_from_hf`` into the Hugging Face cache (``cache_dir``,
+    $HF_HUB_CACHE or the default): it downloads when the machine has a network and ``HF_HUB_OFFLINE`` is not set,
+    and reads the cache otherwise. The file is then loaded like any other: weights only, never unpickled code.
+    Anything else, or a fetch that fails, is a :class:`CheckpointError` that names the tag, the cache folder and how
+    to fill it."""
+    path_like = "://" not in pretrained and (os.sep in pretrained or "/" in pretrained
+                                             or pathlib.Path(pretrained).suffix != "")
+    if os.path.exists(pretrained) or (path_like and not pretrained.startswith("hf-hub:")):
+        return pretrained, {}  # a file (a missing one is reported by the loader, naming it)
+    from open_clip import pretrained as ocp
+
+    arch = name[len(LOCAL_DIR_PREFIX):] if name.startswith(LOCAL_DIR_PREFIX) else name
+    if pretrained.startswith("hf-hub:"):
+        repo, tag_cfg = pretrained[len("hf-hub:"):].strip("/"), {}
+        fetch = lambda: ocp.download_pretrained_from_hf(repo, cache_dir=cache_dir)  # noqa: E731
+        where = f"the Hugging Face repository {repo}"
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) if local_dir(name) is None else {}
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(arch) if local_dir(name) is None else []
+            raise CheckpointError(
+                f"--pretrained {pretrained!r}: no such file, and not an open_clip pretrained tag of {arch}"
+                + (f" (its tags: {', '.join(tags)})" if tags else "") + ". Pass a checkpoint file, a tag, or "
+                "hf-hub:org/repo.")
+        fetch = lambda: ocp.download_pretrained(tag_cfg, cache_dir=cache_dir)  # noqa: E731
+        hub = tag_cfg.get("hf_hub", "").rstrip("/")
+        where = f"the Hugging Face repository {hub}" if hub else tag_cfg.get("url", "its URL")
+    try:
+        path = fetch()
+    except Exception as e:  # huggingface_hub and urllib raise many types; all mean "not available here"
+        cache = hub_cache(cache_dir)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        raise CheckpointError(
+            f"could not get the weights {pretrained!r} of {arch} from {where}"
+            f"{' (HF_HUB_OFFLINE is set: only the cache is read)' if offline else ''}: {type(e).__name__}: {e}. "
+            f"The cache folder is {cache}. To fill it, on a machine with a network run: python -c \"import "
+            f"open_clip; open_clip.create_model('{arch}', pretrained='{pretrained}', cache_dir='{cache}')\" and "
+            f"copy that folder here (or set HF_HUB_CACHE / --cache-dir to it), or download the checkpoint file and "
+            f"pass its path.") from e
+    if not path or not os.path.isfile(path):
+        raise CheckpointError(f"open_clip returned no file for {pretrained!r} of {arch}")
+    return path, dict(tag_cfg)
 
 
 def _cfg_prefilter(cfg: dict, sd: Mapping) -> bool:

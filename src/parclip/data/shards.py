@@ -1,0 +1,482 @@
+"""webdataset shards as img2dataset writes them (``00000.tar`` holding ``KEY.jpg`` + ``KEY.txt`` + ``KEY.json`` per
+sample), for training, poisoning and evaluation.
+
+Sources are named as in open_clip: a path, a brace pattern (``cc3m/{00000..00331}.tar``), a folder of ``.tar`` files,
+or several of these joined by ``::``. A local pattern that matches no file is an error that says so.
+
+**Training stream** (:class:`ShardStream`): for (seed, epoch, rank) the rank's samples are one deterministic sequence:
+the epoch's shards are shuffled (seeded), dealt to the ranks round-robin, read in turn (cycling, reshuffled, when the
+epoch needs more samples than the rank's shards hold) through a seeded shuffle buffer, emptied at the end of each
+pass (so an epoch as large as the data sees every sample once). Batch b of the epoch is
+samples [b·B, (b+1)·B) of that sequence. Each DataLoader worker reads the whole sequence and decodes only its own
+batches (b ≡ w mod W), so the batches arrive in order, their content does not depend on the number of workers, and a
+run resumed at batch b starts exactly there: no sample is repeated or skipped. (Reading costs W× the tar I/O;
+decoding, the expensive part, is done once.) Augmentation is seeded per (seed, epoch, rank, position).
+
+**Bad samples** (an image that does not decode, a sample without image or caption, the rest of a truncated shard):
+each takes its slot in the sequence (so positions never shift), is counted and named (``shard.tar #k``), and is
+replaced in its batch by a good sample of the same batch; above ``--max-bad-fraction`` the training loop stops.
+
+**Evaluation** (:class:`LabelledShards`): clip_benchmark's webdataset layout (``KEY.cls`` label, ``KEY.webp``/``jpg``/
+``png`` image, ``classnames.txt`` next to the shards or one folder up), indexed once for random access.
+
+**Writing** (:func:`write_shards`): ``webdataset.TarWriter``, one atomic file per shard, plus a ``sizes.json``
+(open_clip's convention: samples per shard), which lets training know the epoch size without
+``--train-num-samples``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+
+from ..utils.files import replacing, write_json
+from .captions import DataError, logger
+
+__all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shards", "ShardStream",
+           "table_to_shards", "shards_to_table", "folder_to_shards",
+           "LabelledShards", "IMAGE_EXTS", "decode_image"]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+SIZES = "sizes.json"
+
+
+def is_shard_spec(spec: str | os.PathLike | None) -> bool:
+    """Whether a data argument names webdataset shards (a .tar path or pattern, or a folder holding .tar files)."""
+    if spec is None:
+        return False
+    s = str(spec)
+    if ".tar" in s or "::" in s:
+        return True
+    p = Path(s)
+    return p.is_dir() and any(p.glob("*.tar"))
+
+
+def _expand_one(part: str) -> list[str]:
+    from braceexpand import braceexpand
+
+    part = part.strip()
+    p = Path(part)
+    if "{" not in part and p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if not tars:
+            raise DataError(f"{part} is a folder without .tar shards")
+        return tars
+    try:
+        urls = list(braceexpand(part))
+    except Exception as e:  # braceexpand raises its own UnbalancedBracesError
+        raise DataError(f"{part!r} is not a valid brace pattern: {e}") from e
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if local and len(missing) == len(local):
+        raise DataError(f"the shard pattern {part!r} matches no file ({len(urls)} names, e.g. {urls[0]}); "
+                        f"check the folder and the range")
+    if missing:
+        raise DataError(f"{len(missing)} of the {len(urls)} shards of {part!r} do not exist, e.g. "
+                        f"{', '.join(missing[:3])}")
+    return urls
+
+
+def expand_urls(spec: str | os.PathLike) -> list[str]:
+    """The shard paths a source names (see the module docstring); DataError if a local one is missing."""
+    urls = [u for part in str(spec).split("::") if part.strip() for u in _expand_one(part)]
+    if not urls:
+        raise DataError(f"no shards in {spec!r}")
+    return urls
+
+
+def known_sizes(urls: list[str]) -> dict[str, int]:
+    """Samples per shard, where a ``sizes.json`` in the shard's folder (open_clip) or img2dataset's
+    ``NNNNN_stats.json`` ("successes") says it."""
+    sizes, cache = {}, {}
+    for u in urls:
+        p = Path(u)
+        if p.parent not in cache:
+            f = p.parent / SIZES
+            try:
+                cache[p.parent] = json.loads(f.read_text()) if f.is_file() else {}
+            except (OSError, ValueError):
+                cache[p.parent] = {}
+        if p.name in cache[p.parent]:
+            sizes[u] = int(cache[p.parent][p.name])
+            continue
+        stats = p.with_name(p.name[:-len(".tar")] + "_stats.json") if p.name.endswith(".tar") else None
+        try:
+            sizes[u] = int(json.loads(stats.read_text())["successes"])
+        except (AttributeError, OSError, ValueError, KeyError, TypeError):
+            pass
+    return sizes
+
+
+def shard_sizes(urls: list[str]) -> int | None:
+    """Total samples of the shards (:func:`known_sizes`); None when a shard's size is unknown."""
+    sizes = known_sizes(urls)
+    return sum(sizes.values()) if len(sizes) == len(urls) else None
+
+
+def read_shard(url: str, expected: int | None = None) -> Iterator[dict]:
+    """The samples of one shard as dicts ``{"__key__", "__url__", "__index__", ext: bytes, ...}`` (grouped by key
+    with webdataset's own tar reader). A truncated or corrupt shard ends with one ``{"__error__": message}``, and so
+    does one that holds fewer than `expected` samples (a tar cut at a member boundary reads as a shorter tar)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def files(stream):
+        for f in tar_file_iterator(stream):
+            f["__url__"] = url
+            yield f
+
+    n = 0
+    try:
+        with open(url, "rb") as stream:
+            for sample in group_by_keys(files(stream)):
+                sample["__index__"] = n
+                n += 1
+                yield sample
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        yield {"__error__": f"{url}: unreadable after {n} samples ({type(e).__name__}: {e})", "__url__": url,
+               "__index__": n}
+        return
+    if expected is not None and n < expected:
+        yield {"__error__": f"{url}: {n} samples, but its size record says {expected} (a truncated shard?)",
+               "__url__": url, "__index__": n}
+
+
+def decode_image(sample: dict) -> Image.Image:
+    """The sample's image as RGB (fully decoded); DataError if it has none or it does not decode."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise DataError(f"no image ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')!r}; it has "
+                        f"{sorted(k for k in sample if not k.startswith('__'))}")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad data
+        raise DataError(f"image of sample {sample.get('__key__')!r} does not decode: {e}") from e
+
+
+def _caption(sample: dict, key: str) -> str:
+    raw = sample.get(key)
+    text = raw.decode("utf-8", errors="replace").strip() if isinstance(raw, bytes) else ""
+    if not text:
+        raise DataError(f"no caption ({key}) in sample {sample.get('__key__')!r}")
+    return text
+
+
+def write_shards(samples: Iterable[dict], pattern: str | os.PathLike, *, maxcount: int = 10000) -> list[str]:
+    """Write samples (dicts with "__key__" and ext → bytes/str/dict, encoded by ``webdataset.TarWriter``) into shards
+    ``pattern % 0, pattern % 1, …`` (e.g. ``out/%05d.tar``) of ``maxcount`` samples, and a ``sizes.json`` beside them;
+    returns the shard paths. Each shard is written atomically (:func:`~parclip.utils.files.replacing`), so a killed
+    conversion never leaves a short shard under a final name; shards of an earlier, longer run of the same pattern
+    are removed."""
+    import webdataset as wds
+
+    pattern = str(pattern)
+    folder = Path(pattern).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}
+    written: list[str] = []
+    it = iter(samples)
+    nxt = next(it, None)
+    while nxt is not None or not written:
+        path = pattern % len(written)
+        n = 0
+        with replacing(path) as tmp, wds.TarWriter(tmp) as sink:
+            while nxt is not None and n < maxcount:
+                sink.write(nxt)
+                n += 1
+                nxt = next(it, None)
+        sizes[Path(path).name] = n
+        written.append(path)
+    k = len(written)
+    while Path(pattern % k).is_file():  # a stale shard of an earlier conversion into this folder
+        Path(pattern % k).unlink()
+        k += 1
+    write_json(folder / SIZES, sizes, indent=1)
+    return written
+
+
+class ShardStream(IterableDataset):
+    """The training stream over shards (see the module docstring). Yields ``(images, texts, failed)`` batches:
+    ``images``/``texts`` as the CSV loader gives them (a tensor, or a tuple of views), ``failed`` a LongTensor [B] of
+    -1 or the id of a bad sample (:meth:`describe` names it). Call :meth:`set_epoch` before iterating."""
+
+    def __init__(self, spec: str, *, transform: Callable, tokenize: Callable, batch_size: int, num_samples: int,
+                 world_size: int = 1, rank: int = 0, seed: int = 0, shuffle_buffer: int = 1000,
+                 caption_key: str = "txt", captions: Callable | None = None):
+        self.urls = expand_urls(spec)
+        self.spec, self.transform, self.tokenize = spec, transform, tokenize
+        self.batch_size, self.num_samples = int(batch_size), int(num_samples)
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.shuffle_buffer, self.caption_key = max(1, int(shuffle_buffer)), caption_key.lstrip(".")
+        self.captions = captions  # (caption, key) -> (caption, [views]): the defence's caption views
+        self.sizes = known_sizes(self.urls)  # to notice a shard cut at a member boundary
+        if len(self.urls) < world_size:
+            raise DataError(f"{spec}: {len(self.urls)} shard(s) for {world_size} processes; every process needs at "
+                            f"least one shard (split the data into more shards: `parclip data convert`)")
+        self.epoch, self.first_batch, self.n_batches = 0, 0, 0
+
+    def set_epoch(self, epoch: int, first_batch: int, n_batches: int) -> None:
+        """Batches first_batch … n_batches-1 of `epoch` (a resumed run starts mid-epoch)."""
+        self.epoch, self.first_batch, self.n_batches = epoch, first_batch, n_batches
+
+    def describe(self, sample_id: int) -> str:
+        return f"{self.urls[sample_id >> 32]} #{sample_id & 0xFFFFFFFF}"
+
+    def _sequence(self) -> Iterator[dict]:
+        """This rank's samples of the epoch, endless, in their deterministic order."""
+        order = list(range(len(self.urls)))
+        random.Random(f"parclip-shards|{self.seed}|{self.epoch}").shuffle(order)
+        mine = order[self.rank::self.world_size]
+        rng = random.Random(f"parclip-buffer|{self.seed}|{self.epoch}|{self.rank}")
+        buffer: list[dict] = []
+        for cycle in range(1 << 30):
+            shards = list(mine)
+            if cycle:
+                random.Random(f"parclip-cycle|{self.seed}|{self.epoch}|{self.rank}|{cycle}").shuffle(shards)
+            got = 0
+            for s in shards:
+                for sample in read_shard(self.urls[s], self.sizes.get(self.urls[s])):
+                    sample["__shard__"] = s
+                    got += 1
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(sample)
+                        continue
+                    k = rng.randrange(len(buffer))
+                    buffer[k], sample = sample, buffer[k]
+                    yield sample
+            if not got:
+                raise DataError(f"the shards of this process ({len(shards)}) hold no sample")
+            while buffer:  # every pass ends with an empty buffer: an epoch of all the samples sees each once
+                yield buffer.pop(rng.randrange(len(buffer)))
+
+    def _item(self, sample: dict, position: int):
+        """(image views, caption tokens, failed id) of one sample; DataError when it is bad."""
+        if "__error__" in sample:
+            raise DataError(sample["__error__"])
+        caption = _caption(sample, self.caption_key)
+        img = decode_image(sample)
+        torch.random.default_generator.manual_seed(
+            hash((self.seed, self.epoch, self.rank, position)) % (2**63))  # augmentation: same draw on resume
+        image = self.transform(img)
+        if self.captions is not None:
+            caption, views = self.captions(caption, f"{self.urls[sample['__shard__']]}#{sample['__index__']}")
+            return image, (self.tokenize(caption), *(self.tokenize(v) for v in views))
+        return image, self.tokenize(caption)
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        seq = self._sequence()
+        B = self.batch_size
+        for b in range(self.n_batches):
+            samples = [next(seq) for _ in range(B)]
+            if b < self.first_batch or (b - self.first_batch) % n_workers != w:
+                continue  # another worker's batch, or one a resumed run already did: read, not decoded
+            items, failed = [], []
+            for k, s in enumerate(samples):
+                try:
+                    items.append(self._item(s, b * B + k))
+                    failed.append(-1)
+                except DataError as e:
+                    items.append(None)
+                    failed.append((s.get("__shard__", 0) << 32) | s.get("__index__", 0))
+                    logger.warning("%s; replaced by another sample of its batch", e)
+            good = [it for it in items if it is not None]
+            if not good:
+                raise DataError(f"every sample of a batch is bad (batch {b} of epoch {self.epoch}, {self.spec})")
+            items = [it if it is not None else good[k % len(good)] for k, it in enumerate(items)]
+            images, texts = default_collate(items)  # tensors, or lists of per-view tensors
+            yield images, texts, torch.tensor(failed, dtype=torch.long)
+
+
+class LabelledShards:
+    """clip_benchmark's webdataset layout as a labelled data set with the interface of
+    :class:`~parclip.data.LabelledFolder` (``classnames``, ``samples``, ``targets``, ``load_image``, ``describe``).
+
+    ``spec``: shards (pattern, folder, ``::``-joined); class names from ``classnames`` or a ``classnames.txt`` beside
+    the shards or one folder up (clip_benchmark keeps it at the data set's root, the shards in ``test/``)."""
+
+    def __init__(self, spec: str, *, transform: Callable | None = None, classnames=None,
+                 label_key: str = "cls", max_bad_fraction: float = 0.01):
+        from .captions import BadRows
+        from .folder import read_classnames
+
+        self.urls = expand_urls(spec)
+        self.root = Path(self.urls[0]).parent
+        self.transform, self.layout, self.imagenet_indices = transform, "webdataset", None
+        if classnames is None:
+            found = [d / "classnames.txt" for d in (self.root, self.root.parent) if (d / "classnames.txt").is_file()]
+            if not found:
+                raise DataError(f"no classnames.txt beside {self.root} or one folder up (clip_benchmark's layout); "
+                                f"pass --classnames FILE")
+            classnames = found[0]
+        self.classnames = (read_classnames(classnames) if isinstance(classnames, (str, os.PathLike))
+                           else [str(c) for c in classnames])
+        self.bad_rows = BadRows(str(spec), unit="samples")
+        self.samples: list[tuple[str, int]] = []  # ("shard.tar #k", label)
+        self._where: list[tuple[str, str, int, int]] = []  # (shard, image member, offset, size)
+        for url in self.urls:
+            self._index(url, label_key)
+        if not self.samples:
+            raise DataError(f"no labelled samples in {spec}: {self.bad_rows}")
+        self.bad_rows.check(max_bad_fraction)
+        self.targets = [label for _, label in self.samples]
+
+    def _index(self, url: str, label_key: str) -> None:
+        from webdataset.tariterators import base_plus_ext  # the key/extension split webdataset itself uses
+
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(url) as tar:
+                for m in tar:
+                    key, ext = base_plus_ext(m.name) if m.isreg() else (None, None)
+                    if key is not None:
+                        members.setdefault(key, {})[ext.lower()] = m
+                labels = {k: tar.extractfile(v[label_key]).read() for k, v in members.items() if label_key in v}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self.bad_rows.examined += 1
+            self.bad_rows.add(None, url, "unreadable shard", str(e))
+            return
+        for k, (key, parts) in enumerate(members.items()):
+            self.bad_rows.examined += 1
+            ext = next((e for e in IMAGE_EXTS if e in parts), None)
+            try:
+                label = int(labels[key].decode().strip())
+            except (KeyError, ValueError, UnicodeDecodeError):
+                self.bad_rows.add(None, f"{url} {key}", f"no integer label ({label_key})")
+                continue
+            if ext is None:
+                self.bad_rows.add(None, f"{url} {key}", "no image")
+                continue
+            if not 0 <= label < len(self.classnames):
+                raise DataError(f"{url} {key}: label {label} but {len(self.classnames)} class names")
+            m = parts[ext]
+            self.samples.append((f"{url} #{k}", label))
+            self._where.append((url, ext, m.offset_data, m.size))
+
+    def describe(self, i: int) -> str:
+        return self.samples[i][0]
+
+    def load_image(self, i: int) -> Image.Image:
+        url, ext, offset, size = self._where[i]
+        with open(url, "rb") as f:
+            f.seek(offset)
+            raw = f.read(size)
+        return decode_image({ext: raw, "__key__": self.samples[i][0]})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img = self.load_image(i)
+        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
+
+    def __repr__(self) -> str:
+        return f"LabelledShards({len(self.urls)} shards, {len(self)} images, {len(self.classnames)} classes)"
+
+
+def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img_key: str = "image",
+                    caption_key: str = "caption", sep: str | None = None, root: str | os.PathLike | None = None,
+                    maxcount: int = 10000, max_bad_fraction: float = 0.01) -> dict:
+    """A caption table as shards ``out_dir/00000.tar …`` (img2dataset's layout: ``KEY.<image ext>`` with the file's
+    own bytes, ``KEY.txt``, ``KEY.json`` with the source row) plus ``sizes.json``. Rows whose image is missing or
+    empty are counted and left out up to ``max_bad_fraction``. Returns {"shards", "n_samples", "bad_rows"}."""
+    from .captions import BadRows, read_table
+
+    table = Path(table)
+    fields, rows = read_table(table, sep=sep)
+    missing = [k for k in (img_key, caption_key) if k not in fields]
+    if missing:
+        raise DataError(f"{table}: column(s) {missing} not found; available: {fields}")
+    base = Path(root) if root is not None else table.parent
+    bad = BadRows(str(table))
+    kept = []
+    for line, row in enumerate(rows, start=2):
+        bad.examined += 1
+        rel, caption = (row.get(img_key) or "").strip(), (row.get(caption_key) or "").strip()
+        path = Path(rel) if Path(rel).is_absolute() else base / rel
+        ext = path.suffix.lower().lstrip(".")
+        if not caption:
+            bad.add(line, rel, "empty caption")
+        elif not rel or not path.is_file() or path.stat().st_size == 0:
+            bad.add(line, rel, "missing or empty image file")
+        elif ext not in IMAGE_EXTS:
+            bad.add(line, rel, f"not an image extension ({'/'.join(IMAGE_EXTS)})")
+        else:
+            kept.append((line, rel, path, ext, caption, row))
+    if not kept:
+        raise DataError(f"no usable rows in {table}: {bad}")
+    bad.check(max_bad_fraction)
+    width = max(9, len(str(len(kept))))
+
+    def samples():
+        for k, (line, rel, path, ext, caption, row) in enumerate(kept):
+            yield {"__key__": f"{k:0{width}d}", "jpg" if ext == "jpeg" else ext: path.read_bytes(), "txt": caption,
+                   "json": {"source": str(table), "line": line, "image": rel,
+                            **{c: v for c, v in row.items() if c not in (img_key, caption_key)}}}
+
+    shards = write_shards(samples(), Path(out_dir) / "%05d.tar", maxcount=maxcount)
+    return {"shards": shards, "n_samples": len(kept), "bad_rows": bad}
+
+
+def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str = "txt") -> dict:
+    """Shards as a caption table: every image extracted to ``out_dir/images/KEY.<ext>`` (bytes unchanged) and
+    ``out_dir/captions.csv`` (image,caption). Bad samples (no image, no caption, a truncated shard) are counted and
+    left out. Returns {"table", "n_samples", "bad"}."""
+    from .captions import write_table
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows, bad = [], []
+    for s_i, url in enumerate(expand_urls(spec)):
+        for sample in read_shard(url):
+            if "__error__" in sample:
+                bad.append(sample["__error__"])
+                continue
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            try:
+                caption = _caption(sample, caption_key.lstrip("."))
+            except DataError as e:
+                bad.append(str(e))
+                continue
+            if ext is None:
+                bad.append(f"{url}: sample {sample['__key__']!r} has no image")
+                continue
+            name = f"images/{s_i:05d}_{Path(sample['__key__']).name}.{ext}"
+            (out / name).write_bytes(sample[ext])
+            rows.append({"image": name, "caption": caption})
+    if not rows:
+        raise DataError(f"no usable samples in {spec}")
+    write_table(out / "captions.csv", ["image", "caption"], rows)
+    for b in bad[:5]:
+        logger.warning("left out: %s", b)
+    return {"table": out / "captions.csv", "n_samples": len(rows), "bad": bad}
+
+
+def folder_to_shards(folder: str | os.PathLike, out_dir: str | os.PathLike, *, maxcount: int = 10000) -> dict:
+    """A labelled folder (``root/<class>/*``, ImageNet layouts included) in clip_benchmark's webdataset layout:
+    ``out_dir/test/00000.tar …`` with ``KEY.cls`` (the label) and ``KEY.<ext>`` (the file's bytes), and
+    ``out_dir/classnames.txt``. Returns {"shards", "n_samples", "classnames"}."""
+    from .folder import LabelledFolder
+
+    src = LabelledFolder(folder)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classnames.txt").write_text("".join(f"{c}\n" for c in src.classnames), encoding="utf-8")
+
+    def samples():
+        for k, (path, label) in enumerate(src.samples):
+            ext = Path(path).suffix.lower().lstrip(".")
+            yield {"__key__": f"s{k:08d}", "jpg" if ext == "jpeg" else ext: Path(path).read_bytes(), "cls": str(label)}
+
+    shards = write_shards(samples(), out / "test" / "%05d.tar", maxcount=maxcount)
+    return {"shards": shards, "n_samples": len(src), "classnames": src.classnames}
