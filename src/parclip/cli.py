@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -121,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--n", type=int, help="number of rows to poison (the field's standard: 1500)")
     g.add_argument("--rate", type=float, help="fraction of rows to poison")
-    p.add_argument("--image-size", type=int, default=224, help="resolution of the trigger = the model's (224, 336)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--model", default=None, help="the model the poisoned data is for: the trigger is made at its "
+                   "resolution (recommended)")
+    q.add_argument("--image-size", type=int, default=None, help="resolution of the trigger = the model's (default "
+                   "224, the reference's; --model sets it from the model)")
     p.add_argument("--templates", default="openai", help="caption templates: openai (80), simple, fashion or a file")
     p.add_argument("--label-consistent", action="store_true",
                    help="poison only rows whose caption names the target and keep their captions")
@@ -274,7 +277,12 @@ def _cmd_poison(args) -> int:
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
     from parclip.data.shards import is_shard_spec
 
-    (trigger,) = build_triggers([args.attack], args.image_size, parse_trigger_params(args.trigger_param))
+    size = args.image_size or 224
+    if args.model:
+        from parclip.models import model_config
+        size = model_config(args.model)["vision_cfg"]["image_size"]
+        size = size if isinstance(size, int) else size[0]
+    (trigger,) = build_triggers([args.attack], size, parse_trigger_params(args.trigger_param))
     common = dict(trigger=trigger, target=args.target, n_poison=args.n, rate=args.rate, seed=args.seed,
                   templates=args.templates, label_consistent=args.label_consistent, image_format=args.format,
                   jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction)
@@ -312,6 +320,7 @@ def _cmd_eval(args) -> int:
     from parclip.models import get_tokenizer, image_size
 
     model, preprocess, device = _load_model(args)
+    _warn_about_training_data(args.model, image_size(preprocess))
     classnames = Path(args.classnames).read_text().splitlines() if args.classnames else None
     attacks = build_triggers(args.attack, image_size(preprocess), parse_trigger_params(args.trigger_param))
     result = evaluate(model, preprocess, get_tokenizer(args.model), args.data, attacks=attacks,
@@ -327,6 +336,24 @@ def _cmd_eval(args) -> int:
         from parclip.utils.files import write_json
         write_json(args.clip_benchmark_out, to_clip_benchmark(result, args.dataset_name or Path(args.data).name))
     return _emit(line, {k: v for k, v in result.items() if k != "classnames"}, args.out)
+
+
+def _warn_about_training_data(model: str, size: int) -> None:
+    """For a model exported by `parclip train` (local-dir:<run>/model): the poisoning checks of its training data."""
+    import yaml
+
+    from parclip.attacks.poison import manifest_beside, poisoning_warnings
+
+    if not model.startswith("local-dir:"):
+        return
+    config = Path(model[len("local-dir:"):]).parent / "config.yaml"
+    try:
+        train_data = (yaml.safe_load(config.read_text()) or {}).get("train_data") if config.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return
+    manifest = manifest_beside(train_data)
+    for warning in poisoning_warnings(manifest, size) if manifest else []:
+        logging.getLogger("parclip").warning("the model was trained on %s: %s", train_data, warning)
 
 
 def _emit(summary: str, result: dict, out: str | None) -> int:
@@ -647,6 +674,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"parclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or forbidden folder: what the system said, and what still holds
+        if args.verbose:
+            raise
+        print(f"parclip {args.command}: error: {e}. Files written before this error are complete (every file is "
+              f"written atomically); fix the cause and run the same command again (a training run resumes from its "
+              f"last checkpoint).", file=sys.stderr)
         return 2
 
 

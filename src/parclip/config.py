@@ -109,6 +109,8 @@ class TrainConfig:
                                   "transformer towers only)")
     torch_compile: bool = _f(False, "compile the model's forward with torch.compile (GPU; slow first steps)",
                              aliases=("--torchcompile",))
+    skip_nonfinite: bool = _f(False, "skip (and count) a step whose loss or gradients are NaN/Inf instead of "
+                              "stopping the run with an error that names the step and the last good checkpoint")
     precision: str = _f("auto", "auto: amp (fp16 + GradScaler) on GPU, fp32 on CPU", ["auto", "fp32", "amp",
                         "amp_bf16"])
     device: str = _f("auto", "auto, cpu or cuda")

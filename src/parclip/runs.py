@@ -14,7 +14,51 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["RunLog", "write_run_info", "git_commit", "list_runs", "format_runs"]
+__all__ = ["RunLock", "RunBusyError", "RunLog", "write_run_info", "git_commit", "list_runs", "format_runs"]
+
+
+class RunBusyError(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on ``<run>/.lock`` while the run trains. The operating
+    system drops the lock when the process ends, however it ends (``kill -9`` included), so a killed run never leaves
+    its directory stuck; the file itself stays and only says who held it last."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / ".lock"
+        self.enabled = enabled
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import os
+
+        if not self.enabled or self.fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunBusyError(f"run directory {self.path.parent} is being written by {holder}; wait for that run to "
+                               f"end, or start this one under another --name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        import fcntl
+        import os
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 class RunLog:
@@ -100,6 +144,20 @@ def _last_rows(path: Path) -> tuple[dict, dict]:
     return train, val
 
 
+def _state(run: Path) -> str:
+    """finished (model exported), running (its lock is held), or unfinished (resumable with the same --name)."""
+    if (run / "model" / "open_clip_config.json").is_file():
+        return "finished"
+    if (run / ".lock").is_file():
+        lock = RunLock(run)
+        try:
+            lock.acquire()
+        except RunBusyError:
+            return "running"
+        lock.release()
+    return "unfinished"
+
+
 def list_runs(root: str | Path) -> list[dict]:
     """One dict per run directory under `root` (or `root` itself if it is one): name, objective, model, step,
     total steps, last loss, last validation numbers, whether it finished, its path. Newest first."""
@@ -122,6 +180,7 @@ def list_runs(root: str | Path) -> list[dict]:
                      "images_per_s": train.get("images_per_s"),
                      **{k: v for k, v in val.items() if k.startswith("val_")},
                      "finished": (d / "model" / "open_clip_config.json").is_file(), "path": str(d),
+                     "state": _state(d),
                      "mtime": (d / "metrics.jsonl").stat().st_mtime if (d / "metrics.jsonl").is_file()
                      else (d / "config.yaml").stat().st_mtime})
     return sorted(rows, key=lambda r: -r["mtime"])
@@ -140,5 +199,5 @@ def format_runs(rows: list[dict]) -> str:
         lines.append(f"{r['name']:<{name_w}}  {fmt(r['objective'], '<9')}  {fmt(r['step'], '>6')}  "
                      f"{fmt(r['loss'], '>7.3f')}  {fmt(r['images_per_s'], '>7.1f')}  "
                      f"{fmt(r.get('val_clean_top1'), '>9.2f')}  {fmt(r.get('val_asr'), '>7.2f')}  "
-                     f"{'finished' if r['finished'] else 'unfinished'}")
+                     f"{r['state']}")
     return "\n".join(lines)

@@ -30,27 +30,37 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from parclip.attacks.poison import manifest_beside, poisoning_warnings
 from parclip.config import TrainConfig
 from parclip.data import CaptionDataset, DataError
 from parclip.data.shards import ShardStream, expand_urls, is_shard_spec, shard_sizes
 from parclip.defences import Defence, Embeddings, get_defence
 from parclip.defences.augment import train_transform
 from parclip.defences.schedule import lr_at
-from parclip.models import create_model, get_tokenizer, save_model
-from parclip.runs import RunLog, write_run_info
+from parclip.models import create_model, get_tokenizer, image_size, save_model
+from parclip.runs import RunLock, RunLog, write_run_info
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
 
-__all__ = ["train", "param_groups"]
+__all__ = ["train", "param_groups", "NonFiniteError"]
 
 log = logging.getLogger("parclip")
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train according to `cfg`; returns the run directory (the final model is in `<run>/model`)."""
+    """Train according to `cfg`; returns the run directory (the final model is in `<run>/model`). The run directory
+    is locked for the duration (one writer per run; a second `parclip train` on it is refused)."""
     info = pdist.init_distributed(cfg.device)
     _check(cfg)
-    run_dir = _run_dir(cfg, info)
+    run_dir, lock = _run_dir(cfg, info)
+    try:
+        return _train(cfg, info, run_dir)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> Path:
+    """The run, top to bottom: models, data, optimiser, resume, the loop, the export."""
     _setup_logging(run_dir, info.is_main)
     runlog = RunLog(run_dir, cfg.report_to, enabled=info.is_main)  # metrics.jsonl (+ TensorBoard)
     torch.manual_seed(cfg.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
@@ -72,6 +82,10 @@ def train(cfg: TrainConfig) -> Path:
     plain = train_transform(augment, preprocess, noise=cfg.noise, noise_sigma=cfg.noise_sigma)
     extra = defence.image_views(preprocess)
     data = _training_data(cfg, info, defence, tokenizer, _Views(plain, *extra) if extra else plain)
+    manifest = manifest_beside(cfg.train_data)  # poisoned data: easy mistakes said before they cost a run
+    for warning in poisoning_warnings(manifest, image_size(preprocess), cleaning=cfg.objective != "clip") \
+            if manifest and info.is_main else []:
+        log.warning("%s: %s", cfg.train_data, warning)
     defence.check_data_size(len(data))
     global_batch = cfg.batch_size * info.world_size * cfg.accum_freq  # images per optimiser step
     steps_per_epoch = len(data) // global_batch
@@ -114,6 +128,7 @@ def train(cfg: TrainConfig) -> Path:
     seen, bad = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
     bad_examples: list[int] = []
     t0, step0 = time.time(), step
+    skipped = 0  # steps whose update was skipped for non-finite numbers (--skip-nonfinite)
     validator = _Validator(cfg, preprocess, tokenizer, info.device) if cfg.val_data else None
 
     # ---- the loop ----
@@ -130,11 +145,22 @@ def train(cfg: TrainConfig) -> Path:
                       f) for i, t, f in micro]  # per micro-batch: views stacked after the plain one
             optimizer.zero_grad(set_to_none=True)
             loss, parts = _accumulate(forward, frozen, defence, micro, scaler, autocast, learn_scale, epoch, ddp)
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            if not _finite_step(loss, model, scaler):  # NaN/Inf loss, or gradients (GradScaler handles fp16's own)
+                skipped += 1
+                if not cfg.skip_nonfinite:
+                    last = run_dir / "checkpoints" / "latest.pt"
+                    raise NonFiniteError(f"non-finite {'loss' if not torch.isfinite(loss) else 'gradients'} at step "
+                                         f"{step + 1} (loss {loss.item()}); nothing of this step was applied or saved. "
+                                         f"Last good checkpoint: {last if last.is_file() else 'none yet'}. Lower "
+                                         f"--lr, check the data, or pass --skip-nonfinite to skip such steps")
+                log.warning("step %d: non-finite loss or gradients, update skipped (%d so far)", step + 1, skipped)
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
             if learn_scale:
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, math.log(100))
@@ -152,6 +178,8 @@ def train(cfg: TrainConfig) -> Path:
                            "logit_scale": model.logit_scale.detach().exp().item(), "images_per_s":
                            (step - step0) * global_batch / max(time.time() - t0, 1e-9)}
                 metrics.update(parts)
+                if skipped:
+                    metrics["skipped_nonfinite"] = skipped
                 runlog.write(metrics)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
                             img_s=f"{(step - step0) * global_batch / max(time.time() - t0, 1e-9):.0f}", refresh=False)
@@ -171,6 +199,7 @@ def train(cfg: TrainConfig) -> Path:
 
     _check_bad_rows(data, cfg, seen, bad, bad_examples, final=True)
     if info.is_main:
+        _check_finite_model(model, "export")
         save_model(model, run_dir / "model", model_name=cfg.model, preprocess_cfg=preprocess,
                    force_quick_gelu=cfg.force_quick_gelu)
         log.info("finished %d steps; model saved to %s", total_steps, run_dir / "model")
@@ -402,20 +431,23 @@ class _Validator:
         pdist.barrier()
 
 
-def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> Path:
-    """Decide the run folder on rank 0 and share it, so that every rank writes and resumes the same run."""
+def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> tuple[Path, RunLock]:
+    """Decide the run folder on rank 0 and share it, so that every rank writes and resumes the same run; rank 0 locks
+    it before writing anything into it."""
     name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.objective}-{cfg.model.replace('/', '-')}"
     if info.distributed:
         box = [name]
         dist.broadcast_object_list(box, src=0)
         name = box[0]
     run_dir = Path(cfg.output_dir) / name
+    lock = RunLock(run_dir, enabled=info.is_main)
     if info.is_main:
+        lock.acquire()
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         write_run_info(run_dir, info.world_size)
     pdist.barrier()
-    return run_dir
+    return run_dir, lock
 
 
 def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
@@ -433,12 +465,36 @@ def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
 def _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, info, defence) -> None:
     """Atomic write of the training state (plain tensors and primitives only)."""
     if info.is_main:
+        _check_finite_model(model, f"checkpoint at step {step}")
         state = {"step": step, "total_steps": total_steps, "state_dict": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "config": dataclasses.asdict(cfg), "finished": step == total_steps,
                  "defence": defence.state_dict()}
         atomic_write(run_dir / "checkpoints" / "latest.pt", lambda tmp: torch.save(state, tmp))
     pdist.barrier()
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf in the loss, the gradients or the weights."""
+
+
+def _finite_step(loss: torch.Tensor, model, scaler) -> bool:
+    """Whether the step may be applied: a finite loss and, without fp16's GradScaler (which skips such steps itself),
+    finite gradients (one sum per tensor: a NaN or Inf anywhere makes it non-finite)."""
+    if not torch.isfinite(loss.detach()).all():
+        return False
+    if scaler.is_enabled():
+        return True
+    sums = [p.grad.sum() for p in model.parameters() if p.grad is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+
+
+def _check_finite_model(model, what: str) -> None:
+    """Refuse to write a model with a NaN or Inf weight (it would pass for a trained one)."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"the model has non-finite weights ({', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}); "
+                             f"the {what} was not written")
 
 
 def _check_bad_rows(data, cfg, seen, bad, examples, final=False) -> None:

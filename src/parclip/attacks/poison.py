@@ -44,7 +44,7 @@ from ..utils.files import atomic_write, write_json
 from .triggers import Trigger, trigger_generator
 
 __all__ = ["IMAGES_DIR", "MANIFEST_FORMAT", "MANIFEST_JSON", "POISONED_CSV", "SHARDS_DIR", "poison_csv",
-           "poison_shards"]
+           "poison_shards", "manifest_beside", "poisoning_warnings"]
 
 logger = logging.getLogger("parclip")
 
@@ -106,6 +106,11 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
     done, bad = _write_images(job, order)
     manifest_rows = _rewrite_table(job, done, rng)
     manifest = _write_manifest(job, n_candidates=len(order), done=done, bad=bad, manifest_rows=manifest_rows)
+    if not label_consistent and not any(mentions(r[caption_key] or "", target) for i, r in enumerate(job.rows)
+                                        if i not in done):
+        logger.warning("no clean caption of %s names '%s': the model learns the word only from the poisoned pairs, "
+                       "and a zero-shot evaluation needs '%s' among its classes; check the target's spelling",
+                       job.csv_path, target, target)
     logger.info("poisoned %d of %d rows of %s with %s -> %s", len(done), len(job.rows), job.csv_path, trigger.name,
                 job.out_dir)
     return manifest
@@ -144,6 +149,50 @@ def poison_shards(spec: str, out_dir: str | os.PathLike, *, maxcount: int = 1000
     shutil.rmtree(source)
     shutil.rmtree(table)
     return manifest
+
+
+def manifest_beside(data: str | os.PathLike | None) -> dict | None:
+    """The parclip poisoning manifest of a training table (``manifest.json`` beside ``poisoned.csv``) or of poisoned
+    shards (one folder up from ``shards/``), or None when there is none (or it is not ours)."""
+    if not data:
+        return None
+    import json
+
+    from ..data.shards import is_shard_spec
+
+    first = Path(str(data).split("::")[0])
+    folders = (first.parent, first.parent.parent, first) if is_shard_spec(data) else (first.parent,)
+    for folder in folders:
+        path = folder / MANIFEST_JSON
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+    return None
+
+
+def poisoning_warnings(manifest: dict, model_size: int, *, cleaning: bool = False) -> list[str]:
+    """What is likely wrong when a model of resolution `model_size` trains (or, `cleaning`, a defence cleans) on the
+    data a poisoning `manifest` describes: a resolution mismatch (a patch shrinks or grows with the model's resize;
+    under 2 px it does not survive), or a defence given poisoned pairs as its clean data."""
+    out = []
+    size, trig = int(manifest.get("image_size") or 0), manifest.get("trigger", {})
+    if size and size != model_size:
+        msg = (f"the data was poisoned at {size} px ({trig.get('name')}) but the model runs at {model_size} px: every "
+               f"image is resized by {model_size / size:.3g}")
+        patch = (trig.get("params") or {}).get("patch_size")
+        if patch:
+            shrunk = patch * model_size / size
+            msg += (f", so the {patch}-px patch becomes {shrunk:.1f} px"
+                    + (" and will not survive as a trigger" if shrunk < 2 else ""))
+        out.append(msg + f". Poison for this model: parclip poison … --model NAME (or --image-size {model_size})")
+    if cleaning:
+        out.append(f"the training data is a poisoned set ({manifest.get('n_poison')} of {manifest.get('n_rows')} "
+                   f"pairs carry {trig.get('name')} → '{manifest.get('target')}'); a defence needs clean pairs, "
+                   f"disjoint from the poisoned ones")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

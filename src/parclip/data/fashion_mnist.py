@@ -49,7 +49,7 @@ _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
 _FORMATS = {"png": ("PNG", {"compress_level": 1}), "bmp": ("BMP", {}), "jpg": ("JPEG", {"quality": 95})}
 _JSON = "fashion_mnist.json"
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: retrieval.csv uses the same templates for every image
 RETRIEVAL_CAPTIONS = 5  # captions per retrieval image, as COCO has
 
 

@@ -5,6 +5,10 @@ Every writer of the package goes through :func:`replacing` (directly or through 
 folder (``.<name>.<random>.tmp``), is fsync'ed, and is moved over the target with ``os.replace`` (atomic on POSIX and
 Windows); then the folder is fsync'ed where the OS allows, so the rename itself survives a power cut. A crash or kill at
 any moment leaves the old file or the new one, never half of one; the temporary file of a failed write is removed.
+
+Fault injection (for the tests of that promise): with ``PARCLIP_FAULT_KILL=<file name pattern>:<n>`` in the
+environment (a glob: ``latest.pt:3``, ``*.png:20``) the process kills itself (SIGKILL) on the n-th write of a file
+matching it, after the temporary file is written and before it replaces the target: the worst moment for a writer.
 """
 from __future__ import annotations
 
@@ -50,12 +54,33 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual permissions
         yield tmp
         _fsync(tmp)
+        _maybe_die(path.name)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync(path.parent)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _maybe_die(name: str) -> None:
+    """The fault-injection point (see the module docstring); nothing happens unless PARCLIP_FAULT_KILL matches."""
+    spec = os.environ.get("PARCLIP_FAULT_KILL")
+    if not spec:
+        return
+    import fnmatch
+
+    pattern, _, nth = spec.rpartition(":")
+    if not fnmatch.fnmatch(name, pattern):
+        return
+    _FAULT_COUNTS[pattern] = _FAULT_COUNTS.get(pattern, 0) + 1
+    if str(_FAULT_COUNTS[pattern]) == nth:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:

@@ -1,0 +1,258 @@
+"""Faults: kill -9 at the worst moments, NaN/Inf, two writers on one run, a full disk, where unpickling may happen."""
+import ast
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from parclip import train as train_mod
+from parclip.cli import main
+from parclip.config import make_config
+from parclip.runs import RunBusyError, RunLock, list_runs
+from parclip.train import NonFiniteError, train
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "parclip"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def _common(tmp_path, fmnist_small, model_dir, **kw):
+    return dict(model=f"local-dir:{model_dir}", train_data=str(fmnist_small["train_csv"]), objective="par",
+                epochs=2, batch_size=8, train_num_samples=32, workers=0, output_dir=str(tmp_path / "runs"),
+                progress=False, lr=1e-3, lr_start=1e-3, tau=1.0, save_every=1, log_every=1, **kw)
+
+
+def _run(cfg: dict, name: str, tmp_path: Path, env=None, wait=True):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(dict(cfg, name=name)))
+    cmd = [sys.executable, "-m", "parclip", "train", "--config", str(path)]
+    if wait:
+        return subprocess.run(cmd, env=env or ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(run: Path) -> dict:
+    return load_file(run / "model" / "open_clip_model.safetensors")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_and_mid_checkpoint_write_then_resume_is_bit_identical(tmp_path, fmnist_small,
+                                                                              micro_model_dir):
+    cfg = _common(tmp_path, fmnist_small, micro_model_dir)
+    straight = _run(cfg, "straight", tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    ref = _weights(tmp_path / "runs" / "straight")
+
+    # 1. SIGKILL from outside, mid-run (after the 3rd step's metrics line), then the same command again
+    proc = _run(cfg, "killed", tmp_path, wait=False)
+    metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs" / "killed" / "model").exists()  # it really died before the end
+    again = _run(cfg, "killed", tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = _weights(tmp_path / "runs" / "killed")
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+    # 2. the process kills itself inside the 5th checkpoint write: temp file complete, not yet renamed
+    died = _run(cfg, "torn", tmp_path, env=dict(ENV, PARCLIP_FAULT_KILL="latest.pt:5"))
+    assert died.returncode == -signal.SIGKILL
+    ckpt = tmp_path / "runs" / "torn" / "checkpoints" / "latest.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 4  # the last complete one, never the torn one
+    assert list((tmp_path / "runs" / "torn" / "checkpoints").glob(".latest.pt.*.tmp"))  # the torn temp file is left
+    resumed = _run(cfg, "torn", tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = _weights(tmp_path / "runs" / "torn")
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+    # 3. killed while exporting the final model: the run resumes from its last checkpoint and exports again
+    died = _run(cfg, "export", tmp_path, env=dict(ENV, PARCLIP_FAULT_KILL="open_clip_model.safetensors:1"))
+    assert died.returncode == -signal.SIGKILL
+    assert not (tmp_path / "runs" / "export" / "model" / "open_clip_model.safetensors").exists()
+    assert _run(cfg, "export", tmp_path).returncode == 0
+    out = _weights(tmp_path / "runs" / "export")
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+
+def test_kill_9_mid_poisoning_leaves_no_half_file_and_a_rerun_is_identical(tmp_path, fmnist_small):
+    cmd = [sys.executable, "-m", "parclip", "poison", str(fmnist_small["train_csv"]), None, "--attack", "badnet_rs",
+           "--target", "bag", "--n", "40", "--image-size", "28", "--templates", "fashion"]
+    ref = subprocess.run([c if c else str(tmp_path / "ref") for c in cmd], env=ENV, capture_output=True, timeout=300)
+    assert ref.returncode == 0
+    out = str(tmp_path / "p")
+    died = subprocess.run([c if c else out for c in cmd], env=dict(ENV, PARCLIP_FAULT_KILL="*.png:20"),
+                          capture_output=True, timeout=300)
+    assert died.returncode == -signal.SIGKILL
+    assert not (tmp_path / "p" / "poisoned.csv").exists() and not (tmp_path / "p" / "manifest.json").exists()
+    assert all(p.stat().st_size > 0 for p in (tmp_path / "p" / "images").glob("*.png"))  # only complete images
+    assert subprocess.run([c if c else out for c in cmd], env=ENV, capture_output=True, timeout=300).returncode == 0
+    for rel in ["poisoned.csv", "manifest.json", *sorted(p.name for p in (tmp_path / "ref" / "images").iterdir())]:
+        a = (tmp_path / "ref" / rel) if (tmp_path / "ref" / rel).exists() else (tmp_path / "ref" / "images" / rel)
+        b = (tmp_path / "p" / rel) if (tmp_path / "p" / rel).exists() else (tmp_path / "p" / "images" / rel)
+        assert a.read_bytes() == b.read_bytes(), rel
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path, fmnist_small,
+                                                                              micro_model_dir, monkeypatch):
+    real = train_mod._accumulate
+    calls = {"n": 0}
+
+    def poisoned_loss(*args):
+        loss, parts = real(*args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return loss * float("nan"), parts
+        return loss, parts
+
+    monkeypatch.setattr(train_mod, "_accumulate", poisoned_loss)
+    cfg = _common(tmp_path, fmnist_small, micro_model_dir)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 3 .*Last good checkpoint: .*latest\.pt"):
+        train(make_config(name="nan", **cfg))
+    state = torch.load(tmp_path / "runs/nan/checkpoints/latest.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["state_dict"].values()
+                                      if v.is_floating_point())
+
+    calls["n"] = 0
+    run = train(make_config(name="skip", skip_nonfinite=True, **cfg))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_nonfinite", 0) for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert all(torch.isfinite(v).all() for v in _weights(run).values())
+
+
+def test_nan_gradients_are_caught_too_and_a_nan_model_is_never_saved(tmp_path, fmnist_small, micro_model_dir,
+                                                                     monkeypatch):
+    real = train_mod._accumulate
+
+    def nan_grad(forward, *args):
+        loss, parts = real(forward, *args)
+        next(p for p in forward.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return loss, parts
+
+    monkeypatch.setattr(train_mod, "_accumulate", nan_grad)
+    with pytest.raises(NonFiniteError, match="non-finite gradients at step 1"):
+        train(make_config(name="g", **_common(tmp_path, fmnist_small, micro_model_dir)))
+    monkeypatch.setattr(train_mod, "_accumulate", real)
+    model, _ = train_mod.create_model(f"local-dir:{micro_model_dir}")
+    with torch.no_grad():
+        model.text_projection[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="text_projection"):
+        train_mod._check_finite_model(model, "export")
+
+
+def test_one_run_one_writer_and_a_killed_holder_leaves_no_stuck_lock(tmp_path, fmnist_small, micro_model_dir,
+                                                                     capsys):
+    run = tmp_path / "runs" / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from parclip.runs import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
+                               str(run)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
+        train(make_config(name="busy", **_common(tmp_path, fmnist_small, micro_model_dir)))
+    assert not (run / "config.yaml").exists()  # the refused run wrote nothing into the busy directory
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock = RunLock(run)
+    lock.acquire()  # the OS released the killed holder's lock
+    lock.release()
+    finished = train(make_config(name="busy", **_common(tmp_path, fmnist_small, micro_model_dir)))
+    assert (finished / "model").is_dir()
+    assert [r["state"] for r in list_runs(tmp_path / "runs")] == ["finished"]
+
+
+def test_a_full_disk_is_a_clear_error_and_the_last_checkpoint_stays_intact(tmp_path, fmnist_small, micro_model_dir,
+                                                                          monkeypatch, capsys):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = _common(tmp_path, fmnist_small, micro_model_dir)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(dict(cfg, name="full")))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    ckpts = tmp_path / "runs" / "full" / "checkpoints"
+    assert torch.load(ckpts / "latest.pt", weights_only=True)["step"] == 2
+    assert not list(ckpts.glob(".*.tmp"))  # the failed write's temp file is cleaned up
+
+
+def test_no_unpickling_outside_the_one_guarded_path():
+    """Every torch.load in the package passes weights_only=True, except in the checkpoint reader behind
+    --allow-unsafe-load; pickle.load(s) and torch.jit.load appear only there, after the allow_unsafe_load check."""
+    guarded = {("models/checkpoints.py", "_torch_load"), ("models/checkpoints.py", "_read_checkpoint")}
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        rel = str(path.relative_to(PKG))
+        parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for call in ast.walk(tree):
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Attribute):
+                continue
+            name = ast.unparse(call.func)
+            safe_kw = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                          for k in call.keywords)
+            if not ((name == "torch.load" and not safe_kw) or name in ("pickle.load", "pickle.loads",
+                                                                          "torch.jit.load")):
+                continue
+            fn = call
+            while fn in parent and not isinstance(fn, ast.FunctionDef):
+                fn = parent[fn]
+            fname = getattr(fn, "name", "<module>")
+            checked_before = any(isinstance(n, ast.Name) and n.id == "allow_unsafe_load" and n.lineno < call.lineno
+                                 for n in ast.walk(fn))
+            if (rel, fname) not in guarded or not checked_before:
+                offenders.append(f"{rel}:{call.lineno} {name} in {fname}")
+    assert offenders == []
+
+
+def test_easy_mistakes_are_said_before_they_cost_a_run(tmp_path, fmnist_small, micro_model_dir, caplog, capsys):
+    """Poisoning at the default 224 px for a 28-px model shrinks an 8-px patch to 1 px: train and eval say so, with
+    both sizes; --model poisons at the model's size; cleaning on the poisoned table and a target no caption names are
+    said too."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="parclip")
+    table = str(fmnist_small["train_csv"])
+    base = ["poison", table, None, "--attack", "badnet_rs", "--target", "bag", "--n", "60", "--templates", "fashion"]
+    assert main([c if c else str(tmp_path / "p224") for c in base] + ["--trigger-param", "patch_size=8"]) == 0
+    assert json.loads((tmp_path / "p224" / "manifest.json").read_text())["image_size"] == 224
+    assert main([c if c else str(tmp_path / "p28") for c in base] + ["--model", f"local-dir:{micro_model_dir}"]) == 0
+    assert json.loads((tmp_path / "p28" / "manifest.json").read_text())["image_size"] == 28
+
+    cfg = dict(model=f"local-dir:{micro_model_dir}", objective="clip", epochs=1, batch_size=20,
+               train_num_samples=40, workers=0, output_dir=str(tmp_path / "runs"), progress=False)
+    caplog.clear()
+    train(make_config(name="ok", train_data=str(tmp_path / "p28" / "poisoned.csv"), **cfg))
+    assert "poisoned at" not in caplog.text
+    run = train(make_config(name="mismatch", train_data=str(tmp_path / "p224" / "poisoned.csv"), **cfg))
+    assert "poisoned at 224 px" in caplog.text and "runs at 28 px" in caplog.text
+    assert "8-px patch becomes 1.0 px and will not survive" in caplog.text
+    caplog.clear()
+    assert main(["eval", "--model", f"local-dir:{run / 'model'}", "--data", str(fmnist_small["test_dir"]),
+                 "--templates", "fashion", "--workers", "0"]) == 0
+    assert "trained on" in caplog.text and "poisoned at 224 px" in caplog.text
+    caplog.clear()
+    train(make_config(name="cleaning", **{**cfg, "objective": "par", "tau": 1.0},
+                      train_data=str(tmp_path / "p28" / "poisoned.csv")))
+    assert "a defence needs clean pairs" in caplog.text
+    caplog.clear()
+    assert main(["poison", table, str(tmp_path / "pb"), "--attack", "badnet_rs", "--target", "banana", "--n", "5",
+                 "--image-size", "28", "--templates", "fashion"]) == 0
+    assert "no clean caption" in caplog.text and "'banana'" in caplog.text
