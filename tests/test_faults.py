@@ -256,3 +256,49 @@ def test_easy_mistakes_are_said_before_they_cost_a_run(tmp_path, fmnist_small, m
     assert main(["poison", table, str(tmp_path / "pb"), "--attack", "badnet_rs", "--target", "banana", "--n", "5",
                  "--image-size", "28", "--templates", "fashion"]) == 0
     assert "no clean caption" in caplog.text and "'banana'" in caplog.text
+
+
+def test_the_hostile_input_sweep_finds_no_traceback_no_executed_code_and_no_silent_change():
+    """benchmarks/hostile_inputs.py (234 cases, the table in docs/hostile_inputs.md) exits 1 on any FAIL row."""
+    proc = subprocess.run([sys.executable, str(PKG.parents[1] / "benchmarks" / "hostile_inputs.py"), "--no-write"],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "FAIL (code executed): 0" in proc.stdout
+
+
+def test_what_the_sweep_found_stays_fixed(tmp_path, micro_model_dir, fmnist_small):
+    import numpy as np
+    from PIL import Image
+
+    from parclip.data import open_rgb
+    from parclip.models import CheckpointError, create_model
+
+    # a 16-bit PNG keeps its grey level (Pillow's own convert clips it to white)
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "d.png")
+    assert np.asarray(open_rgb(tmp_path / "d.png"))[0, 0].tolist() == [156, 156, 156]
+    # a torch zip with damaged bytes is refused (torch alone would load the damaged values)
+    sd = create_model(f"local-dir:{micro_model_dir}")[0].state_dict()
+    torch.save(sd, tmp_path / "w.pt")
+    raw = bytearray((tmp_path / "w.pt").read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+    (tmp_path / "bad.pt").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum|corrupt"):
+        create_model(f"local-dir:{micro_model_dir}", pretrained=str(tmp_path / "bad.pt"))
+    # integer values for float weights are a mismatch, not a silent conversion
+    from safetensors.torch import save_file
+    save_file({k: (v.long() if k == "text_projection" else v).contiguous() for k, v in sd.items()},
+              tmp_path / "int.safetensors")
+    with pytest.raises(CheckpointError, match="integer/float mismatches.*text_projection"):
+        create_model(f"local-dir:{micro_model_dir}", pretrained=str(tmp_path / "int.safetensors"))
+    # --resume with a model's weights instead of a training checkpoint says what to do
+    cfg = _common(tmp_path, fmnist_small, micro_model_dir)
+    with pytest.raises(CheckpointError, match="pass them as --pretrained"):
+        train(make_config(name="r", resume=str(tmp_path / "w.pt"), **cfg))
+    # YAML: numbers as strings are numbers, other wrong types and Python tags are errors naming the option
+    assert make_config(lr="1e-4", batch_size="8").batch_size == 8
+    with pytest.raises(ValueError, match="option lr: expected float, got 'fast'"):
+        make_config(lr="fast")
+    (tmp_path / "tag.yaml").write_text("lr: !!python/object/apply:os.system ['touch MARKER']\n")
+    assert main(["train", "--config", str(tmp_path / "tag.yaml")]) == 2
+    assert not Path("MARKER").exists()

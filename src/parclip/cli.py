@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export Fashion-MNIST, pre-train a clean foundation CLIP from scratch, plant a "
                        "backdoor by fine-tuning it on pairs of which 10% carry a trigger naming the target class, "
                        "clean the poisoned model with plain fine-tuning and PAR (--defence adds others) on disjoint "
-                       "clean pairs, and evaluate every model. Prints `model | clean top-1 | ASR` and writes "
+                       "clean pairs, and evaluate every model (zero-shot clean top-1 and ASR; retrieval R@1 and the retrieval "
+                       "ASR). Prints the table and writes "
                        "results.json and results.png into --out. Completed stages are reused when run again.")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs), or \"all\": every "

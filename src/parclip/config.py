@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .utils.flags import add_dataclass_arguments, dataclass_values
+from .utils.flags import add_dataclass_arguments, coerce_fields, dataclass_values
 from .utils.flags import flag as _f
 
 __all__ = ["TrainConfig", "add_config_arguments", "config_from_args", "load_yaml", "make_config"]
@@ -131,7 +131,11 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar (rank 0)")
 
     def __post_init__(self):
-        """open_clip_train's spellings of values, and the checks a value needs on its own."""
+        """Types (YAML and Python callers too), open_clip_train's spellings of values, and the checks a value needs
+        on its own."""
+        if self.schedule == "const":
+            self.schedule = "constant"
+        coerce_fields(self)
         if self.schedule == "const":
             self.schedule = "constant"
         if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
@@ -154,7 +158,11 @@ def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # safe_load builds plain data only: a Python tag is an error
+        raise ValueError(f"{p} is not a valid YAML mapping of option: value ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -38,6 +38,7 @@ from parclip.defences import Defence, Embeddings, get_defence
 from parclip.defences.augment import train_transform
 from parclip.defences.schedule import lr_at
 from parclip.models import create_model, get_tokenizer, image_size, save_model
+from parclip.models.checkpoints import CheckpointError, verify_zip
 from parclip.runs import RunLock, RunLog, write_run_info
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
@@ -106,10 +107,14 @@ def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> Path:
     step = 0
     ckpt_path = _resume_path(cfg, run_dir)
     if ckpt_path is not None:
-        state = torch.load(ckpt_path, map_location=info.device, weights_only=True)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        state = _training_state(ckpt_path, info.device)
+        try:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt_path} does not fit this run's model or optimiser ({str(e).splitlines()[0]}); "
+                                  f"resume it with the configuration that wrote it, or use a new --name") from e
         defence.load_state_dict(state.get("defence", {}))
         step = state["step"]
         if state.get("total_steps", total_steps) != total_steps:
@@ -448,6 +453,27 @@ def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> tuple[Path, RunLock]:
         write_run_info(run_dir, info.world_size)
     pdist.barrier()
     return run_dir, lock
+
+
+def _training_state(path: Path, device) -> dict:
+    """A parclip training checkpoint, read weights-only (a file that pickles code is refused, never run); anything
+    else is a CheckpointError that says what the file is instead."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        verify_zip(path)  # damaged entries would otherwise load silently
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, safetensors' and zip's own errors: all "not ours"
+        raise CheckpointError(f"--resume {path}: not a readable parclip training checkpoint ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). Training checkpoints are "
+                              f"read weights-only, so a file that pickles objects is refused, never run") from e
+    needed = {"step", "total_steps", "state_dict", "optimizer", "scaler"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        has = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"--resume {path}: not a parclip training checkpoint (it holds {has}); to start from a "
+                              f"model's weights, pass them as --pretrained")
+    return state
 
 
 def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:

@@ -54,6 +54,18 @@ def _auto_sep(path: str | os.PathLike) -> str:
     return "\t" if str(path).lower().endswith((".tsv", ".tab")) else ","
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB of a decoded image. 16-bit and 32-bit integer greyscale (PNG "I;16", "I") are scaled to 8 bits by their bit
+    depth (Pillow's own convert clips them to 255, which would make a 16-bit image white)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+
+        a = np.asarray(im).astype(np.int64)
+        a = np.clip(a, 0, 65535) >> 8  # 16-bit range to 8 bits ("I" from a 16-bit PNG holds 0..65535)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode an image fully and return it as RGB; truncated or corrupt files raise :class:`DataError` naming the path.
 
@@ -63,7 +75,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return _to_rgb(im)
     except FileNotFoundError as e:
         raise DataError(f"image file not found: {path}") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, DecompressionBombError, ...
@@ -93,6 +105,10 @@ def _read(path: str | os.PathLike, sep: str | None) -> tuple[list[str], list[dic
             if header is None or not any(h.strip() for h in header):
                 raise DataError(f"caption table {path} is empty: it needs a header row (e.g. 'image,caption')")
             fieldnames = [h.strip() for h in header]
+            dupes = sorted({h for h in fieldnames if fieldnames.count(h) > 1 and h})
+            if dupes:
+                raise DataError(f"caption table {path} has duplicate column names {dupes} in its header; rename "
+                                f"them so --csv-img-key / --csv-caption-key name one column each")
             n = len(fieldnames)
             for record in reader:
                 if not record:  # blank line

@@ -30,7 +30,7 @@ from ..utils.files import sha256_file
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
     "load_state_dict", "load_weights", "check_state_dict", "read_local_dir_config", "local_dir", "find_dir_weights",
-    "uses_quick_gelu", "weights_sha256", "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "DIR_WEIGHTS",
+    "uses_quick_gelu", "weights_sha256", "verify_zip", "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "DIR_WEIGHTS",
 ]
 
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -228,7 +228,26 @@ def _resolve_path(path) -> pathlib.Path:
     return p
 
 
+def verify_zip(path: str | os.PathLike) -> None:
+    """A torch.save zip whose entries fail their CRC check (a damaged download or disk) is a CheckpointError; torch
+    itself does not check them and would load the damaged values."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable zip archive ({e}); the file may be truncated") from e
+    except Exception as e:  # zlib.error and others from a damaged deflate stream
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from e
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: its entry {bad!r} fails its checksum (a damaged download or "
+                              f"copy); download or copy it again")
+
+
 def _torch_load(path: pathlib.Path, kind: str, allow_unsafe_load: bool):
+    if kind == "torch-zip":
+        verify_zip(path)
     if allow_unsafe_load:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -369,7 +388,9 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, 
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     mismatched = [k for k in sd if k in ref and _shape(sd[k]) != _shape(ref[k])]
-    if not (missing or unexpected or mismatched):
+    wrong_kind = [k for k in sd if k in ref and isinstance(sd[k], torch.Tensor)
+                  and sd[k].is_floating_point() != ref[k].is_floating_point()]  # int values for float weights
+    if not (missing or unexpected or mismatched or wrong_kind):
         return
     lines = [f"{source} does not fit the model ({len(sd)} tensors in the checkpoint, {len(ref)} in the model); "
              f"parclip loads strictly and never evaluates a partly random model."]
@@ -380,6 +401,10 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, 
     if mismatched:
         shown = [f"{k}: checkpoint {_shape(sd[k])} vs model {_shape(ref[k])}" for k in mismatched]
         lines.append(f"  shape mismatches ({len(mismatched)}): {_list(shown, 6)}")
+    if wrong_kind:
+        shown = [f"{k}: checkpoint {sd[k].dtype} vs model {ref[k].dtype}" for k in wrong_kind]
+        lines.append(f"  integer/float mismatches ({len(wrong_kind)}; such values would be silently converted): "
+                     f"{_list(shown, 6)}")
     hints = []
     prefix = _common_prefix_hint(unexpected, set(ref)) if unexpected else None
     if prefix:

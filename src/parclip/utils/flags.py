@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, field
 from typing import get_type_hints
 
-__all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args"]
+__all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args", "coerce_fields"]
 
 
 def flag(default, help: str, choices=None, *, shown: str | None = None, metavar: str | None = None,
@@ -73,3 +73,51 @@ def dataclass_values(cls: type, args: argparse.Namespace) -> dict:
 def dataclass_from_args(cls: type, args: argparse.Namespace, base: Mapping | None = None):
     """`cls(**values)` from defaults < `base` (e.g. a YAML file's values) < the flags given in `args`."""
     return cls(**{**(base or {}), **dataclass_values(cls, args)})
+
+
+def coerce_fields(obj) -> None:
+    """Check every field of the dataclass instance `obj` against its annotation, in place: numbers written as strings
+    (YAML reads ``1e-4`` as a string) become numbers, an int where a float is expected becomes a float; anything else
+    of the wrong type, or outside the field's choices, is a ValueError naming the option. Call it from
+    ``__post_init__`` so a YAML file or a Python caller cannot slip a wrong type past the flags' parsing."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        args = getattr(tp, "__args__", None) or (tp,)
+        if value is None and type(None) in args:
+            continue
+        want = _base_type(tp)
+        new = _coerce(value, want)
+        if new is _BAD:
+            raise ValueError(f"option {f.name.replace('_', '-')}: expected {want.__name__}, got {value!r} "
+                             f"({type(value).__name__})")
+        choices = f.metadata.get("choices")
+        if choices and new not in choices:
+            raise ValueError(f"option {f.name.replace('_', '-')}: {new!r} is not one of {', '.join(map(str, choices))}")
+        setattr(obj, f.name, new)
+
+
+_BAD = object()
+
+
+def _coerce(value, want: type):
+    if want is bool:
+        return value if isinstance(value, bool) else _BAD
+    if want in (int, float):
+        if isinstance(value, bool):
+            return _BAD
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                return _BAD
+        if not isinstance(value, (int, float)):
+            return _BAD
+        if want is int:
+            return int(value) if float(value).is_integer() else _BAD
+        return float(value)
+    if want is str:
+        import os
+
+        return os.fspath(value) if isinstance(value, os.PathLike) else value if isinstance(value, str) else _BAD
+    return value

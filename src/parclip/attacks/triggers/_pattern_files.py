@@ -80,6 +80,15 @@ def load_tensor_file(path: str | os.PathLike, what: str, preferred_keys: tuple[s
         except Exception as e:
             raise ValueError(f"cannot read {p} as safetensors ({type(e).__name__}: {e})") from e
     elif suffix in (".pt", ".pth", ".bin"):
+        import zipfile
+
+        from ...models.checkpoints import CheckpointError, verify_zip
+
+        if zipfile.is_zipfile(p):
+            try:
+                verify_zip(p)  # torch does not check the entries' CRCs: damaged values would load silently
+            except CheckpointError as e:
+                raise ValueError(str(e)) from e
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -387,7 +387,11 @@ def parse_trigger_params(pairs) -> dict:
         key, sep, value = str(pair).partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--trigger-param {pair!r}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:  # safe_load builds plain values only: a Python tag is an error, never code
+            raise ValueError(f"--trigger-param {pair!r}: the value is not a number, boolean or string "
+                             f"({str(e).splitlines()[0]})") from None
     return out
 
 
