@@ -85,6 +85,20 @@ def test_kill_9_mid_run_and_mid_checkpoint_write_then_resume_is_bit_identical(tm
     assert all(torch.equal(ref[k], out[k]) for k in ref)
 
 
+@pytest.mark.parametrize("objective,extra", [("clip", {}), ("cleanclip", {}),
+                                             ("roclip", dict(roclip_every=1, roclip_pool_size=16))])
+def test_every_defence_killed_inside_a_checkpoint_write_resumes_bit_identical(tmp_path, fmnist_small,
+                                                                             micro_model_dir, objective, extra):
+    cfg = {**_common(tmp_path, fmnist_small, micro_model_dir), "objective": objective, **extra}
+    assert _run(cfg, "straight", tmp_path).returncode == 0
+    died = _run(cfg, "torn", tmp_path, env=dict(ENV, PARCLIP_FAULT_KILL="latest.pt:3"))
+    assert died.returncode == -signal.SIGKILL
+    resumed = _run(cfg, "torn", tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref, out = _weights(tmp_path / "runs" / "straight"), _weights(tmp_path / "runs" / "torn")
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+
 def test_kill_9_mid_poisoning_leaves_no_half_file_and_a_rerun_is_identical(tmp_path, fmnist_small):
     cmd = [sys.executable, "-m", "parclip", "poison", str(fmnist_small["train_csv"]), None, "--attack", "badnet_rs",
            "--target", "bag", "--n", "40", "--image-size", "28", "--templates", "fashion"]
@@ -239,8 +253,15 @@ def test_easy_mistakes_are_said_before_they_cost_a_run(tmp_path, fmnist_small, m
     cfg = dict(model=f"local-dir:{micro_model_dir}", objective="clip", epochs=1, batch_size=20,
                train_num_samples=40, workers=0, output_dir=str(tmp_path / "runs"), progress=False)
     caplog.clear()
-    train(make_config(name="ok", train_data=str(tmp_path / "p28" / "poisoned.csv"), **cfg))
+    planted = train(make_config(name="ok", train_data=str(tmp_path / "p28" / "poisoned.csv"), **cfg))
     assert "poisoned at" not in caplog.text
+    # cleaning the planted model on pairs that include the images it was poisoned with / on disjoint pairs
+    clean = {**cfg, "objective": "par", "tau": 1.0, "model": f"local-dir:{planted / 'model'}"}
+    train(make_config(name="overlap", train_data=table, **{**clean, "train_num_samples": 600}))
+    assert "60 pairs of" in caplog.text and "images the starting model was poisoned with" in caplog.text
+    caplog.clear()
+    train(make_config(name="disjoint", train_data=str(fmnist_small["holdout_csv"]), **clean))
+    assert "poisoned with" not in caplog.text
     run = train(make_config(name="mismatch", train_data=str(tmp_path / "p224" / "poisoned.csv"), **cfg))
     assert "poisoned at 224 px" in caplog.text and "runs at 28 px" in caplog.text
     assert "8-px patch becomes 1.0 px and will not survive" in caplog.text

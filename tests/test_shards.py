@@ -1,5 +1,4 @@
 """webdataset shards: conversion both ways, training over shards (resume, workers, bad samples), evaluation."""
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -8,12 +7,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from parclip import train as train_mod
 from parclip.config import make_config
 from parclip.data import DataError, read_table
-from parclip.data.shards import (ShardStream, decode_image, expand_urls, read_shard, shard_sizes, shards_to_table,
-                                 table_to_shards)
+from parclip.data.shards import (
+    ShardStream,
+    decode_image,
+    expand_urls,
+    read_shard,
+    shard_sizes,
+    shards_to_table,
+    table_to_shards,
+)
 from parclip.train import train
-from parclip import train as train_mod
 
 
 @pytest.fixture(scope="module")

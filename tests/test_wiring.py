@@ -18,6 +18,7 @@ from parclip.config import make_config
 from parclip.data import DataError
 from parclip.defences.schedule import cosine_lr, lr_at
 from parclip.models import create_model, eval_transform, get_tokenizer
+from parclip.models.checkpoints import CheckpointError
 from parclip.objectives import clip_loss, par_loss
 from parclip.train import train
 
@@ -197,8 +198,9 @@ def test_resume_refuses_a_checkpoint_with_arbitrary_pickled_objects(tmp_path, fm
     state["note"] = Payload()
     torch.save(state, ckpt)
     _UNPICKLED.clear()
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="refused, never run") as ei:
         train(cfg)  # same name: resumes from latest.pt
+    assert isinstance(ei.value.__cause__, pickle.UnpicklingError)
     assert _UNPICKLED == []
 
 

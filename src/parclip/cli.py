@@ -341,17 +341,9 @@ def _cmd_eval(args) -> int:
 
 def _warn_about_training_data(model: str, size: int) -> None:
     """For a model exported by `parclip train` (local-dir:<run>/model): the poisoning checks of its training data."""
-    import yaml
+    from parclip.attacks.poison import manifest_beside, poisoning_warnings, trained_on
 
-    from parclip.attacks.poison import manifest_beside, poisoning_warnings
-
-    if not model.startswith("local-dir:"):
-        return
-    config = Path(model[len("local-dir:"):]).parent / "config.yaml"
-    try:
-        train_data = (yaml.safe_load(config.read_text()) or {}).get("train_data") if config.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return
+    train_data = trained_on(model)
     manifest = manifest_beside(train_data)
     for warning in poisoning_warnings(manifest, size) if manifest else []:
         logging.getLogger("parclip").warning("the model was trained on %s: %s", train_data, warning)

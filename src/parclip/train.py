@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from parclip.attacks.poison import manifest_beside, poisoning_warnings
+from parclip.attacks.poison import manifest_beside, poisoned_overlap, poisoning_warnings, trained_on
 from parclip.config import TrainConfig
 from parclip.data import CaptionDataset, DataError
 from parclip.data.shards import ShardStream, expand_urls, is_shard_spec, shard_sizes
@@ -83,10 +83,8 @@ def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> Path:
     plain = train_transform(augment, preprocess, noise=cfg.noise, noise_sigma=cfg.noise_sigma)
     extra = defence.image_views(preprocess)
     data = _training_data(cfg, info, defence, tokenizer, _Views(plain, *extra) if extra else plain)
-    manifest = manifest_beside(cfg.train_data)  # poisoned data: easy mistakes said before they cost a run
-    for warning in poisoning_warnings(manifest, image_size(preprocess), cleaning=cfg.objective != "clip") \
-            if manifest and info.is_main else []:
-        log.warning("%s: %s", cfg.train_data, warning)
+    if info.is_main:
+        _warn_about_poisoned_data(cfg, image_size(preprocess))
     defence.check_data_size(len(data))
     global_batch = cfg.batch_size * info.world_size * cfg.accum_freq  # images per optimiser step
     steps_per_epoch = len(data) // global_batch
@@ -502,6 +500,22 @@ def _save_checkpoint(run_dir, model, optimizer, scaler, step, total_steps, cfg, 
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf in the loss, the gradients or the weights."""
+
+
+def _warn_about_poisoned_data(cfg: TrainConfig, size: int) -> None:
+    """Easy mistakes said before they cost a run: training on data poisoned at another resolution, a defence given
+    a poisoned table, or clean pairs that share images with the data the starting model was poisoned with."""
+    manifest = manifest_beside(cfg.train_data)
+    for warning in poisoning_warnings(manifest, size, cleaning=cfg.objective != "clip") if manifest else []:
+        log.warning("%s: %s", cfg.train_data, warning)
+    planted = manifest_beside(trained_on(cfg.model))  # the starting model was exported by a planting run
+    if planted and cfg.objective != "clip" and not is_shard_spec(cfg.train_data):
+        n = poisoned_overlap(planted, cfg.train_data, img_key=cfg.csv_img_key, sep=cfg.csv_separator,
+                             root=cfg.data_root)
+        if n:
+            log.warning("%d pairs of %s show images the starting model was poisoned with (%s → '%s'); the clean set "
+                        "of a defence should be disjoint from the poisoned one", n, cfg.train_data,
+                        planted.get("trigger", {}).get("name"), planted.get("target"))
 
 
 def _finite_step(loss: torch.Tensor, model, scaler) -> bool:

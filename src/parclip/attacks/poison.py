@@ -44,7 +44,7 @@ from ..utils.files import atomic_write, write_json
 from .triggers import Trigger, trigger_generator
 
 __all__ = ["IMAGES_DIR", "MANIFEST_FORMAT", "MANIFEST_JSON", "POISONED_CSV", "SHARDS_DIR", "poison_csv",
-           "poison_shards", "manifest_beside", "poisoning_warnings"]
+           "poison_shards", "manifest_beside", "poisoning_warnings", "trained_on", "poisoned_overlap"]
 
 logger = logging.getLogger("parclip")
 
@@ -126,8 +126,9 @@ def poison_shards(spec: str, out_dir: str | os.PathLike, *, maxcount: int = 1000
     poisoned into ``out_dir/.table/``, and the poisoned table is written back as shards (sample i of the output is row
     i of the table, i.e. the i-th readable sample of the input, in shard order). The two working folders are removed
     at the end; they need disk space for one copy of the data. Manifest rows name samples by ``index`` (the output
-    sample's key is that index, zero-padded to 9 digits), without paths. The manifest adds ``source_shards``, ``shards`` and
-    ``n_bad_samples`` (input samples left out: no image or caption, or a truncated shard)."""
+    sample's key is that index, zero-padded to 9 digits), without paths. The manifest adds ``source_shards``,
+    ``shards`` and ``n_bad_samples`` (input samples left out: no image or caption, or a truncated shard).
+    """
     import shutil
 
     from ..data.shards import shards_to_table, table_to_shards
@@ -171,6 +172,36 @@ def manifest_beside(data: str | os.PathLike | None) -> dict | None:
                 return None
             return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
     return None
+
+
+def trained_on(model: str | None) -> str | None:
+    """The ``train_data`` of the `parclip train` run that exported `model` (``local-dir:<run>/model``), else None."""
+    if not model or not str(model).startswith("local-dir:"):
+        return None
+    import yaml
+
+    config = Path(str(model)[len("local-dir:"):]).parent / "config.yaml"
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
+        return (data or {}).get("train_data")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def poisoned_overlap(manifest: dict, table: str | os.PathLike, *, img_key: str = "image", sep: str | None = None,
+                     root: str | os.PathLike | None = None) -> int:
+    """How many rows of a caption table show an image the `manifest`'s poisoning triggered (by resolved path)."""
+    base = Path(manifest.get("root") or ".")
+    poisoned = {os.path.normpath(str(base / r["original_path"])) for r in manifest.get("rows", [])
+                if r.get("original_path")}
+    if not poisoned:
+        return 0
+    try:
+        _, rows = read_table(table, sep=sep)
+    except DataError:
+        return 0
+    folder = Path(root) if root is not None else Path(table).parent
+    return sum(os.path.normpath(str(folder / (r.get(img_key) or "").strip())) in poisoned for r in rows)
 
 
 def poisoning_warnings(manifest: dict, model_size: int, *, cleaning: bool = False) -> list[str]:
