@@ -323,3 +323,31 @@ def test_what_the_sweep_found_stays_fixed(tmp_path, micro_model_dir, fmnist_smal
     (tmp_path / "tag.yaml").write_text("lr: !!python/object/apply:os.system ['touch MARKER']\n")
     assert main(["train", "--config", str(tmp_path / "tag.yaml")]) == 2
     assert not Path("MARKER").exists()
+
+
+def test_the_defence_benchmark_killed_mid_export_resumes_to_the_same_matrix(tmp_path):
+    """benchmarks/defence_matrix.py --smoke, killed while exporting its planted model, then run again: the matrix
+    equals an uninterrupted run's (its stages are training runs that resume, and it writes atomically)."""
+    script = str(PKG.parents[1] / "benchmarks" / "defence_matrix.py")
+    args = ["--smoke", "--attacks", "badnet_rs", "--defences", "par"]
+
+    def bench(out, env=ENV):
+        return subprocess.run([sys.executable, script, *args, "--out", str(out)], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    assert bench(tmp_path / "ref").returncode == 0
+    died = bench(tmp_path / "b", dict(ENV, PARCLIP_FAULT_KILL="open_clip_model.safetensors:2"))  # 1: foundation
+    assert died.returncode == -signal.SIGKILL and not (tmp_path / "b" / "matrix.json").exists()
+    again = bench(tmp_path / "b")
+    assert again.returncode == 0, again.stderr[-2000:]
+    def numbers(folder):  # the matrix without its timings, paths made relative
+        def strip(x):
+            if isinstance(x, dict):
+                return {k: strip(v) for k, v in x.items() if k not in ("seconds", "minutes")}
+            return [strip(v) for v in x] if isinstance(x, list) else x
+        m = strip(json.loads((folder / "matrix.json").read_text()))
+        kept = {k: m[k] for k in ("foundation", "plants", "cells")}
+        return json.dumps(kept, sort_keys=True).replace(str(folder), "X")
+
+    assert numbers(tmp_path / "ref") == numbers(tmp_path / "b")
+    assert "asr" in numbers(tmp_path / "b")
