@@ -27,7 +27,7 @@ import yaml
 from parclip.attacks.poison import poison_csv
 from parclip.attacks.triggers import (Trigger, accepted_params, build_triggers, list_triggers, split_trigger_params,
                                      trigger_class, trigger_generator)
-from parclip.config import make_config
+from parclip.config import TrainConfig, make_config
 from parclip.data import LabelledFolder, fashion_mnist, read_table, write_table
 from parclip.data.retrieval import read_retrieval
 from parclip.evaluation import evaluate, evaluate_retrieval
@@ -87,14 +87,22 @@ def _train_stage(out: Path, name: str, fresh: bool, **values) -> Path:
     cfg = make_config(output_dir=str(out / "runs"), name=name, **values)
     run = out / "runs" / name
     ckpt = run / "checkpoints" / "latest.pt"
-    same = (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text()) == \
-        dataclasses.asdict(cfg)
+    same = (run / "config.yaml").is_file() and _same_config(yaml.safe_load((run / "config.yaml").read_text()), cfg)
     if fresh or not same:
         shutil.rmtree(run, ignore_errors=True)
     elif (run / "model" / "open_clip_config.json").is_file() and ckpt.is_file():
         log.info("reusing finished stage %s", run)
         return run / "model"
     return train(cfg) / "model"
+
+
+def _same_config(saved: dict, cfg: TrainConfig) -> bool:
+    """Whether a finished run's config.yaml is `cfg`. An option the file lacks (one added to parclip after the run)
+    counts as its default, so a new option does not retrain every stage; any other difference does."""
+    now = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return isinstance(saved, dict) and set(saved) <= set(now) and \
+        all(saved.get(k, defaults[k]) == v for k, v in now.items())
 
 
 def _evaluate(model_dir: Path, data: dict, attack, target: str, seed: int) -> dict:
