@@ -43,6 +43,14 @@ def _weights(run: Path) -> dict:
     return load_file(run / "model" / "open_clip_model.safetensors")
 
 
+def _resumes_to(ref: dict, cfg: dict, name: str, tmp_path: Path) -> None:
+    """The same command again finishes run `name`, and its model equals `ref` bit for bit."""
+    again = _run(cfg, name, tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = _weights(tmp_path / "runs" / name)
+    assert all(torch.equal(ref[k], out[k]) for k in ref)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_and_mid_checkpoint_write_then_resume_is_bit_identical(tmp_path, fmnist_small,
                                                                               micro_model_dir, one_thread):
@@ -58,10 +66,7 @@ def test_kill_9_mid_run_and_mid_checkpoint_write_then_resume_is_bit_identical(tm
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "runs" / "killed" / "model").exists()  # it really died before the end
-    again = _run(cfg, "killed", tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
-    out = _weights(tmp_path / "runs" / "killed")
-    assert all(torch.equal(ref[k], out[k]) for k in ref)
+    _resumes_to(ref, cfg, "killed", tmp_path)
 
     # 2. the process kills itself inside the 5th checkpoint write: temp file complete, not yet renamed
     died = _run(cfg, "torn", tmp_path, env=dict(ENV, PARCLIP_FAULT_KILL="latest.pt:5"))
@@ -69,18 +74,13 @@ def test_kill_9_mid_run_and_mid_checkpoint_write_then_resume_is_bit_identical(tm
     ckpt = tmp_path / "runs" / "torn" / "checkpoints" / "latest.pt"
     assert torch.load(ckpt, weights_only=True)["step"] == 4  # the last complete one, never the torn one
     assert list((tmp_path / "runs" / "torn" / "checkpoints").glob(".latest.pt.*.tmp"))  # the torn temp file is left
-    resumed = _run(cfg, "torn", tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    out = _weights(tmp_path / "runs" / "torn")
-    assert all(torch.equal(ref[k], out[k]) for k in ref)
+    _resumes_to(ref, cfg, "torn", tmp_path)
 
     # 3. killed while exporting the final model: the run resumes from its last checkpoint and exports again
     died = _run(cfg, "export", tmp_path, env=dict(ENV, PARCLIP_FAULT_KILL="open_clip_model.safetensors:1"))
     assert died.returncode == -signal.SIGKILL
     assert not (tmp_path / "runs" / "export" / "model" / "open_clip_model.safetensors").exists()
-    assert _run(cfg, "export", tmp_path).returncode == 0
-    out = _weights(tmp_path / "runs" / "export")
-    assert all(torch.equal(ref[k], out[k]) for k in ref)
+    _resumes_to(ref, cfg, "export", tmp_path)
 
 
 @pytest.mark.parametrize("objective,extra", [("clip", {}), ("cleanclip", {}),
@@ -92,10 +92,7 @@ def test_every_defence_killed_inside_a_checkpoint_write_resumes_bit_identical(tm
     train(make_config(name="straight", **cfg))  # in this process, one thread: the subprocesses' arithmetic
     died = _run(cfg, "torn", tmp_path, env=dict(ENV, PARCLIP_FAULT_KILL="latest.pt:3"))
     assert died.returncode == -signal.SIGKILL
-    resumed = _run(cfg, "torn", tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    ref, out = _weights(tmp_path / "runs" / "straight"), _weights(tmp_path / "runs" / "torn")
-    assert all(torch.equal(ref[k], out[k]) for k in ref)
+    _resumes_to(_weights(tmp_path / "runs" / "straight"), cfg, "torn", tmp_path)
 
 
 def test_kill_9_mid_poisoning_leaves_no_half_file_and_a_rerun_is_identical(tmp_path, fmnist_small):

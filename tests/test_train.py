@@ -44,6 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_train(config: Path, nproc: int = 2) -> None:
+    """`parclip train --config CONFIG` in `nproc` gloo processes, launched by torchrun exactly as a user would."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(free_port()), "-m", "parclip", "train", "--config", str(config)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # every defence, with settings that make its own mechanism act within the test's two steps
 OBJECTIVES = {"par": dict(tau=4.0), "clip": {}, "cleanclip": {},
               "roclip": dict(roclip_every=1, roclip_pool_size=16)}  # swap in the first epoch; the pool = one batch
@@ -58,11 +67,7 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
     # two processes, 8 images each, launched by torchrun exactly as a user would
     cfg2 = dict(common, batch_size=8, name="w2")
     (tmp_path / "w2.yaml").write_text(yaml.safe_dump(cfg2))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "-m", "parclip", "train", "--config", str(tmp_path / "w2.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(tmp_path / "w2.yaml")
     # one process, 16 images per step
     run1 = train(make_config(**dict(common, batch_size=16, name="w1")))
     run2 = tmp_path / "w2"
@@ -110,11 +115,7 @@ def test_two_gloo_processes_accumulating_equal_one_process_on_the_whole_batch(tm
                   epochs=1, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False,
                   log_every=1, **linear_adam())
     (tmp_path / "w2.yaml").write_text(yaml.safe_dump(dict(common, batch_size=4, accum_freq=2, name="w2")))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "-m", "parclip", "train", "--config", str(tmp_path / "w2.yaml")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(tmp_path / "w2.yaml")
     run1 = train(make_config(**dict(common, batch_size=16, name="w1")))
     for a, b in zip(metrics(run1), metrics(tmp_path / "w2"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

@@ -339,33 +339,19 @@ def _training_data(cfg: TrainConfig, info: pdist.DistInfo, defence, tokenizer, t
         captions, extra_views = defence.prepare_captions([caption], keys=[key])
         return captions[0], [v[0] for v in extra_views]
 
-    return _Sized(ShardStream(cfg.train_data, transform=transform, tokenize=lambda c: tokenizer([c])[0],
-                              batch_size=cfg.batch_size, num_samples=n, world_size=info.world_size, rank=info.rank,
-                              seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                              captions=views if type(defence).prepare_captions is not Defence.prepare_captions
-                              else None), n)
-
-
-class _Sized:
-    """A ShardStream with the epoch's sample count as len()."""
-
-    def __init__(self, stream: ShardStream, n: int):
-        self.stream, self.n = stream, n
-
-    def __len__(self):
-        return self.n
-
-    def describe(self, i: int) -> str:
-        return self.stream.describe(i)
+    return ShardStream(cfg.train_data, transform=transform, tokenize=lambda c: tokenizer([c])[0],
+                       batch_size=cfg.batch_size, num_samples=n, world_size=info.world_size, rank=info.rank,
+                       seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                       captions=views if type(defence).prepare_captions is not Defence.prepare_captions else None)
 
 
 def _loader(data, cfg: TrainConfig, info: pdist.DistInfo, epoch: int, first_batch: int,
             steps_per_epoch: int) -> DataLoader:
     """The epoch's shuffled share of this rank, skipping the optimiser steps a resumed run already did (`first_batch`
     steps of `accum_freq` micro-batches each): DistributedSampler over a table, or the shard stream's own order."""
-    if isinstance(data, _Sized):
-        data.stream.set_epoch(epoch, first_batch * cfg.accum_freq, steps_per_epoch * cfg.accum_freq)
-        return DataLoader(data.stream, batch_size=None, num_workers=cfg.workers,
+    if isinstance(data, ShardStream):
+        data.set_epoch(epoch, first_batch * cfg.accum_freq, steps_per_epoch * cfg.accum_freq)
+        return DataLoader(data, batch_size=None, num_workers=cfg.workers,
                           pin_memory=info.device.type == "cuda", persistent_workers=False)
     sampler = DistributedSampler(data, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)

@@ -62,7 +62,25 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-class LabelledFolder:
+class LabelledImages:
+    """What every labelled evaluation set shares: ``samples`` (``(name, label)`` pairs), a ``transform`` and a
+    ``load_image(i)``; the dataset item is ``(transform(image), label)``."""
+
+    samples: list[tuple[str, int]]
+    transform: Callable | None
+
+    def load_image(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img = self.load_image(i)
+        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
+
+
+class LabelledFolder(LabelledImages):
     """Map-style dataset ``(transform(image), label)`` over ``root/<class>/...``.
 
     Attributes: ``classnames`` (one per label), ``folders`` (the class folder names, sorted), ``samples``
@@ -140,13 +158,6 @@ class LabelledFolder:
     def describe(self, i: int) -> str:
         """Image i for a message: its path under the root."""
         return os.path.relpath(self.samples[i][0], self.root)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        img = self.load_image(i)
-        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
 
     def __repr__(self) -> str:
         return f"LabelledFolder({str(self.root)!r}, {len(self)} images, {len(self.classnames)} classes)"

@@ -40,6 +40,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..utils.files import replacing, write_json
 from .captions import DataError, logger
+from .folder import LabelledImages
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shards", "ShardStream",
            "table_to_shards", "shards_to_table", "folder_to_shards",
@@ -224,6 +225,10 @@ class ShardStream(IterableDataset):
                             f"least one shard (split the data into more shards: `parclip data convert`)")
         self.epoch, self.first_batch, self.n_batches = 0, 0, 0
 
+    def __len__(self) -> int:
+        """Samples per epoch (what the training loop divides into steps)."""
+        return self.num_samples
+
     def set_epoch(self, epoch: int, first_batch: int, n_batches: int) -> None:
         """Batches first_batch … n_batches-1 of `epoch` (a resumed run starts mid-epoch)."""
         self.epoch, self.first_batch, self.n_batches = epoch, first_batch, n_batches
@@ -298,7 +303,7 @@ class ShardStream(IterableDataset):
             yield images, texts, torch.tensor(failed, dtype=torch.long)
 
 
-class LabelledShards:
+class LabelledShards(LabelledImages):
     """clip_benchmark's webdataset layout as a labelled data set with the interface of
     :class:`~parclip.data.LabelledFolder` (``classnames``, ``samples``, ``targets``, ``load_image``, ``describe``).
 
@@ -372,13 +377,6 @@ class LabelledShards:
             f.seek(offset)
             raw = f.read(size)
         return decode_image({ext: raw, "__key__": self.samples[i][0]})
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        img = self.load_image(i)
-        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
 
     def __repr__(self) -> str:
         return f"LabelledShards({len(self.urls)} shards, {len(self)} images, {len(self.classnames)} classes)"

@@ -29,8 +29,7 @@ from torchvision.transforms import InterpolationMode
 from parclip import __version__
 from parclip.attacks.triggers import Trigger, trigger_generator
 from parclip.data import DataError, LabelledFolder, get_templates
-from parclip.data.folder import open_labelled
-from parclip.data.shards import LabelledShards
+from parclip.data.folder import LabelledImages, open_labelled
 from parclip.models import eval_transform, image_size
 
 from .encode import Tolerant, encode_images, usable
@@ -137,7 +136,7 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     device = torch.device(device)
     model = model.to(device).eval()
     transform = eval_transform(preprocess_cfg)
-    folder = data if isinstance(data, (LabelledFolder, LabelledShards)) else open_labelled(
+    folder = data if isinstance(data, LabelledImages) else open_labelled(
         data, transform=transform, classnames=classnames)
     if len(folder) == 0:
         raise DataError(f"no images in {data}")
