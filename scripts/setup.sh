@@ -25,12 +25,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')" 2>/dev/null; then
-  echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (about 90 s)"
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+  echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (about 90 s; a CUDA build, about 6 GB in .venv)"
+  # no pip cache: a second copy of the wheels would double the disk the install needs
+  .venv/bin/pip install -q --disable-pip-version-check --no-cache-dir torch==2.14.1 torchvision==0.29.1 \
+    || { echo "[setup] installing torch failed; $(df -h --output=avail . | tail -1 | tr -d ' ') free here," \
+              "and torch's CUDA build needs about 9 GB while it installs: free some space and run this again" >&2
+         exit 1; }
 fi
 if ! .venv/bin/python -c "import parclip, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.parclip-installed ]; then
   echo "[setup] installing parclip (editable) with test extras"
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  .venv/bin/pip install -q --disable-pip-version-check --no-cache-dir -e ".[test]"
   touch .venv/.parclip-installed
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, open_clip, parclip; print("torch", torch.__version__, "| open_clip", open_clip.__version__, "| parclip", parclip.__version__)')"
