@@ -56,6 +56,37 @@ def test_evaluate_is_repeatable_and_reports_every_attack(micro_dir, fmnist_small
     assert torch.equal(x0, x0b) and not torch.equal(x0, x1)
 
 
+def test_triggered_images_one_view_for_folders_and_retrieval_sets(tmp_path):
+    """One TriggeredImages serves labelled folders (item: (x, label)) and retrieval sets (item: x); the default
+    triggers the squash-resized raw image (the reference), after_crop triggers after resize + centre crop. On a
+    wide image the two differ, and each equals its hand-made construction."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    from parclip.attacks.triggers import trigger_generator
+    from parclip.data.retrieval import RetrievalSet
+
+    rng = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(torch.randint(0, 256, (20, 44, 3), generator=rng, dtype=torch.uint8).numpy()).save(
+            tmp_path / c / "wide.png")
+    folder = LabelledFolder(tmp_path)
+    rset = RetrievalSet(images=[p for p, _ in folder.samples], captions=["x", "y"], owner=[0, 1])
+    trig = get_trigger("badnet_rs", image_size=16)
+    tf = T.Compose([T.Resize(16, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(16), T.ToTensor()])
+    raw = Image.open(folder.samples[1][0]).convert("RGB")
+    squash = tf(trig(raw.resize((16, 16), Image.BICUBIC), generator=trigger_generator(3, 1)))
+    cropped = tf(trig(T.CenterCrop(16)(T.Resize(16, interpolation=InterpolationMode.BICUBIC)(raw)),
+                      generator=trigger_generator(3, 1)))
+    assert (squash - cropped).abs().max() > 0.1
+    x, y = TriggeredImages(folder, trig, tf, seed=3)[1]
+    assert y == 1 and torch.allclose(x, squash, atol=1 / 255)
+    assert torch.allclose(TriggeredImages(rset, trig, tf, seed=3)[1], squash, atol=1 / 255)
+    assert torch.allclose(TriggeredImages(rset, trig, tf, seed=3, after_crop=True)[1], cropped, atol=1 / 255)
+    assert torch.equal(TriggeredImages(rset, None, tf)[1], tf(raw))
+
+
 def test_cli_eval_writes_the_documented_json(micro_dir, fmnist_small, tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", f"local-dir:{micro_dir}", "--data", str(fmnist_small["test_dir"]), "--attack",

@@ -186,6 +186,7 @@ def test_cli_eval_retrieval_on_a_caption_table(tmp_path, micro_model_dir, fmnist
     assert (r["n_images"], r["n_captions"]) == (12, 24) and set(r["clean"]) == {"i2t", "t2i"}
     a = r["attacks"]["badnet_rs"]
     assert {"asr_text", "asr_text_strict", "asr_image", "recall", "params"} <= set(a) and a["k"] == 5
+    assert a["trigger_after_crop"] is False
     assert set(r["conventions"]) == {"recall", "asr_text", "asr_text_strict", "asr_image"}
     assert "asr_text_strict" in capsys.readouterr().out
     rc = main(["eval-retrieval", "--model", f"local-dir:{micro_model_dir}", "--data", str(tmp_path / "pairs.csv"),

@@ -363,8 +363,11 @@ def _emit(summary: str, result: dict, out: str | None) -> int:
 
 
 def _add_eval_run_args(p: argparse.ArgumentParser) -> None:
-    """The flags every evaluation command shares: trigger seed, batching, device, output, bad-image limit."""
+    """The flags every evaluation command shares: how triggers are applied, batching, device, output, bad-image
+    limit."""
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image trigger randomness")
+    p.add_argument("--trigger-after-crop", action="store_true",
+                   help="trigger after resize+centre-crop instead of after the reference's squash-resize")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -422,8 +425,6 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--templates", default="openai", help="prompt templates: openai (80), simple, fashion or a file")
     p.add_argument("--classnames", default=None, help="file with one class name per line (default: folder names, "
                    "or ImageNet names for 1000 WordNet-id folders)")
-    p.add_argument("--trigger-after-crop", action="store_true",
-                   help="trigger after resize+centre-crop instead of after the reference's squash-resize")
     p.add_argument("--clip-benchmark-out", default=None, metavar="PATH",
                    help="also write the result in clip_benchmark's layout (dataset, model, pretrained, task, metrics)")
     p.add_argument("--dataset-name", default=None, help="data set name for --clip-benchmark-out (default: the "
@@ -484,7 +485,7 @@ def _cmd_eval_retrieval(args) -> int:
     r = evaluate_retrieval(model, preprocess, get_tokenizer(args.model), data, attacks=attacks, target=args.target,
                            asr_k=args.asr_k, seed=args.seed, max_bad_fraction=args.max_bad_fraction,
                            batch_size=args.batch_size, workers=args.workers, device=device,
-                           merge_identical=args.merge_identical_captions)
+                           merge_identical=args.merge_identical_captions, trigger_after_crop=args.trigger_after_crop)
     r.update(_provenance(args))
     fmt = lambda rec: "  ".join(f"{d} R@{k} {v:.2f}%" for d in ("i2t", "t2i") for k, v in rec[d].items())  # noqa: E731
     lines = [f"clean: {fmt(r['clean'])}  ({r['n_images']} images, {r['n_captions']} captions)"]

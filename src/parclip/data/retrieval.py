@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import DataError, read_table
+from .captions import DataError, open_rgb, read_table
 
 __all__ = ["RetrievalSet", "read_retrieval", "pre_caption"]
 
@@ -44,6 +44,10 @@ class RetrievalSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def load_image(self, i: int):
+        """Image i as RGB (DataError if it is missing or does not decode)."""
+        return open_rgb(self.images[i])
 
     def __post_init__(self):
         if len(self.captions) != len(self.owner):

@@ -1,6 +1,7 @@
 """Encoding evaluation images without letting one bad file stop the run: shared by zero-shot, retrieval and the
 embedding maps.
 
+:class:`TriggeredImages` is an evaluation set's images, clean or seen through a trigger (reproducibly);
 :class:`Tolerant` turns a dataset's :class:`~parclip.data.DataError` (an undecodable or missing image) into a zero
 image plus the error message; :func:`encode_images` encodes every item and returns the messages beside the
 embeddings; :func:`usable` counts and names the bad images (:class:`~parclip.data.BadRows`), raises above
@@ -10,12 +11,44 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
+from parclip.attacks.triggers import Trigger, trigger_generator
 from parclip.data import BadRows, DataError
 from parclip.data.captions import UNREADABLE
 
-__all__ = ["Tolerant", "encode_images", "usable"]
+__all__ = ["TriggeredImages", "Tolerant", "encode_images", "usable"]
+
+
+class TriggeredImages(Dataset):
+    """An evaluation set's images seen through a trigger; `trigger=None`: the clean images, same transform.
+
+    `source` is anything with ``len()`` and ``load_image(i)`` (a labelled folder or shards, a retrieval set); the item
+    is ``transform(image)``, paired with ``source.targets[i]`` when the source has labels. Per-image randomness comes
+    from ``trigger_generator(seed, i)``, so evaluating the same checkpoint twice gives the same numbers.
+    `after_crop`: the trigger is applied after the eval resize + centre crop instead of to the squash-resized raw
+    image (see :mod:`parclip.evaluation.zero_shot`)."""
+
+    def __init__(self, source, trigger: Trigger | None, transform, *, seed: int = 0, after_crop: bool = False):
+        self.source, self.trigger, self.transform, self.seed = source, trigger, transform, seed
+        self.targets = getattr(source, "targets", None)
+        size = trigger.image_size if trigger is not None else None
+        self.crop = (T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size)])
+                     if after_crop and trigger is not None else None)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        img = self.source.load_image(i)
+        if self.crop is not None:
+            img = self.crop(img)
+        if self.trigger is not None:
+            img = self.trigger(img, generator=trigger_generator(self.seed, i))
+        x = self.transform(img)
+        return x if self.targets is None else (x, self.targets[i])
 
 
 class Tolerant(Dataset):

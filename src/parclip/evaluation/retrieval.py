@@ -10,35 +10,17 @@ above it a :class:`~parclip.data.DataError` says which.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from parclip.attacks.triggers import Trigger, trigger_generator
-from parclip.data import open_rgb
+from parclip.attacks.triggers import Trigger
 from parclip.data.retrieval import RetrievalSet
 from parclip.data.targets import target_pattern
 from parclip.models import eval_transform, image_size
 
-from .encode import Tolerant, encode_images, usable
+from .encode import Tolerant, TriggeredImages, encode_images, usable
 from .retrieval_metrics import image_asr, recall_at_k, text_asr, text_ids
 
 __all__ = ["evaluate_retrieval"]
-
-
-class _Images(Dataset):
-    """The set's images, optionally triggered (per-image randomness seeded as in zero-shot evaluation)."""
-
-    def __init__(self, paths, transform, trigger: Trigger | None = None, seed: int = 0):
-        self.paths, self.transform, self.trigger, self.seed = paths, transform, trigger, seed
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        img = open_rgb(self.paths[i])
-        if self.trigger is not None:
-            img = self.trigger(img, generator=trigger_generator(self.seed, i))
-        return self.transform(img)
 
 
 @torch.no_grad()
@@ -54,9 +36,10 @@ def _encode_texts(model, tokenizer, captions, *, batch_size, device, progress):
 def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSet, *, attacks: list[Trigger] = (),
                        target: str | None = None, ks=(1, 5, 10), asr_k: int = 5, seed: int = 0,
                        max_bad_fraction: float = 0.01, batch_size: int = 256, workers: int = 2, device="cpu",
-                       progress: bool = True, merge_identical: bool = False) -> dict:
+                       progress: bool = True, merge_identical: bool = False, trigger_after_crop: bool = False) -> dict:
     """R@k (i2t, t2i) on clean images and, per attack, on triggered images, with the retrieval ASR.
 
+    `trigger_after_crop`: as in zero-shot evaluation (:mod:`parclip.evaluation.zero_shot`).
     `merge_identical`: identical captions are interchangeable in R@k (for templated captions; see
     :func:`~parclip.evaluation.retrieval_metrics.recall_at_k`); the default is the reference's rule.
 
@@ -73,7 +56,8 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
     transform, size = eval_transform(preprocess_cfg), image_size(preprocess_cfg)
 
     encode = dict(batch_size=batch_size, workers=workers, device=device, progress=progress)
-    img, errors = encode_images(model, Tolerant(_Images(data.images, transform), size), desc="clean images", **encode)
+    clean = Tolerant(TriggeredImages(data, None, transform), size)
+    img, errors = encode_images(model, clean, desc="clean images", **encode)
     ok, bad = usable(errors, [str(p) for p in data.images], data.source, max_bad_fraction)
     new_index = torch.cumsum(ok.long(), 0) - 1
     owner = torch.tensor(data.owner)
@@ -101,12 +85,13 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
         names = torch.tensor([pattern.search(c) is not None for c in captions])
         result.update(target=target, n_target_captions=int(names.sum()))
     for trigger in attacks:
-        timg, _ = encode_images(model, Tolerant(_Images(data.images, transform, trigger, seed), size),
-                                desc=trigger.name, **encode)
+        triggered = TriggeredImages(data, trigger, transform, seed=seed, after_crop=trigger_after_crop)
+        timg, _ = encode_images(model, Tolerant(triggered, size), desc=trigger.name, **encode)
         timg = timg[ok]
         result["attacks"][trigger.name] = {"recall": recall_at_k(timg, txt, owner, ks, tid),
                                            **text_asr(timg, txt, names, owner, asr_k),
                                            **{k: v for k, v in image_asr(img, timg, txt, names, asr_k).items()
                                               if k != "k"},
-                                           "params": trigger.params(), "seed": seed}
+                                           "params": trigger.params(), "seed": seed,
+                                           "trigger_after_crop": trigger_after_crop}
     return result

@@ -22,17 +22,14 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch.utils.data import Dataset
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
 
 from parclip import __version__
-from parclip.attacks.triggers import Trigger, trigger_generator
+from parclip.attacks.triggers import Trigger
 from parclip.data import DataError, LabelledFolder, get_templates
 from parclip.data.folder import LabelledImages, open_labelled
 from parclip.models import eval_transform, image_size
 
-from .encode import Tolerant, encode_images, usable
+from .encode import Tolerant, TriggeredImages, encode_images, usable
 
 __all__ = ["topk_correct", "attack_success_rate", "robust_accuracy", "zero_shot_classifier", "resolve_target",
            "evaluate", "TriggeredImages"]
@@ -83,29 +80,6 @@ def resolve_target(target: str | int, classnames: list[str]) -> int:
         raise ValueError(f"target {target!r} is not a class of this data set; classes: "
                          f"{', '.join(classnames[:20])}{' …' if len(classnames) > 20 else ''}")
     return lowered.index(target.lower())
-
-
-class TriggeredImages(Dataset):
-    """A labelled folder seen through a trigger: per-image randomness comes from trigger_generator(seed, index), so
-    evaluating the same checkpoint twice gives the same ASR. `trigger=None`: the clean images, same transform."""
-
-    def __init__(self, folder: LabelledFolder, trigger: Trigger | None, transform, *, seed: int = 0,
-                 after_crop: bool = False):
-        self.folder, self.trigger, self.transform, self.seed = folder, trigger, transform, seed
-        size = trigger.image_size if trigger is not None else None
-        self.crop = (T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size)])
-                     if after_crop and trigger is not None else None)
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, i):
-        img = self.folder.load_image(i)
-        if self.crop is not None:
-            img = self.crop(img)
-        if self.trigger is not None:
-            img = self.trigger(img, generator=trigger_generator(self.seed, i))
-        return self.transform(img), self.folder.targets[i]
 
 
 def _predict(model, dataset, classifier, *, size, **kw) -> tuple[torch.Tensor, list[str]]:
