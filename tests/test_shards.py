@@ -45,6 +45,38 @@ def test_table_to_shards_and_back_keeps_every_image_byte_and_caption(shards, fmn
                for a, b in zip(rows[::37], orig[::37]))
 
 
+def test_every_table_reader_checks_rows_and_columns_alike(fmnist_small, tmp_path):
+    """Shard conversion, training tables, retrieval and poisoning share one row check and one column check: a
+    caption spanning two lines does not shift the reported line numbers, and a wrong column names the flag."""
+    from parclip.attacks.poison import poison_csv
+    from parclip.attacks.triggers import get_trigger
+    from parclip.data import CaptionDataset
+    from parclip.data.retrieval import read_retrieval
+
+    _, orig = read_table(fmnist_small["train_csv"])
+    root = Path(fmnist_small["root"])
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\n"
+                     f'{root / orig[0]["image"]},"a shirt\non two lines"\n'  # lines 2-3
+                     "missing.png,a bag\n"  # line 4
+                     f"{root / orig[1]['image']},\n"  # line 5: empty caption
+                     + "".join(f"{root / r['image']},{r['caption']}\n" for r in orig[2:40]))
+    r = table_to_shards(table, tmp_path / "out", max_bad_fraction=0.1)
+    ds = CaptionDataset(table, max_bad_fraction=0.1)
+    for bad in (r["bad_rows"], ds.bad_rows):
+        assert [(line, reason.split(":")[0]) for line, _, reason in bad.examples] == [
+            (4, "missing image file"), (5, "empty caption")]
+    assert r["n_samples"] == len(ds) == 39
+    wrong = tmp_path / "w.csv"
+    wrong.write_text("filepath,title\nx.png,a bag\n")
+    for read in (lambda: table_to_shards(wrong, tmp_path / "o2"), lambda: CaptionDataset(wrong),
+                 lambda: read_retrieval(wrong),
+                 lambda: poison_csv(wrong, tmp_path / "p", trigger=get_trigger("badnet_rs", image_size=28),
+                                    target="bag", n_poison=1)):
+        with pytest.raises(DataError, match="'image' \\(img_key\\) not found.*--csv-img-key"):
+            read()
+
+
 def test_source_patterns_say_what_is_missing(shards, tmp_path):
     out, _ = shards
     assert len(expand_urls(f"{out}/{{00000..00002}}.tar::{out}/{{00004..00005}}.tar")) == 5  # open_clip's '::'

@@ -38,6 +38,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data import DataError, get_templates, open_rgb, read_table, write_table
+from ..data.captions import require_columns
 from ..data.targets import mentions, target_pattern
 from ..utils.checks import check_fraction, check_int
 from ..utils.files import atomic_write, write_json
@@ -311,10 +312,7 @@ def _load_templates(templates, label_consistent: bool) -> tuple[str, list[str]]:
 def _read_rows(csv_path: Path, sep, img_key: str, caption_key: str) -> tuple[list[str], list[dict[str, str]]]:
     """The table's (fieldnames, rows); it must have both columns and at least one data row."""
     fieldnames, rows = read_table(csv_path, sep=sep)
-    missing = [k for k in (img_key, caption_key) if k not in fieldnames]
-    if missing:
-        raise DataError(f"{csv_path}: column(s) {missing} not found; available columns: {fieldnames}. "
-                        f"Pass img_key=/caption_key= (or sep= if the header was read as one column).")
+    require_columns(csv_path, fieldnames, sep, img_key, caption_key)
     if not rows:
         raise DataError(f"{csv_path} has no data rows")
     return fieldnames, rows

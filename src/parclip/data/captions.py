@@ -86,14 +86,21 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 # Tables
 
 
-def _read(path: str | os.PathLike, sep: str | None) -> tuple[list[str], list[dict[str, str]], list[int], str]:
-    """Read a table; returns (fieldnames, rows, line number of each row, separator used)."""
-    path = Path(path)
+def _resolve_sep(path: Path, sep: str | None) -> str:
+    """The one-character separator: `sep` (``\\t`` and ``tab`` as typed on a command line mean a tab), else tab for
+    ``.tsv`` and comma otherwise."""
     sep = _auto_sep(path) if sep is None else sep
     if sep in ("\\t", "tab"):  # what people type on a command line
         sep = "\t"
     if len(sep) != 1:
         raise DataError(f"the separator must be one character, got {sep!r} (use --csv-separator)")
+    return sep
+
+
+def _read(path: str | os.PathLike, sep: str | None) -> tuple[list[str], list[dict[str, str]], list[int], str]:
+    """Read a table; returns (fieldnames, rows, line number of each row, separator used)."""
+    path = Path(path)
+    sep = _resolve_sep(path, sep)
     if not path.is_file():
         raise DataError(f"caption table not found: {path}")
     rows: list[dict[str, str]] = []
@@ -143,6 +150,17 @@ def write_table(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterab
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def require_columns(path, fieldnames: list[str], sep: str | None, img_key: str, caption_key: str) -> None:
+    """DataError naming the missing image/caption column(s), the columns there are and the flag to pass (`sep`: the
+    separator the table was read with, None for the default, named when the header looks mis-split)."""
+    sep = _resolve_sep(Path(path), sep)
+    missing = [(opt, flag, col) for opt, flag, col in (("img_key", "--csv-img-key", img_key),
+                                                        ("caption_key", "--csv-caption-key", caption_key))
+               if col not in fieldnames]
+    if missing:
+        raise _column_error(path, fieldnames, sep, missing)
 
 
 def _column_error(path, fieldnames: list[str], sep: str, missing: list[tuple[str, str, str]]) -> DataError:
@@ -234,6 +252,26 @@ def _progress(iterable=None, **kw):
 # Dataset
 
 
+def check_row(row: dict[str, str], line: int, img_key: str, caption_key: str, root_abs: str,
+              bad: BadRows) -> tuple[str, str | None, str]:
+    """One table row's checks, shared by every reader of caption tables: ``(rel, full path, caption)``, where the
+    path is ``root_abs/rel`` (``rel`` itself when absolute), normalised; ``full`` is None, and the reason is added
+    to `bad`, when the path or the caption is empty or the file is missing. ``bad.examined`` is the caller's."""
+    rel = (row.get(img_key) or "").strip()
+    caption = row.get(caption_key) or ""
+    if not rel:
+        bad.add(line, rel, EMPTY_PATH)
+        return rel, None, caption
+    full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(root_abs, rel))
+    if not caption.strip():
+        bad.add(line, rel, EMPTY_CAPTION)
+        return rel, None, caption
+    if not os.path.isfile(full):
+        bad.add(line, rel, MISSING_FILE, None if os.path.isabs(rel) else f"looked in {root_abs}")
+        return rel, None, caption
+    return rel, full, caption
+
+
 class CaptionDataset:
     """Map-style dataset over an image-caption table.
 
@@ -262,11 +300,7 @@ class CaptionDataset:
 
         fieldnames, rows, lines, self.sep = _read(self.path, sep)
         self.fieldnames = fieldnames
-        missing = [(opt, flag, col) for opt, flag, col in (("img_key", "--csv-img-key", img_key),
-                                                            ("caption_key", "--csv-caption-key", caption_key))
-                   if col not in fieldnames]
-        if missing:
-            raise _column_error(self.path, fieldnames, self.sep, missing)
+        require_columns(self.path, fieldnames, self.sep, img_key, caption_key)
         if not rows:
             raise DataError(f"caption table {self.path} has a header but no data rows")
         self.img_key, self.caption_key = img_key, caption_key
@@ -297,20 +331,9 @@ class CaptionDataset:
             for j in order:
                 if len(kept) == wanted:
                     break
-                row = rows[j]
-                rel = (row[img_key] or "").strip()
-                caption = row[caption_key] or ""
                 self.bad_rows.examined += 1
-                if not rel:
-                    self.bad_rows.add(lines[j], rel, EMPTY_PATH)
-                    continue
-                full = rel if os.path.isabs(rel) else os.path.join(root_abs, rel)
-                full = os.path.normpath(full)
-                if not caption.strip():
-                    self.bad_rows.add(lines[j], rel, EMPTY_CAPTION)
-                    continue
-                if not os.path.isfile(full):
-                    self.bad_rows.add(lines[j], rel, MISSING_FILE, None if os.path.isabs(rel) else f"looked in {root_abs}")
+                rel, full, caption = check_row(rows[j], lines[j], img_key, caption_key, root_abs, self.bad_rows)
+                if full is None:
                     continue
                 if verify_images:
                     try:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import DataError, open_rgb, read_table
+from .captions import DataError, open_rgb, read_table, require_columns
 
 __all__ = ["RetrievalSet", "read_retrieval", "pre_caption"]
 
@@ -99,8 +99,5 @@ def read_retrieval(path: str | os.PathLike, *, root: str | os.PathLike | None = 
                     yield e[img_key], str(c)
         return _group(pairs(), root, clean, str(path))
     fields, rows = read_table(path, sep=sep)
-    missing = [k for k in (img_key, caption_key) if k not in fields]
-    if missing:
-        raise DataError(f"{path}: column(s) {missing} not found; available: {fields} (set --csv-img-key / "
-                        f"--csv-caption-key)")
+    require_columns(path, fields, sep, img_key, caption_key)
     return _group(((r[img_key], r[caption_key]) for r in rows), root, clean, str(path))

@@ -388,25 +388,23 @@ def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img
     """A caption table as shards ``out_dir/00000.tar …`` (img2dataset's layout: ``KEY.<image ext>`` with the file's
     own bytes, ``KEY.txt``, ``KEY.json`` with the source row) plus ``sizes.json``. Rows whose image is missing or
     empty are counted and left out up to ``max_bad_fraction``. Returns {"shards", "n_samples", "bad_rows"}."""
-    from .captions import BadRows, read_table
+    from .captions import BadRows, _read, check_row, require_columns
 
     table = Path(table)
-    fields, rows = read_table(table, sep=sep)
-    missing = [k for k in (img_key, caption_key) if k not in fields]
-    if missing:
-        raise DataError(f"{table}: column(s) {missing} not found; available: {fields}")
-    base = Path(root) if root is not None else table.parent
+    fields, rows, lines, used_sep = _read(table, sep)
+    require_columns(table, fields, used_sep, img_key, caption_key)
+    root_abs = os.path.abspath(Path(root) if root is not None else table.parent)
     bad = BadRows(str(table))
     kept = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         bad.examined += 1
-        rel, caption = (row.get(img_key) or "").strip(), (row.get(caption_key) or "").strip()
-        path = Path(rel) if Path(rel).is_absolute() else base / rel
+        rel, full, caption = check_row(row, line, img_key, caption_key, root_abs, bad)
+        if full is None:
+            continue
+        path, caption = Path(full), caption.strip()
         ext = path.suffix.lower().lstrip(".")
-        if not caption:
-            bad.add(line, rel, "empty caption")
-        elif not rel or not path.is_file() or path.stat().st_size == 0:
-            bad.add(line, rel, "missing or empty image file")
+        if path.stat().st_size == 0:
+            bad.add(line, rel, "empty image file")
         elif ext not in IMAGE_EXTS:
             bad.add(line, rel, f"not an image extension ({'/'.join(IMAGE_EXTS)})")
         else:
