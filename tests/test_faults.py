@@ -1,4 +1,4 @@
-"""Faults: kill -9 at the worst moments, NaN/Inf, two writers on one run, a full disk, where unpickling may happen."""
+"""Faults: kill -9 at the worst moments, NaN/Inf, two writers on one run, a full disk, read-only folders, where unpickling may happen."""
 import ast
 import errno
 import json
@@ -201,6 +201,67 @@ def test_a_full_disk_is_a_clear_error_and_the_last_checkpoint_stays_intact(tmp_p
     ckpts = tmp_path / "runs" / "full" / "checkpoints"
     assert torch.load(ckpts / "latest.pt", weights_only=True)["step"] == 2
     assert not list(ckpts.glob(".*.tmp"))  # the failed write's temp file is cleaned up
+
+
+def _obeying_permissions(tmp_path: Path) -> list[str]:
+    """A command prefix under which file permissions apply: none for an ordinary user; as root (as the tests run
+    here), setpriv dropping the capabilities that override them (root otherwise writes into read-only folders)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o555)
+    try:
+        r = subprocess.run(prefix + [sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"], capture_output=True)
+    except FileNotFoundError:
+        pytest.skip("running as root without setpriv (util-linux): read-only folders cannot be tested")
+    if r.returncode == 0 or b"PermissionError" not in r.stderr:
+        pytest.skip(f"running as root and setpriv could not drop the permission override: {r.stderr[-300:]!r}")
+    return prefix
+
+
+def test_read_only_output_and_unreadable_input_are_clear_errors_and_the_last_files_stay_intact(
+        tmp_path, fmnist_small, micro_model_dir, one_thread):
+    """Real permissions, in real subprocesses: an output folder that cannot be written, a table that cannot be read,
+    and a checkpoints folder made read-only mid-run. Each is an error naming the path, never a traceback; the last
+    good checkpoint is untouched, and once the folder is writable again the same command finishes bit-identical."""
+    prefix = _obeying_permissions(tmp_path)
+    cfg = _common(tmp_path, fmnist_small, micro_model_dir)
+    ref = _weights(train(make_config(name="straight", **cfg)))
+
+    def run_as_user(cfg, name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(dict(cfg, name=name)))
+        return subprocess.run(prefix + [sys.executable, "-m", "parclip", "train", "--config", str(path)], env=ENV,
+                              capture_output=True, text=True, timeout=300)
+
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    r = run_as_user(dict(cfg, output_dir=str(ro)), "nowhere")
+    assert r.returncode == 2 and "Permission denied" in r.stderr and str(ro) in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not list(ro.iterdir())
+
+    table = tmp_path / "secret.csv"
+    table.write_text(Path(fmnist_small["train_csv"]).read_text().replace("images/", f"{fmnist_small['root']}/images/"))
+    table.chmod(0)
+    r = run_as_user(dict(cfg, train_data=str(table)), "unreadable")
+    assert r.returncode == 2 and "Permission denied" in r.stderr and "secret.csv" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+    died = _run(cfg, "ro_ckpt", tmp_path, env=dict(ENV, PARCLIP_FAULT_KILL="latest.pt:3"))
+    assert died.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "runs" / "ro_ckpt" / "checkpoints"
+    before = (ckpts / "latest.pt").read_bytes()
+    for torn in ckpts.glob(".*.tmp"):
+        torn.unlink()
+    ckpts.chmod(0o555)
+    r = run_as_user(cfg, "ro_ckpt")
+    assert r.returncode == 2 and "Permission denied" in r.stderr and "checkpoints" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert (ckpts / "latest.pt").read_bytes() == before and not list(ckpts.glob(".*.tmp"))
+    assert torch.load(ckpts / "latest.pt", weights_only=True)["step"] == 2
+    ckpts.chmod(0o755)
+    _resumes_to(ref, cfg, "ro_ckpt", tmp_path)
 
 
 def test_no_unpickling_outside_the_one_guarded_path():
