@@ -1,4 +1,5 @@
-"""Faults: kill -9 at the worst moments, NaN/Inf, two writers on one run, a full disk, read-only folders, where unpickling may happen."""
+"""Faults: kill -9 at the worst moments, NaN/Inf, two writers on one run, a full disk, read-only folders, where
+unpickling may happen."""
 import ast
 import errno
 import json
