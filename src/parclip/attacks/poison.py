@@ -38,7 +38,6 @@ from PIL import Image
 
 from .. import __version__
 from ..data import DataError, get_templates, open_rgb, read_table, write_table
-from ..data.captions import require_columns
 from ..data.targets import mentions, target_pattern
 from ..utils.checks import check_fraction, check_int
 from ..utils.files import atomic_write, write_json
@@ -311,8 +310,7 @@ def _load_templates(templates, label_consistent: bool) -> tuple[str, list[str]]:
 
 def _read_rows(csv_path: Path, sep, img_key: str, caption_key: str) -> tuple[list[str], list[dict[str, str]]]:
     """The table's (fieldnames, rows); it must have both columns and at least one data row."""
-    fieldnames, rows = read_table(csv_path, sep=sep)
-    require_columns(csv_path, fieldnames, sep, img_key, caption_key)
+    fieldnames, rows = read_table(csv_path, sep=sep, columns=(img_key, caption_key))
     if not rows:
         raise DataError(f"{csv_path} has no data rows")
     return fieldnames, rows

@@ -28,7 +28,8 @@ from PIL import Image
 from ..utils.checks import check_fraction
 from ..utils.files import atomic_open
 
-__all__ = ["DataError", "BadRows", "CaptionDataset", "read_table", "write_table", "open_rgb"]
+__all__ = ["DataError", "BadRows", "CaptionDataset", "read_table", "read_table_lines", "check_row", "write_table",
+           "open_rgb"]
 
 logger = logging.getLogger("parclip")
 
@@ -86,21 +87,16 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 # Tables
 
 
-def _resolve_sep(path: Path, sep: str | None) -> str:
-    """The one-character separator: `sep` (``\\t`` and ``tab`` as typed on a command line mean a tab), else tab for
-    ``.tsv`` and comma otherwise."""
+def read_table_lines(path: str | os.PathLike, *, sep: str | None = None, columns: tuple[str, str] | None = None
+                     ) -> tuple[list[str], list[dict[str, str]], list[int], str]:
+    """:func:`read_table`, also returning the line number of each row (header = line 1; a quoted caption may span
+    lines) and the separator used: ``(fieldnames, rows, lines, sep)``."""
+    path = Path(path)
     sep = _auto_sep(path) if sep is None else sep
     if sep in ("\\t", "tab"):  # what people type on a command line
         sep = "\t"
     if len(sep) != 1:
         raise DataError(f"the separator must be one character, got {sep!r} (use --csv-separator)")
-    return sep
-
-
-def _read(path: str | os.PathLike, sep: str | None) -> tuple[list[str], list[dict[str, str]], list[int], str]:
-    """Read a table; returns (fieldnames, rows, line number of each row, separator used)."""
-    path = Path(path)
-    sep = _resolve_sep(path, sep)
     if not path.is_file():
         raise DataError(f"caption table not found: {path}")
     rows: list[dict[str, str]] = []
@@ -116,6 +112,8 @@ def _read(path: str | os.PathLike, sep: str | None) -> tuple[list[str], list[dic
             if dupes:
                 raise DataError(f"caption table {path} has duplicate column names {dupes} in its header; rename "
                                 f"them so --csv-img-key / --csv-caption-key name one column each")
+            if columns is not None:
+                _require_columns(path, fieldnames, sep, *columns)
             n = len(fieldnames)
             for record in reader:
                 if not record:  # blank line
@@ -131,12 +129,15 @@ def _read(path: str | os.PathLike, sep: str | None) -> tuple[list[str], list[dic
     return fieldnames, rows, lines, sep
 
 
-def read_table(path: str | os.PathLike, *, sep: str | None = None) -> tuple[list[str], list[dict[str, str]]]:
-    """Read a CSV/TSV table with a header row. ``sep=None``: tab for ``.tsv``, comma otherwise.
+def read_table(path: str | os.PathLike, *, sep: str | None = None, columns: tuple[str, str] | None = None
+               ) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV/TSV table with a header row. ``sep=None``: tab for ``.tsv``, comma otherwise. ``columns``: the
+    (image, caption) column names the table must have; a DataError names a missing one, the columns there are, the
+    flag to pass, and a separator that looks wrong.
 
     Returns ``(fieldnames, rows)`` with one ``dict`` per data row (short rows are padded with ``""``).
     """
-    fieldnames, rows, _, _ = _read(path, sep)
+    fieldnames, rows, _, _ = read_table_lines(path, sep=sep, columns=columns)
     return fieldnames, rows
 
 
@@ -152,10 +153,7 @@ def write_table(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterab
     return path
 
 
-def require_columns(path, fieldnames: list[str], sep: str | None, img_key: str, caption_key: str) -> None:
-    """DataError naming the missing image/caption column(s), the columns there are and the flag to pass (`sep`: the
-    separator the table was read with, None for the default, named when the header looks mis-split)."""
-    sep = _resolve_sep(Path(path), sep)
+def _require_columns(path, fieldnames: list[str], sep: str, img_key: str, caption_key: str) -> None:
     missing = [(opt, flag, col) for opt, flag, col in (("img_key", "--csv-img-key", img_key),
                                                         ("caption_key", "--csv-caption-key", caption_key))
                if col not in fieldnames]
@@ -298,9 +296,8 @@ class CaptionDataset:
         if subset not in ("first", "random"):
             raise DataError(f"subset must be 'first' or 'random', got {subset!r}")
 
-        fieldnames, rows, lines, self.sep = _read(self.path, sep)
+        fieldnames, rows, lines, self.sep = read_table_lines(self.path, sep=sep, columns=(img_key, caption_key))
         self.fieldnames = fieldnames
-        require_columns(self.path, fieldnames, self.sep, img_key, caption_key)
         if not rows:
             raise DataError(f"caption table {self.path} has a header but no data rows")
         self.img_key, self.caption_key = img_key, caption_key

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import DataError, open_rgb, read_table, require_columns
+from .captions import DataError, open_rgb, read_table
 
 __all__ = ["RetrievalSet", "read_retrieval", "pre_caption"]
 
@@ -98,6 +98,5 @@ def read_retrieval(path: str | os.PathLike, *, root: str | os.PathLike | None = 
                 for c in [caps] if isinstance(caps, str) else caps:
                     yield e[img_key], str(c)
         return _group(pairs(), root, clean, str(path))
-    fields, rows = read_table(path, sep=sep)
-    require_columns(path, fields, sep, img_key, caption_key)
+    _, rows = read_table(path, sep=sep, columns=(img_key, caption_key))
     return _group(((r[img_key], r[caption_key]) for r in rows), root, clean, str(path))

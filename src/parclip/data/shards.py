@@ -388,11 +388,10 @@ def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img
     """A caption table as shards ``out_dir/00000.tar …`` (img2dataset's layout: ``KEY.<image ext>`` with the file's
     own bytes, ``KEY.txt``, ``KEY.json`` with the source row) plus ``sizes.json``. Rows whose image is missing or
     empty are counted and left out up to ``max_bad_fraction``. Returns {"shards", "n_samples", "bad_rows"}."""
-    from .captions import BadRows, _read, check_row, require_columns
+    from .captions import BadRows, check_row, read_table_lines
 
     table = Path(table)
-    fields, rows, lines, used_sep = _read(table, sep)
-    require_columns(table, fields, used_sep, img_key, caption_key)
+    _, rows, lines, _ = read_table_lines(table, sep=sep, columns=(img_key, caption_key))
     root_abs = os.path.abspath(Path(root) if root is not None else table.parent)
     bad = BadRows(str(table))
     kept = []
