@@ -31,10 +31,10 @@ def _common(tmp_path, fmnist_small, model_dir, **kw):
                 progress=False, lr=1e-3, lr_start=1e-3, tau=1.0, save_every=1, log_every=1, **kw)
 
 
-def _run(cfg: dict, name: str, tmp_path: Path, env=None, wait=True):
+def _run(cfg: dict, name: str, tmp_path: Path, env=None, wait=True, prefix=()):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(dict(cfg, name=name)))
-    cmd = [sys.executable, "-m", "parclip", "train", "--config", str(path)]
+    cmd = [*prefix, sys.executable, "-m", "parclip", "train", "--config", str(path)]
     if wait:
         return subprocess.run(cmd, env=env or ENV, capture_output=True, text=True, timeout=300)
     return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -230,22 +230,16 @@ def test_read_only_output_and_unreadable_input_are_clear_errors_and_the_last_fil
     cfg = _common(tmp_path, fmnist_small, micro_model_dir)
     ref = _weights(train(make_config(name="straight", **cfg)))
 
-    def run_as_user(cfg, name):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(dict(cfg, name=name)))
-        return subprocess.run(prefix + [sys.executable, "-m", "parclip", "train", "--config", str(path)], env=ENV,
-                              capture_output=True, text=True, timeout=300)
-
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o555)
-    r = run_as_user(dict(cfg, output_dir=str(ro)), "nowhere")
+    r = _run(dict(cfg, output_dir=str(ro)), "nowhere", tmp_path, prefix=prefix)
     assert r.returncode == 2 and "Permission denied" in r.stderr and str(ro) in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not list(ro.iterdir())
 
     table = tmp_path / "secret.csv"
     table.write_text(Path(fmnist_small["train_csv"]).read_text().replace("images/", f"{fmnist_small['root']}/images/"))
     table.chmod(0)
-    r = run_as_user(dict(cfg, train_data=str(table)), "unreadable")
+    r = _run(dict(cfg, train_data=str(table)), "unreadable", tmp_path, prefix=prefix)
     assert r.returncode == 2 and "Permission denied" in r.stderr and "secret.csv" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
@@ -256,7 +250,7 @@ def test_read_only_output_and_unreadable_input_are_clear_errors_and_the_last_fil
     for torn in ckpts.glob(".*.tmp"):
         torn.unlink()
     ckpts.chmod(0o555)
-    r = run_as_user(cfg, "ro_ckpt")
+    r = _run(cfg, "ro_ckpt", tmp_path, prefix=prefix)
     assert r.returncode == 2 and "Permission denied" in r.stderr and "checkpoints" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert (ckpts / "latest.pt").read_bytes() == before and not list(ckpts.glob(".*.tmp"))
