@@ -15,8 +15,9 @@ LAYERS = {
     "evaluation": 3, "config": 3,  # config fills a run's defaults from its defence's recipe
     "runs": 3,  # run directories: logs written by train, listed by the cli
     "train": 4,
-    "demo": 5,
-    "cli": 6, "__main__": 7, "triggers": 6, "evaluate": 6,  # triggers.py / evaluate.py: re-exports of 0.1 paths
+    "protocol": 5,  # the benchmark's protocol: stages that train and measure
+    "demo": 6,
+    "cli": 7, "__main__": 8, "triggers": 7, "evaluate": 7,  # triggers.py / evaluate.py: re-exports of 0.1 paths
 }
 
 
@@ -64,15 +65,134 @@ def test_the_checker_sees_relative_and_absolute_imports():
     assert {"attacks", "data", "models"} <= _imported_tops(PKG / "evaluation" / "zero_shot.py")
 
 
-def test_old_import_paths_still_work():
-    from parclip import build_triggers, create_model, get_trigger, par_loss
-    from parclip.attacks import triggers as new_triggers
-    from parclip.evaluate import evaluate
-    from parclip.evaluation import evaluate as new_evaluate
-    from parclip.triggers import get_trigger as old_get_trigger, trigger_generator  # noqa: F401
+def test_top_level_names_resolve():
+    from parclip import build_triggers, create_model, evaluate, get_trigger, par_loss
+    from parclip.attacks import triggers
+    from parclip.evaluation import evaluate as evaluate_fn
 
-    assert evaluate is new_evaluate and old_get_trigger is get_trigger is new_triggers.get_trigger
-    assert build_triggers is new_triggers.build_triggers and callable(create_model) and callable(par_loss)
+    assert get_trigger is triggers.get_trigger and build_triggers is triggers.build_triggers
+    assert evaluate is evaluate_fn and callable(create_model) and callable(par_loss)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG).with_suffix("")
+    parts = ("parclip", *rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_imports(path: Path, known: set[str]) -> set[str]:
+    """Full names of the parclip modules a file imports, anywhere in it (lazy imports inside functions count: a
+    circle through them is still a circle)."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("parclip")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            if not base.startswith("parclip"):
+                continue
+            subs = {f"{base}.{a.name}" for a in node.names} & known  # `from pkg import module`
+            out |= subs or {base}
+    return {m for m in out if m in known and m != me}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_anywhere():
+    """Between folders the layers forbid circles; inside a folder (data/folder.py <-> data/shards.py) only this
+    catches them. A package's __init__ counts as a module: a submodule importing its own package is a circle."""
+    files = sorted(PKG.rglob("*.py"))
+    known = {_module_name(p) for p in files}
+    graph = {_module_name(p): _module_imports(p, known) for p in files}
+    assert _cycles(graph) == []
+
+
+def test_the_circle_finder_finds_circles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    files = sorted(PKG.rglob("*.py"))
+    known = {_module_name(p) for p in files}
+    assert "parclip.data.captions" in _module_imports(PKG / "data" / "folder.py", known)  # relative, one level
+    assert "parclip.utils.files" in _module_imports(PKG / "train.py", known)  # absolute
+
+
+# Calls that write a file; each must write the temporary path of utils.files (replacing / atomic_write), whose
+# name is `tmp` throughout the package, or carry `# not-atomic: <reason>` on its line.
+_WRITERS = {"write_text", "write_bytes", "savefig", "save", "save_file", "copyfile", "copy2", "TarWriter"}
+
+
+def _unsafe_writes(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        mode = next((a.value for a in node.args[1:2] if isinstance(a, ast.Constant)), None)
+        mode = next((k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)),
+                    mode)
+        if name in {"write_text", "write_bytes"} and not isinstance(f, ast.Attribute):
+            continue  # utils.files.write_text: the atomic writer itself
+        writes = name in _WRITERS or (name == "open" and isinstance(mode, str) and any(c in mode for c in "wx+"))
+        if writes and "tmp" not in ast.unparse(node) and "# not-atomic:" not in lines[node.lineno - 1]:
+            found.append(f"{path.relative_to(PKG)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_every_write_goes_through_the_atomic_writer():
+    """A file written straight to its final name is torn when the process dies mid-write; parclip writes a
+    temporary file and renames it (utils/files.py). Append-only logs (mode "a") are allowed."""
+    offenders = [w for p in sorted(PKG.rglob("*.py")) if p != PKG / "utils" / "files.py" for w in _unsafe_writes(p)]
+    assert offenders == []
+
+
+def test_the_write_checker_sees_writes(tmp_path):
+    probe = PKG / "_probe_writes.py"
+    try:
+        probe.write_text("import shutil\nopen(p, 'w')\nP.write_text('x')\nfig.savefig(p)\n"
+                         "atomic_write(p, lambda tmp: fig.savefig(tmp))\nopen(p, 'a')\nopen(p)\n"
+                         "img.save(p)  # not-atomic: a scratch folder\n")
+        assert [w.split(": ", 1)[0] for w in _unsafe_writes(probe)] == ["_probe_writes.py:2", "_probe_writes.py:3",
+                                                                        "_probe_writes.py:4"]
+    finally:
+        probe.unlink()
 
 
 def test_one_atomic_writer():

@@ -1,4 +1,5 @@
-"""benchmarks/defence_matrix.py end to end on its --smoke size (the real matrix is in docs/defence_matrix.md)."""
+"""benchmarks/defence_matrix.py (over parclip.protocol) end to end on its --smoke size (the real matrix is in
+docs/defence_matrix.md)."""
 import importlib.util
 import json
 import sys
@@ -8,6 +9,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from parclip.protocol import select_lr, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,15 +91,15 @@ def test_defence_matrix_smoke_every_defence_two_attacks_and_curves(dm, tmp_path,
     assert "**tau** on `badnet_rs`" in (out / "curves.md").read_text()
 
     # a second run computes nothing; a changed setting recomputes exactly what depends on it
-    real_training = dm.run_training
-    monkeypatch.setattr(dm, "run_training", lambda cfg: pytest.fail(f"retrained {cfg.name}"))
-    real_evaluation = dm.evaluate_model
-    monkeypatch.setattr(dm, "evaluate_model", lambda *a, **k: pytest.fail(f"re-evaluated {a[0]}"))
+    real_training = stages.run_training
+    monkeypatch.setattr(stages, "run_training", lambda cfg: pytest.fail(f"retrained {cfg.name}"))
+    real_evaluation = stages.evaluate_model
+    monkeypatch.setattr(stages, "evaluate_model", lambda *a, **k: pytest.fail(f"re-evaluated {a[0]}"))
     assert dm.main(args) == 0
-    monkeypatch.setattr(dm, "evaluate_model", real_evaluation)
+    monkeypatch.setattr(stages, "evaluate_model", real_evaluation)
     assert json.loads((out / "matrix.json").read_text())["cells"] == matrix["cells"]
     trained = []
-    monkeypatch.setattr(dm, "run_training", lambda cfg: trained.append(cfg.name) or real_training(cfg))
+    monkeypatch.setattr(stages, "run_training", lambda cfg: trained.append(cfg.name) or real_training(cfg))
     monkeypatch.setitem(dm.DEFENCES, "par", dict(dm.DEFENCES["par"], tau=3.0))
     assert dm.main(args[:-3] + ["--attacks", "badnet_rs", "--defences", "par"]) == 0
     assert trained == ["par-badnet_rs-lr0.0001"]
@@ -114,16 +117,16 @@ def test_defence_matrix_rejects_unknown_names(dm, tmp_path, capsys):
     assert "--curve-attacks must be among --attacks" in capsys.readouterr().err
 
 
-def test_grid_choice_is_the_lowest_validation_asr_within_the_clean_budget(dm):
+def test_grid_choice_is_the_lowest_validation_asr_within_the_clean_budget():
     """select_lr: the lowest val ASR among rates whose val clean top-1 is within MAX_VAL_DROP of
     min(planted, best of grid); the reference falls back to the grid's best when no rate gets near the planted model."""
     g = lambda lr, top1, asr: {"lr": lr, "val": {"clean_top1": top1, "asr": asr}}  # noqa: E731
     grid = [g(3e-5, 89.0, 60.0), g(1e-4, 87.5, 10.0), g(3e-4, 86.0, 1.0)]
-    assert dm.select_lr(grid, {"clean_top1": 89.0})["lr"] == 1e-4  # 86.0 is 3 points below 89: too costly
-    assert dm.select_lr(grid, {"clean_top1": 88.0})["lr"] == 3e-4  # 86.0 is exactly 2 below 88: allowed
+    assert select_lr(grid, {"clean_top1": 89.0})["lr"] == 1e-4  # 86.0 is 3 points below 89: too costly
+    assert select_lr(grid, {"clean_top1": 88.0})["lr"] == 3e-4  # 86.0 is exactly 2 below 88: allowed
     low = [g(3e-5, 80.0, 50.0), g(1e-4, 79.0, 20.0), g(3e-4, 70.0, 0.0)]  # never near the planted 89
-    assert dm.select_lr(low, {"clean_top1": 89.0})["lr"] == 1e-4  # judged against its own best (80)
+    assert select_lr(low, {"clean_top1": 89.0})["lr"] == 1e-4  # judged against its own best (80)
     near = [g(3e-5, 88.0, 50.0), g(1e-4, 86.5, 5.0)]  # best 88 is within 2 of the planted 89, but the reference
-    assert dm.select_lr(near, {"clean_top1": 89.0})["lr"] == 1e-4  # is still the lower one, 88: 86.5 >= 86 passes
+    assert select_lr(near, {"clean_top1": 89.0})["lr"] == 1e-4  # is still the lower one, 88: 86.5 >= 86 passes
     tie = [g(3e-5, 88.0, 5.0), g(1e-4, 88.5, 5.0)]
-    assert dm.select_lr(tie, {"clean_top1": 89.0})["lr"] == 1e-4  # equal ASR: the higher clean top-1
+    assert select_lr(tie, {"clean_top1": 89.0})["lr"] == 1e-4  # equal ASR: the higher clean top-1

@@ -218,7 +218,7 @@ def _build(cls: type[Trigger], size: int, patch, mask, seed: int) -> tuple[Trigg
             pass
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "placeholder.png"
-            Image.fromarray(ph.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy(), "RGB").save(p)
+            Image.fromarray(ph.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy(), "RGB").save(p)  # not-atomic: scratch file
             try:
                 return cls(image_size=size, patch=str(p)), "placeholder patch", None
             except Exception:  # noqa: BLE001

@@ -41,6 +41,7 @@ from ..data import DataError, get_templates, open_rgb, read_table, write_table
 from ..data.targets import mentions, target_pattern
 from ..utils.checks import check_fraction, check_int
 from ..utils.files import atomic_write, write_json
+from ..utils.progress import progress_bar
 from .triggers import Trigger, trigger_generator
 
 __all__ = ["IMAGES_DIR", "MANIFEST_FORMAT", "MANIFEST_JSON", "POISONED_CSV", "SHARDS_DIR", "poison_csv",
@@ -362,7 +363,7 @@ def _write_images(job: _Job, order: Sequence[int]) -> tuple[dict[int, str], list
     (job.out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     done: dict[int, str] = {}
     bad: list[dict] = []
-    bar = _progress(job.n, f"poisoning ({job.trigger.name})")
+    bar = progress_bar(total=job.n, desc=f"poisoning ({job.trigger.name})", unit="img")
     try:
         for idx in order:
             if len(done) == job.n:
@@ -418,12 +419,6 @@ def _bad_summary(bad: list[dict], n_tried: int) -> str:
     first = "; ".join(f"row {b['index']} {b['path']!r}: {b['reason']}" for b in bad[:_MAX_NAMED_BAD])
     more = f" (and {len(bad) - _MAX_NAMED_BAD} more)" if len(bad) > _MAX_NAMED_BAD else ""
     return f"{len(bad)} of {n_tried} chosen rows had a missing or unreadable image. First: {first}{more}"
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=None, dynamic_ncols=True)  # no bar when not a TTY
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..utils.checks import check_fraction
 from ..utils.files import atomic_open
+from ..utils.progress import progress_bar
 
 __all__ = ["DataError", "BadRows", "CaptionDataset", "read_table", "read_table_lines", "check_row", "write_table",
            "open_rgb"]
@@ -240,12 +241,6 @@ class BadRows:
         logger.warning("%s; they are skipped (below max_bad_fraction=%g)", self, max_bad_fraction)
 
 
-def _progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=None, dynamic_ncols=True, **kw)  # disable=None: no bar when not a TTY
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Dataset
 
@@ -322,7 +317,7 @@ class CaptionDataset:
             order = range(n_total)
 
         self.bad_rows = BadRows(str(self.path))
-        bar = _progress(total=wanted, desc="verifying images", unit="img") if verify_images else None
+        bar = progress_bar(total=wanted, desc="verifying images", unit="img") if verify_images else None
         kept: list[tuple[int, str, str]] = []  # (row index, absolute path, caption)
         try:
             for j in order:

@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image
 
 from ..utils.files import write_json
-from .captions import DataError, _progress, write_table
+from ..utils.progress import progress_bar
+from .captions import DataError, write_table
 from .templates import _check, fill, get_templates
 
 __all__ = ["FASHION_CLASSES", "DATA_DIR", "load_arrays", "export", "folder_name"]
@@ -186,10 +187,11 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
         (root / "test" / folder_name(c)).mkdir(parents=True, exist_ok=True)
     pil_format, save_kw = _FORMATS[fmt]
     jobs = [(train_x, train_names), (test_x, test_names)]
-    with _progress(total=n_used + n_tst, desc="writing Fashion-MNIST", unit="img", mininterval=0.5) as bar:
+    with progress_bar(total=n_used + n_tst, desc="writing Fashion-MNIST", unit="img", mininterval=0.5) as bar:
         for arrays, names in jobs:
             for k, name in enumerate(names):
-                Image.fromarray(arrays[k]).save(root / name, pil_format, **save_kw)
+                # not-atomic: the export is one transaction, marked complete only at its end
+                Image.fromarray(arrays[k]).save(root / name, pil_format, **save_kw)  # not-atomic: as above
                 if k % 1000 == 999 or k == len(names) - 1:
                     bar.update(k % 1000 + 1)
 

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from ..utils.checks import check_fraction
-from .captions import UNREADABLE, BadRows, DataError, _progress, open_rgb
+from ..utils.progress import progress_bar
+from .captions import UNREADABLE, BadRows, DataError, open_rgb
 
 __all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames"]
 
@@ -124,7 +125,7 @@ class LabelledFolder(LabelledImages):
             raise DataError(f"no images found under {self.root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
 
         good: list[tuple[str, int]] = []
-        for path, label in (_progress(samples, desc="verifying images", unit="img") if verify_images else samples):
+        for path, label in (progress_bar(samples, desc="verifying images", unit="img") if verify_images else samples):
             self.bad_rows.examined += 1
             rel = os.path.relpath(path, self.root)
             if os.path.getsize(path) == 0:

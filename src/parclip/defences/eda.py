@@ -50,6 +50,7 @@ from collections.abc import Callable, Collection, Hashable, Sequence
 
 from parclip.data.wordnet import WordNet, load_wordnet
 from parclip.utils.checks import check_int, check_unit
+from parclip.utils.progress import progress_bar
 
 __all__ = ["OPERATORS", "STOP_WORDS", "clean_caption", "eda", "eda_captions", "random_deletion", "random_insertion",
            "random_swap", "synonym_replacement", "wordnet_synonyms"]
@@ -225,13 +226,6 @@ def eda(caption: str, rng: random.Random, *, alpha_sr: float = 0.1, alpha_ri: fl
     return clean_caption(" ".join(out))
 
 
-def _progress(iterable, total: int, **kw):
-    from tqdm.auto import tqdm
-
-    disable = None if total >= PROGRESS_MIN else True  # None: no bar when stderr is not a terminal
-    return tqdm(iterable, total=total, disable=disable, dynamic_ncols=True, mininterval=0.5, **kw)
-
-
 def _key(key: Hashable) -> Hashable:
     """Keys that mean the same row seed the same RNG: numpy/other integers → int, paths → str."""
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
@@ -261,7 +255,8 @@ def eda_captions(captions: Sequence[str], seed: int = 0, *, keys: Sequence[Hasha
                         f"expected alpha_sr, alpha_ri, alpha_rs, p_rd, ri_stop_words")
     syn = _source(synonyms)
     out = []
-    for i, caption in _progress(enumerate(captions), len(captions), desc="EDA captions", unit="cap"):
+    for i, caption in progress_bar(enumerate(captions), total=len(captions), min_total=PROGRESS_MIN, mininterval=0.5,
+                                       desc="EDA captions", unit="cap"):
         out.append(eda(caption, random.Random(f"parclip-eda|{seed}|{_key(i if keys is None else keys[i])!r}"),
                        synonyms=syn, **alphas))
     return out

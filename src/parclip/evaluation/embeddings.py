@@ -20,6 +20,7 @@ from torch.utils.data import Subset
 from parclip.attacks.triggers import Trigger
 from parclip.data import DataError, LabelledFolder
 from parclip.models import eval_transform, image_size
+from parclip.utils.files import save_figure
 
 from .encode import Tolerant, encode_images, usable
 from .zero_shot import TriggeredImages
@@ -94,7 +95,7 @@ def plot_embeddings(path, maps: dict[str, dict], classnames: list[str], target: 
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
                        title=f"target: {classnames[t]}" if t is not None else None)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -121,7 +122,7 @@ def plot_tradeoff(path, results: list[str | Path]) -> Path:
     ax.set_ylabel("clean top-1 % (higher is better)")
     ax.grid(alpha=0.3)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -109,7 +109,9 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("clean accuracy (zero-shot top-1 or i2t R@1) and ASR per model")
-    fig.savefig(path, dpi=110)
+    from parclip.utils.files import save_figure
+
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -106,6 +106,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def save_figure(fig, path: str | os.PathLike, **kw) -> Path:
+    """Atomic ``fig.savefig(path, **kw)`` of a matplotlib figure; the format comes from ``path``'s suffix."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kw))
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON (UTF-8, not ASCII-escaped, a newline at the end) to ``path`` atomically."""
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
