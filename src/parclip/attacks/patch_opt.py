@@ -1,4 +1,5 @@
-"""Optimise a BadCLIP patch against a frozen CLIP model (baselines.md §4.7), reimplemented from the description.
+"""Optimise a BadCLIP patch (Liang et al., CVPR 2024, arXiv 2311.12075) against a frozen CLIP model, reimplemented from
+the description.
 
     parclip attack optimize-patch --model RN50-quickgelu --pretrained clean_rn50.pt --data cc3m_10k.csv \\
         --target banana --out banana_rn50.png

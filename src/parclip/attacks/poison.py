@@ -1,4 +1,5 @@
-"""Seeded poisoning of an image-caption table with any trigger (baselines.md §4.1, par.md §2.1, rewritten per D21).
+"""Seeded poisoning of an image-caption table with any trigger: the CLIP-backdoor codebases' procedure, rewritten
+(docs/reference_differences.md#poisoning-script).
 
 ``poison_csv`` picks N rows with ``random.Random(seed)``, triggers their images (each with
 ``trigger_generator(seed, row_index)``, so every poisoned image is reproducible on its own), gives them a target
@@ -13,7 +14,7 @@ Same inputs and seed give byte-identical outputs (the manifest holds no time sta
 Every file is written atomically (:mod:`parclip.utils.files`): a killed run leaves no half-written image or table under
 its final name.
 
-Differences from the reference script (which is also broken as shipped, D21): seeded; PNG by default (the reference
+Differences from the reference script (which does not run as shipped): seeded; PNG by default (the reference
 saved JPEG at Pillow's default quality 75 when the source was a .jpg); the output keeps every row in the original
 order instead of "poisoned rows first, then the clean remainder" (loaders shuffle anyway); the label-consistent
 match is the package's one rule for "this caption names the target" (:mod:`parclip.data.targets`: case-insensitive

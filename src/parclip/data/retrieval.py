@@ -8,8 +8,9 @@ Two layouts are read into one :class:`RetrievalSet` (image paths, captions, and 
 * a **caption table** (CSV/TSV, as for training) with one row per (image, caption): rows with the same image path
   are one image with several captions, in order of first appearance.
 
-Captions are cleaned as the reference does (par.md §6.4, ``clean=True``): lower-case; each of ``. ! " ( ) * # : ; ~``
-becomes a space; runs of white space collapse to one; stripped; the first 30 words kept.
+Captions are cleaned as the reference's COCO evaluation does (``clean=True``; docs/reference_differences.md#retrieval):
+lower-case; each of ``. ! " ( ) * # : ; ~`` becomes a space; runs of white space collapse to one; stripped; the first
+30 words kept.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Training-time image augmentation.
 
-PAR's augmentation (par.md §3.5), on images already resized and centre-cropped to the model resolution S:
+PAR's augmentation (as its reference code applies it; docs/reference_differences.md#noise-augmentation), on images
+already resized and centre-cropped to the model resolution S:
 
     x ∈ [0,1]^{3×S×S}
     with p = 0.5:  x ← clip( x + clip(σ·ε, 0, 1), 0, 1 ),  ε ~ N(0, I), σ = 0.2   ("one-sided": only brightens)

@@ -1,4 +1,4 @@
-"""`cleanclip`: CleanCLIP (Bansal, Singhi et al., ICCV 2023; baselines.md §1): fine-tune on clean pairs with the CLIP
+"""`cleanclip`: CleanCLIP (Bansal, Singhi et al., ICCV 2023, arXiv 2303.03323): fine-tune on clean pairs with the CLIP
 loss plus a self-supervised in-modal term, so that each modality learns features on its own and the poisoned
 image–text shortcut weakens.
 
@@ -7,7 +7,7 @@ image–text shortcut weakens.
 F̃: AutoAugment (ImageNet policy) of the raw image, before preprocessing, drawn afresh each time; G̃: EDA of the
 caption (exactly one of synonym replacement, random insertion, random swap, random deletion), computed once per data
 set under the run's seed. Defaults: CleanCLIP's recipe (batch 64, lr 1e-5, 10 epochs, 50 warm-up steps, cosine,
-weight decay 0.1, AdamW (0.9, 0.999, 1e-8)), λ1 = λ2 = 1.
+weight decay 0.1, AdamW (0.9, 0.999, 1e-8)), λ1 = λ2 = 1 (docs/reference_differences.md#cleanclip-recipe).
 """
 from __future__ import annotations
 

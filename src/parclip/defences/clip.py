@@ -1,4 +1,5 @@
-"""`clip`: plain CLIP-loss fine-tuning on clean pairs (baselines.md §3), the baseline every defence must beat.
+"""`clip`: plain CLIP-loss fine-tuning on clean pairs (CleanCLIP's "FT" baseline, arXiv 2303.03323), the baseline every
+defence must beat.
 
     L = L_CLIP(F, G; s) = ½ [ CE(s·F Gᵀ, I) + CE(s·G Fᵀ, I) ]        s learned, clamped to ≤ 100
 
@@ -13,15 +14,15 @@ from .base import Defence, Preset, register, register_preset
 
 CLEANCLIP_RECIPE = dict(batch_size=64, lr=1e-5, epochs=10, warmup_steps=50, schedule="cosine", lr_end=0.0, wd=0.1,
                         beta1=0.9, beta2=0.999, eps=1e-8)
-"""CleanCLIP's cleaning recipe (its README and baselines.md §1.3): batch 64, lr 1e-5, 10 epochs, 50 warm-up steps,
-cosine to 0, weight decay 0.1, AdamW (0.9, 0.999, 1e-8)."""
+"""CleanCLIP's cleaning recipe (its README): batch 64, lr 1e-5, 10 epochs, 50 warm-up steps, cosine to 0, weight
+decay 0.1, AdamW (0.9, 0.999, 1e-8); docs/reference_differences.md#cleanclip-recipe."""
 
 
 @register
 class PlainFineTuning(Defence):
     name = "clip"
     description = "plain CLIP-loss fine-tuning on clean pairs (also plants a backdoor on poisoned pairs)"
-    paper = "CleanCLIP's FT baseline (Bansal et al. 2023, §3 of baselines.md)"
+    paper = "CleanCLIP's FT baseline (Bansal, Singhi et al., arXiv 2303.03323)"
     defaults = dict(lr=5e-4, lr_end=0.0, warmup=0.05, schedule="cosine", wd=0.1)
 
     def loss(self, batch, logit_scale, *, epoch):

@@ -1,10 +1,11 @@
-"""`par`: Perturb and Recover (Singh, Croce, Hein 2024, par.md): the CLIP loss minus a thresholded term that pushes the
-embeddings away from a frozen copy θ0 of the starting (possibly poisoned) model.
+"""`par`: Perturb and Recover (Singh, Croce, Hein, arXiv 2412.00727): the CLIP loss minus a thresholded term that
+pushes the embeddings away from a frozen copy θ0 of the starting (possibly poisoned) model.
 
     L_PAR = L_CLIP(F, G; s) − w · [ thr_τ(D_img) + thr_τ(D_txt) ],   D = (1/N) Σ_i ||f_i − f0_i||²,   s frozen
 
 Defaults are the reference's (TrainConfig's own defaults): τ 2.15, w 0.5, lr 3e-5 → 3e-6 → 1e-9 (reference schedule),
-AdamW (0.9, 0.98), weight decay 1e-4, one-sided noise + CutOut, BatchNorm statistics frozen.
+AdamW (0.9, 0.98), weight decay 1e-4, one-sided noise + CutOut, BatchNorm statistics frozen
+(docs/reference_differences.md#par-settings).
 
 The preset `par-no-perturb` is the ablation "PAR's training without the perturbation term" (w = 0: the same data,
 augmentation, schedule, frozen scale and BatchNorm), so a matrix shows what the perturbation itself adds.

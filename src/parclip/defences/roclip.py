@@ -1,4 +1,5 @@
-"""`roclip`: RoCLIP (Yang, Gao, Mirzasoleiman, NeurIPS 2023; baselines.md §2), adapted to fine-tuning as §2.4 says.
+"""`roclip`: RoCLIP (Yang, Gao, Mirzasoleiman, NeurIPS 2023, arXiv 2303.06854), a defence for pre-training from
+scratch, adapted to fine-tuning (docs/reference_differences.md#roclip-fine-tuning).
 
 Every K-th epoch (epochs counted from 1: with K = 2, epochs 2, 4, 6, …) each image is matched with the caption nearest
 to it in a FIFO pool of earlier caption embeddings instead of its own caption, so a poisoned image–caption link is
@@ -17,8 +18,8 @@ the end is cut there and the pointer restarts at 0. The pool sees the *global* b
 same whatever the number of processes. `roclip_bidirectional` adds the arXiv v1 variant: an image pool too, and each
 caption matched with its nearest pooled image, L = ½ [L_CLIP(F, Ĝ) + L_CLIP(F̂, G)].
 
-Defaults: the fine-tuning adaptation of §2.4 (batch 64, lr 1e-5, 10 epochs, 50 warm-up steps, cosine, weight decay
-0.1), K = 2, pool 21 845.
+Defaults: that fine-tuning adaptation, CleanCLIP's cleaning recipe (batch 64, lr 1e-5, 10 epochs, 50 warm-up steps,
+cosine, weight decay 0.1), K = 2, pool 21 845.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Learning-rate schedules as pure functions of the optimiser step.
 
-`reference_lr` reproduces the PAR reference schedule exactly (par.md §5.3); `cosine_lr` is the usual open_clip
-schedule (linear warm-up from 0, cosine decay) used to plant backdoors / train from scratch.
+`reference_lr` reproduces the PAR reference schedule exactly (docs/reference_differences.md#lr-schedule); `cosine_lr`
+is the usual open_clip schedule (linear warm-up from 0, cosine decay) used to plant backdoors / train from scratch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Image–text retrieval evaluation: R@k both ways, clean and triggered, and the retrieval ASR (par.md §6.4).
+"""Image–text retrieval evaluation: R@k both ways, clean and triggered, and the retrieval ASR (the reference's protocol
+and where we differ: docs/reference_differences.md#retrieval).
 
 The metrics and their formulas are in :mod:`parclip.evaluation.retrieval_metrics`. Here: encode every caption once,
 every image clean and once per attack (triggered the way zero-shot evaluation triggers them: squash-resize to the

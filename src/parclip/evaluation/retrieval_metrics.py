@@ -1,4 +1,5 @@
-"""Image–text retrieval metrics (par.md §6.4), pure functions on a score matrix. Percentages.
+"""Image–text retrieval metrics, pure functions on a score matrix, as the reference's COCO evaluation defines them
+(docs/reference_differences.md#retrieval). Percentages.
 
 Notation: images i = 1..N, captions j = 1..M, owner(j) the image caption j belongs to (several captions per image),
 s(i, j) the cosine of their embeddings, top_k(i) the k captions of highest s(i, ·), top_k(j) the k images of highest

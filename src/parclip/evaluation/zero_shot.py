@@ -10,10 +10,11 @@ where s(x, c) is the cosine between the image embedding and the class embedding:
 embeddings of every prompt template filled with the class name, normalised again. The class embeddings are computed
 once and reused for the clean pass and every triggered pass.
 
-Triggered images follow the reference (par.md §1.1): the raw image is squash-resized to the model resolution S, the
-trigger is applied in uint8 pixel space, then the model's normal preprocessing runs (its resize and crop are then
-no-ops). `trigger_after_crop=True` instead applies the trigger after the same resize + centre crop as clean images,
-so clean and triggered inputs differ only by the trigger (par.md D18).
+Triggered images follow the reference: the raw image is squash-resized to the model resolution S, the trigger is
+applied in uint8 pixel space, then the model's normal preprocessing runs (its resize and crop are then no-ops), while
+clean images are resized and centre-cropped. `trigger_after_crop=True` instead applies the trigger after the same
+resize + centre crop as clean images, so clean and triggered inputs differ only by the trigger
+(docs/reference_differences.md#squash-resize).
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     Every rank then computes the loss of the whole global batch L. The backward gives this rank's rows
     Σ_ranks ∂L/∂x = W·∂L/∂x, and DDP's gradient averaging divides by W again, so the update is exactly the
-    single-process update on the concatenated batch (the reference skipped DDP and never synchronised, par.md §3.4).
+    single-process update on the concatenated batch (the reference skipped DDP and never synchronised:
+    docs/reference_differences.md#multi-gpu).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x

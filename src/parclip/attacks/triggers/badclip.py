@@ -1,7 +1,8 @@
-"""BadCLIP (Liang et al., CVPR 2024): an optimised patch pasted at the centre of the image (baselines.md §4.7, par.md
-§1.2-1.3 ``badclip`` / ``middle``, D15). Reimplemented from the description; no reference code.
+"""BadCLIP (Liang et al., CVPR 2024, arXiv 2311.12075): an optimised patch pasted at the centre of the image (the
+reference's ``badclip`` trigger at location ``middle``; docs/reference_differences.md#badclip). Reimplemented from the
+description; no reference code.
 
-The pattern is a user-supplied patch file; parclip ships none (the released ``badCLIP.jpg`` carries no licence, D15).
+The pattern is a user-supplied patch file; parclip ships none (the released ``badCLIP.jpg`` carries no licence).
 Create one for your own model with ``parclip attack optimize-patch`` (:mod:`parclip.attacks.patch_opt`), or pass the released
 file.
 
@@ -134,7 +135,7 @@ def placeholder_patch(side: int = BADCLIP_PATCH_SIZE, seed: int = 0) -> torch.Te
 @register
 class BadCLIPPatch(Trigger):
     """BadCLIP (``badclip``): an optimised ``l x l`` patch pasted at the centre, rows and columns
-    ``[s, s + l)`` with ``s = int(int(S/2) - l/2)`` (par.md §1.3 ``middle``): [104, 120) at 224 for l = 16.
+    ``[s, s + l)`` with ``s = int(int(S/2) - l/2)`` (the reference's ``middle``): [104, 120) at 224 for l = 16.
 
     Parameters:
         patch: the patch. A file path - an image (PNG/JPEG/..., read with PIL as RGB, ``u8 / 255``) or a ``.npy`` /

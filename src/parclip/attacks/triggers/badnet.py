@@ -1,5 +1,5 @@
-"""BadNet as the CLIP-backdoor codebases implement it (reference ``patch_type="random"``), par.md §1.2-1.4,
-baselines.md §4.2: a mean-centred Gaussian-noise square pasted at a random location, redrawn for every image."""
+"""BadNet (Gu et al. 2017) as the CLIP-backdoor codebases (CleanCLIP, BadCLIP, PAR) implement it (reference
+``patch_type="random"``): a mean-centred Gaussian-noise square pasted at a random location, redrawn for every image."""
 from __future__ import annotations
 
 import torch
@@ -29,11 +29,12 @@ class BadNet(Trigger):
     ``x[:, h:h+p, w:w+p] = P`` **without clipping**; then :func:`~parclip.attacks.triggers.base.to_uint8`. With
     ``uint8_mode="wrap"`` (default, reference parity) the ~60 % of patch values outside [0, 1] wrap modulo 256 (e.g.
     -0.3 -> 180, 1.2 -> 50), so the stored patch is high-contrast, near-uniform byte noise; ``"clamp"`` saturates them
-    to 0 / 255 instead (the "correct" conversion, par.md D19). Pixels outside the patch are unchanged.
+    to 0 / 255 instead (the "correct" conversion; docs/reference_differences.md#uint8-wrap). Pixels outside the patch
+    are unchanged.
 
     Parameters: ``patch_size`` (default: 16 at 224 and also 16 at 336, as the reference's eval code used for
-    ``random`` at 336 px; other sizes 16 scaled linearly from 224: 2 at 28, 3 at 42). Note that baselines.md §4.2's
-    "PAR uses 32 for 336 px" is the BadNet-*Stripes* value; pass ``patch_size=24`` for a linearly scaled 336-px patch.
+    ``random`` at 336 px; other sizes 16 scaled linearly from 224: 2 at 28, 3 at 42). PAR's 32-px patch at 336 px is
+    the BadNet-*Stripes* value; pass ``patch_size=24`` for a linearly scaled 336-px patch.
 
     Differences from the reference: all draws (noise *and* location) come from the explicit generator, in the
     reference's order (it used the global torch RNG for the noise and Python's global ``random`` for the location,

@@ -1,6 +1,7 @@
 """The trigger interface, the registry, and the pure helpers that every attack shares.
 
-Pixel semantics (par.md §1.1, reimplemented from the description, no reference code):
+Pixel semantics (the reference's, reimplemented from the description, no reference code;
+docs/reference_differences.md#squash-resize and #uint8-wrap):
 
 1. A PIL input is converted to RGB and **squash-resized** to ``S x S`` with Pillow's bicubic filter (aspect ratio not
    kept, nothing cropped; a no-op when it is already ``S x S``). ``S`` is ``Trigger.image_size``.
@@ -9,7 +10,7 @@ Pixel semantics (par.md §1.1, reimplemented from the description, no reference 
 4. Back to uint8 like torchvision ``ToPILImage`` on a float tensor: ``q = trunc(float32(255 * x))`` with **no rounding
    and no clamp**; out-of-range values wrap modulo 256 (mode ``"wrap"``, reference parity, done explicitly on int64
    because the C++ cast the reference relied on is undefined behaviour) or are clamped to [0, 255] (mode ``"clamp"``,
-   the "correct" behaviour, par.md D19)                                                -> :func:`to_uint8`.
+   the "correct" behaviour)                                                            -> :func:`to_uint8`.
 
 The round trip ``to_uint8(to_float(u8))`` is the identity for every byte value, so pixels an attack leaves alone come
 back unchanged.

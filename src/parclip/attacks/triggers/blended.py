@@ -1,5 +1,5 @@
-"""Blended with per-image uniform noise (reference ``patch_type="blended"``, PAR's "Blended-Random"), par.md §1.2,
-baselines.md §4.3."""
+"""Blended (Chen et al. 2017) with per-image uniform noise as the CLIP-backdoor codebases implement it (reference
+``patch_type="blended"``, PAR's "Blended-Random")."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
-"""SIG: a horizontal sinusoid signal (Barni et al. 2019), as the CLIP-backdoor codebases build it (baselines.md §4.5,
-§4.9)."""
+"""SIG: a horizontal sinusoid signal (Barni et al. 2019), as the CLIP-backdoor codebases build it (CleanCLIP blends
+it, BadCLIP adds it: ``SIG_MODES``)."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
-"""PAR's stripe triggers: BadNet-Stripes (``badnet_rs``) and Blended-Stripes (``blended_rs``), par.md §1.2-1.4.
+"""PAR's stripe triggers (Singh, Croce, Hein, arXiv 2412.00727): BadNet-Stripes (``badnet_rs``) and Blended-Stripes
+(``blended_rs``).
 
 Both draw, for every image, one uniform ``u ~ U[0,1)`` per (channel, column) and use the sign ``s = sign(2u - 1)``
 (+-1; exactly 0 only when ``u == 0.5``, probability 2**-24 per draw, kept for parity: such a channel pastes 0 / blends
@@ -77,7 +78,8 @@ class BadNetStripes(Trigger):
     order signs, h, w (the reference used the global torch RNG for the signs and Python's global ``random`` for the
     location, unseeded); the wrap is computed explicitly instead of by an undefined float->uint8 cast; the patch size
     follows the image size the trigger is built for (the reference's COCO eval always triggered at 224 with a 32-px
-    patch for 336 models, par.md D17: build it with ``image_size=224, patch_size=32`` for that parity mode).
+    patch for 336 models, docs/reference_differences.md#resolution-336: build it with ``image_size=224,
+    patch_size=32`` for that parity mode).
     """
 
     name = "badnet_rs"

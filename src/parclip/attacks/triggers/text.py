@@ -1,5 +1,5 @@
-"""PAR's Blended-Text (reference ``patch_type="water_patt"``): red "Watermarked" text blended onto the red channel,
-par.md §1.2, §1.5, D16, D22, D27; baselines.md §4.10."""
+"""PAR's Blended-Text (Singh, Croce, Hein, arXiv 2412.00727; reference ``patch_type="water_patt"``): red "Watermarked"
+text blended onto the red channel, with our own mask by default (docs/reference_differences.md#pattern-files)."""
 from __future__ import annotations
 
 import functools
@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_TEXT", "REFERENCE_FOOTPRINTS", "default_font_path", "render_
 
 DEFAULT_TEXT = "Watermarked"
 
-# Ink bounding boxes of the reference's mask files (first row, last row, first col, last col; inclusive), par.md §1.5.
+# Ink bounding boxes of the reference's mask files (first row, last row, first col, last col; inclusive).
 # Other resolutions scale the 224-px box linearly.
 REFERENCE_FOOTPRINTS = {224: (103, 125, 13, 208), 336: (167, 202, 8, 323)}
 
@@ -186,12 +186,13 @@ class BlendedText(Trigger):
     * ``mask_sha256``: recorded by ``params()`` (sha256 of ``W`` as float32 ``[3, S, S]`` bytes, the same for the same
       mask in any file format or layout); passing it back checks the mask (ValueError on mismatch).
 
-    Differences from the reference (par.md D16, D22, D27): the reference's ``.pt`` files are not redistributable and
-    could not be regenerated bit-exactly (unknown Noto font build, ``ImageDraw.textsize`` removed in Pillow 10, random
-    y offset), so the default mask is our own rendering with a freely licensed font, matching the reference's footprint
-    (224 px: rows 103-125, cols 14-209 vs 103-125 x 13-208; 1820 text pixels vs 1646) but not its pixels: ASR on the
-    released checkpoints may differ slightly unless their file is passed as ``mask``. It is generated at every
-    resolution (the reference's 336-px file crashes because its layout differs from the 224-px one).
+    Differences from the reference (docs/reference_differences.md#pattern-files): the reference's ``.pt`` files are
+    not redistributable and could not be regenerated bit-exactly (unknown Noto font build, ``ImageDraw.textsize``
+    removed in Pillow 10, random y offset), so the default mask is our own rendering with a freely licensed font,
+    matching the reference's footprint (224 px: rows 103-125, cols 14-209 vs 103-125 x 13-208; 1820 text pixels vs
+    1646) but not its pixels: ASR on the released checkpoints may differ slightly unless their file is passed as
+    ``mask``. It is generated at every resolution (the reference's 336-px file crashes because its layout differs
+    from the 224-px one).
     """
 
     name = "water_patt"

@@ -1,4 +1,4 @@
-"""PAR's Blended-Triangles (reference ``patch_type="tri_patt"``), par.md §1.2, §1.5, D16; baselines.md §4.10."""
+"""PAR's Blended-Triangles (Singh, Croce, Hein, arXiv 2412.00727; reference ``patch_type="tri_patt"``)."""
 from __future__ import annotations
 
 import functools
@@ -25,8 +25,8 @@ def triangle_pattern(image_size: int, tile: int = 14) -> torch.Tensor:
 
     Each ``tile x tile`` tile is split along its diagonal: the lower-left triangle, diagonal included, is dark
     (0.4 = 102/255), the upper-right one light (0.8 = 204/255); ``tile * (tile + 1) / 2`` pixels of each full tile are
-    dark (105 of 196 for tile 14). This is exactly the reference's ``triangles_{224,336}_14.pt`` content (par.md
-    §1.5). Returns a new tensor (the cached one is never handed out).
+    dark (105 of 196 for tile 14). This is exactly the reference's ``triangles_{224,336}_14.pt`` content. Returns a
+    new tensor (the cached one is never handed out).
     """
     return _triangle_pattern_cached(image_size, tile).clone()
 
@@ -42,8 +42,8 @@ class BlendedTriangles(Trigger):
     tiles do not scale with the image; at 28 px there are only 2 x 2 tiles, below 14 px one partial tile).
 
     Differences from the reference: the pattern is generated from its closed form at any resolution instead of loaded
-    from ``.pt`` files (the reference's 336-px file is stored HWC and crashes, par.md D16; its files are not
-    redistributable, D27); the values are identical to the reference's files at 224 and 336.
+    from ``.pt`` files (the reference's 336-px file is stored HWC and crashes; its files are not redistributable:
+    docs/reference_differences.md#pattern-files); the values are identical to the reference's files at 224 and 336.
     """
 
     name = "tri_patt"

@@ -1,5 +1,5 @@
-"""WaNet: a fixed, seeded warping field (Nguyen & Tran 2021; reference ``patch_type="warped"``), par.md §1.2,
-baselines.md §4.4."""
+"""WaNet: a fixed, seeded warping field (Nguyen & Tran, ICLR 2021; reference ``patch_type="warped"``, which used a
+per-pixel jitter grid instead of WaNet's smooth warp: ``GRID_PRESETS["reference"]``)."""
 from __future__ import annotations
 
 import functools
