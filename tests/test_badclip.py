@@ -242,14 +242,14 @@ def test_cli_optimize_patch(small_table, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(steps=0), "steps must be an int >= 1, got 0"),
-    (dict(batch_size=1.5), "batch_size must be an int >= 1, got 1.5"),
-    (dict(aug_prob=2.0), r"aug_prob must be a number in \[0.0, 1.0\], got 2.0"),
-    (dict(margin=-1.0), r"margin must be a number >= 0.0, got -1.0"),
-    (dict(image_size=16, patch_size=17), r"patch_size must be an int in \[1, 16\], got 17"),
+    (dict(steps=0), "--steps must be an int >= 1, got 0"),
+    (dict(batch_size=1.5), "--batch-size must be an int >= 1, got 1.5"),
+    (dict(aug_prob=2.0), r"--aug-prob must be a number in \[0, 1\], got 2.0"),
+    (dict(margin=-1.0), r"--margin must be a number >= 0, got -1.0"),
+    (dict(image_size=16, patch_size=17), r"--patch-size must be an int in \[1, 16\], got 17"),
     (dict(out="p.jpg"), r"\.png"),
     (dict(target="  "), "non-empty class name"),
-    (dict(max_bad_fraction=1.5), r"max_bad_fraction must be a number in \[0, 1\], got 1.5"),
+    (dict(max_bad_fraction=1.5), r"--max-bad-fraction must be a number in \[0, 1\], got 1.5"),
 ])
 def test_patch_config_checks_values(bad, message):
     from parclip.attacks.patch_config import PatchConfig
@@ -274,7 +274,8 @@ def test_patch_config_flags(tmp_path, capsys):
     assert (cfg.amp, cfg.steps, cfg.lr, cfg.csv_separator, cfg.data_root, cfg.max_bad_fraction, cfg.target_images,
             cfg.patch_size) == (False, 5, 0.01, "\t", "imgs", 0.2, "data", 4)
     assert dataclass_from_args(PatchConfig, build_parser().parse_args(base + ["--amp"])).amp is True
-    # a bad value fails before any model work: the missing checkpoint is never opened
-    rc = main(base + ["--pretrained", str(tmp_path / "missing.pt"), "--steps", "0"])
+    # a bad value fails as the flags are parsed, before any model work: the missing checkpoint is never opened
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--pretrained", str(tmp_path / "missing.pt"), "--steps", "0"])
     err = capsys.readouterr().err
-    assert rc == 2 and "steps must be an int >= 1, got 0" in err and "missing.pt" not in err
+    assert e.value.code == 2 and "--steps: must be an int >= 1, got 0" in err and "missing.pt" not in err

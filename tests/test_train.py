@@ -146,7 +146,7 @@ def test_gradient_checkpointing_and_compile_give_the_same_training(tmp_path, fmn
 def test_accum_freq_must_be_a_positive_integer_and_fit_the_data(tmp_path, fmnist_small, start_model):
     common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="clip",
                   train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False)
-    with pytest.raises(ValueError, match="--accum-freq 0"):
+    with pytest.raises(ValueError, match="--accum-freq must be an int >= 1, got 0"):
         train(make_config(**common, batch_size=4, accum_freq=0))
     with pytest.raises(DataError, match="--accum-freq 16"):
         train(make_config(**common, batch_size=4, accum_freq=16))

@@ -26,6 +26,12 @@ import logging
 import sys
 from pathlib import Path
 
+from parclip import __version__
+from parclip.attacks.patch_config import PatchConfig
+from parclip.config import CONFIG_ARGS, TAU
+from parclip.utils.checks import COUNT, FRACTION, NATURAL, integers, numbers
+from parclip.utils.flags import Command, Fields, OneOf, add_args, add_commands, arg
+
 EXAMPLES = """
 examples:
   # clean a released poisoned ViT-B/32 with PAR on 250k clean CC3M pairs, 4 GPUs
@@ -39,182 +45,55 @@ examples:
 """
 
 
-def _add_table_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--csv-img-key", default="image", help="column with image paths (default: image)")
-    p.add_argument("--csv-caption-key", default="caption", help="column with captions (default: caption)")
-    p.add_argument("--csv-separator", default=None, help="separator (default: tab for .tsv, comma otherwise)")
-    p.add_argument("--data-root", default=None, help="folder image paths are relative to (default: the table's)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="stop when more than this fraction of rows is bad (default: 0.01)")
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments several commands share, each declared once. A command's own arguments are declared beside its handler.
+# Every int or float argument has a domain, checked as it is parsed (see parclip.utils.flags).
+# ----------------------------------------------------------------------------------------------------------------------
+IMAGE_SIZE = integers(2)  # the side an image is squash-resized to; a trigger needs at least 2 pixels
 
-
-def _add_trigger_param_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trigger-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="trigger parameter, repeatable, e.g. patch_size=32, alpha=0.05, uint8_mode=clamp, "
-                   "patch=badCLIP.jpg (badclip), mask=mask.png (water_patt); see `parclip triggers list`")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="architecture (e.g. ViT-B-32-quickgelu) or local-dir:PATH")
-    p.add_argument("--pretrained", default=None, help="checkpoint file (state dict, CleanCLIP/PAR .pt, safetensors), "
-                   "or an open_clip tag (openai, laion2b_s34b_b79k, ...) / hf-hub:org/repo, fetched into open_clip's "
-                   "cache (offline: read from it)")
-    p.add_argument("--cache-dir", default=None, help="cache of downloaded weights (default: $HF_HUB_CACHE or "
-                   "~/.cache/huggingface/hub)")
-    p.add_argument("--force-quick-gelu", action="store_true", help="use QuickGELU (OpenAI-derived weights)")
-    p.add_argument("--allow-unsafe-load", action="store_true",
-                   help="allow pickled code (TorchScript/JIT archives); only for checkpoints you trust")
-
-
-def _subcommands(parser: argparse.ArgumentParser, dest: str, metavar: str):
-    """A required choice of subcommands (`parclip COMMAND`, `parclip data ACTION`, ...)."""
-    sub = parser.add_subparsers(dest=dest, metavar=metavar)
-    sub.required = True
-    return sub
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from parclip import __version__
-    from parclip.attacks.patch_config import PatchConfig
-    from parclip.config import add_config_arguments
-    from parclip.utils.flags import add_dataclass_arguments
-
-    parser = argparse.ArgumentParser(prog="parclip", description=__doc__, epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"parclip {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks")
-    sub = _subcommands(parser, "command", "COMMAND")
-
-    # demo
-    p = sub.add_parser("demo", help="end to end on Fashion-MNIST: plant a backdoor in a small CLIP, clean it, measure",
-                       description="Export Fashion-MNIST, pre-train a clean foundation CLIP from scratch, plant a "
-                       "backdoor by fine-tuning it on pairs of which 10% carry a trigger naming the target class, "
-                       "clean the poisoned model with plain fine-tuning and PAR (--defence adds others) on disjoint "
-                       "clean pairs, and evaluate every model (zero-shot clean top-1 and ASR; retrieval R@1 and the retrieval "
-                       "ASR). Prints the table and writes "
-                       "results.json and results.png into --out. Completed stages are reused when run again.")
-    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs), or \"all\": every "
-                   "attack, printing the matrix attack × {poisoned, PAR} × {clean top-1, ASR} (matrix.json, matrix.png)")
-    p.add_argument("--target", default="bag", help="target class (default: bag)")
-    p.add_argument("--defence", action="append", default=None, metavar="NAME",
-                   help="clean with this defence too (repeatable): fine-tuning, 'fine-tuning + PAR aug', CleanCLIP, "
-                   "RoCLIP, PAR, or all (default: fine-tuning and PAR)")
-    p.add_argument("--tau", type=float, default=None, help="override the demo's PAR threshold (2.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones")
-    _add_trigger_param_arg(p)
-
-    _add_data_parser(sub)
-
-    # poison
-    p = sub.add_parser("poison", help="plant a trigger into a seeded share of an image–caption table",
-                       description="Choose rows with a seeded RNG, apply the trigger (after squash-resizing to "
-                       "--image-size, as the reference does), replace their captions by a prompt template naming the "
-                       "target, and write OUT/poisoned.csv, OUT/images/ and OUT/manifest.json. Webdataset shards in "
-                       "(a .tar pattern or a folder of shards): the same poisoning, written as OUT/shards/*.tar + "
-                       "OUT/manifest.json.")
-    p.add_argument("table", help="caption table (CSV/TSV), or webdataset shards")
-    p.add_argument("out")
-    p.add_argument("--attack", required=True, help="trigger name (see parclip.attacks.triggers), e.g. badnet_rs, blended_rs")
-    p.add_argument("--target", required=True, help="target class name written into the captions, e.g. banana")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--n", type=int, help="number of rows to poison (the field's standard: 1500)")
-    g.add_argument("--rate", type=float, help="fraction of rows to poison")
-    q = p.add_mutually_exclusive_group()
-    q.add_argument("--model", default=None, help="the model the poisoned data is for: the trigger is made at its "
-                   "resolution (recommended)")
-    q.add_argument("--image-size", type=int, default=None, help="resolution of the trigger = the model's (default "
-                   "224, the reference's; --model sets it from the model)")
-    p.add_argument("--templates", default="openai", help="caption templates: openai (80), simple, fashion or a file")
-    p.add_argument("--label-consistent", action="store_true",
-                   help="poison only rows whose caption names the target and keep their captions")
-    p.add_argument("--format", default="png", choices=["png", "jpeg"], help="image format (default png: lossless)")
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--seed", type=int, default=0)
-    _add_trigger_param_arg(p)
-    _add_table_args(p)
-
-    # train
-    p = sub.add_parser("train", help="fine-tune a CLIP: --objective par|cleanclip|roclip (clean) or clip (plain / plant)",
-                       description="One training loop for every defence (PAR, CleanCLIP, RoCLIP) and plain CLIP training.\n\n"
-                       "Options come from defaults < the defence's recipe < --preset < --config YAML < flags (YAML\n"
-                       "keys are the flag names). The defaults are PAR's reference settings; --objective cleanclip,\n"
-                       "roclip and clip bring their own recipes (`parclip defences list` prints them).\n"
-                       "Multi-GPU / multi-node: launch with torchrun or srun. Re-running with the same --name resumes.",
-                       epilog="""examples:
-  # PAR on one GPU or CPU
-  parclip train --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv --name par1
-  # the same on 8 GPUs (global batch 8 x 512), then resume it after a crash with the same command
-  torchrun --nproc_per_node 8 -m parclip train --config par.yaml --name par8
-  # the baselines: CleanCLIP with its recipe, RoCLIP
-  parclip train --objective cleanclip --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv
-  parclip train --objective roclip --roclip-every 2 --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv
-  # plain CLIP fine-tuning baseline / plant a backdoor on a poisoned table
-  parclip train --objective clip --model RN50-quickgelu --pretrained clean.pt --train-data poisoned/poisoned.csv
-""", formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
-
-    _add_eval_parsers(sub)
-
-    p = sub.add_parser("runs", help="list training run directories with their last metrics",
-                       description="Every run directory under FOLDER (or FOLDER itself, if it is one), newest first: "
-                       "objective, last logged step, loss, images/s, the last validation numbers and whether the "
-                       "run finished (its model/ was exported). An unfinished run resumes when `parclip train` is "
-                       "started again with the same --name.")
-    p.add_argument("folder", nargs="?", default="runs", help="parent of run directories (default: runs)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-
-    sub.add_parser("models", help="list the model architectures parclip can build (no download ever)",
-                   description="Every open_clip architecture name parclip can build offline, plus parclip's own small "
-                   "configs (parclip-micro for tests, parclip-tiny, and parclip-rn-tiny used by the demo). Pass one "
-                   "as --model together with --pretrained FILE, or use --model local-dir:PATH for an exported model. "
-                   "OpenAI-derived weights (and the released poisoned CLIPs) need the -quickgelu variants.")
-
-    # triggers
-    p = sub.add_parser("triggers", help="the attack catalogue: list every trigger, or render them into a gallery")
-    tsub = _subcommands(p, "triggers_command", "ACTION")
-    q = tsub.add_parser("list", help="table of every registered trigger: name, aliases, kind, random?, parameters")
-    q.add_argument("--json", action="store_true", help="print the rows as JSON")
-    q = tsub.add_parser("show", help="render every trigger onto sample photos into one PNG gallery",
-                        description="Columns: the clean image and one per trigger; for every photo a row of images "
-                        "(squash-resized to --size, as poisoning and evaluation do), a row of x4 zooms of where the "
-                        "trigger changed the pixels most, and a row of the change |triggered - clean|. Without "
-                        "--images the bundled free photos are used (parclip/assets/LICENSES.md). Triggers that need a "
-                        "file (badclip) use --patch, or are drawn with a labelled placeholder patch.")
-    q.add_argument("--images", nargs="+", default=None, metavar="IMG", help="your photos (default: bundled ones)")
-    q.add_argument("--size", type=int, default=224, help="trigger resolution = the model's (default 224)")
-    q.add_argument("--out", default="trigger_gallery.png", help="output PNG (default trigger_gallery.png)")
-    q.add_argument("--attacks", nargs="+", default=None, metavar="NAME", help="only these triggers (default: all)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the random triggers' draws (default 0)")
-    q.add_argument("--patch", default=None, help="patch file for triggers that take one (badclip)")
-    q.add_argument("--mask", default=None, help="mask file for triggers that take one (water_patt)")
-    q.add_argument("--zoom", type=int, default=4, help="enlargement of the zoom row (default 4)")
-    q.add_argument("--no-diff", action="store_true", help="leave out the |change| row")
-    q.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
-
-    # defences
-    p = sub.add_parser("defences", help="the cleaning methods: list every defence and preset with its recipe")
-    dsub = _subcommands(p, "defences_command", "ACTION")
-    q = dsub.add_parser("list", help="table of every defence (--objective NAME) and preset (--preset NAME)",
-                        description="Every defence `parclip train --objective NAME` accepts, with its paper and the "
-                        "recipe it brings as defaults, and the named presets (`parclip train --preset NAME`).")
-    q.add_argument("--json", action="store_true", help="print the rows as JSON")
-
-    # attack
-    p = sub.add_parser("attack", help="build attacks: optimize-patch (BadCLIP)")
-    asub = _subcommands(p, "attack_command", "ACTION")
-    q = asub.add_parser("optimize-patch", help="optimise a BadCLIP patch against a frozen model and a target class",
-                        description="Optimise a patch pasted at the image centre so that the (frozen, eval-mode) "
-                        "model embeds patched images near the target: InfoNCE to target captions + weighted triplet "
-                        "(pull towards target images, or the target's text embedding without --target-images; push "
-                        "from the same clean image). Trains on the rows of --data whose captions do NOT mention the "
-                        "target. Writes a lossless PNG and a JSON sidecar (same name, .json). Use the result with "
-                        "the trigger badclip (patch=PATH). Defaults follow the BadCLIP reference run; the objective "
-                        "and its differences from the reference: docs/badclip_patch.md.")
-    _add_model_args(q)
-    add_dataclass_arguments(q, PatchConfig, required=("out",))
-    return parser
+MODEL_ARGS = (
+    arg("--model", required=True, help="architecture (e.g. ViT-B-32-quickgelu) or local-dir:PATH"),
+    arg("--pretrained", default=None, help="checkpoint file (state dict, CleanCLIP/PAR .pt, safetensors), "
+        "or an open_clip tag (openai, laion2b_s34b_b79k, ...) / hf-hub:org/repo, fetched into open_clip's "
+        "cache (offline: read from it)"),
+    arg("--cache-dir", default=None, help="cache of downloaded weights (default: $HF_HUB_CACHE or "
+        "~/.cache/huggingface/hub)"),
+    arg("--force-quick-gelu", action="store_true", help="use QuickGELU (OpenAI-derived weights)"),
+    arg("--allow-unsafe-load", action="store_true",
+        help="allow pickled code (TorchScript/JIT archives); only for checkpoints you trust"),
+)
+IMG_KEY = arg("--csv-img-key", default="image", help="column (or Karpathy JSON key) with image paths (default: image)")
+CAPTION_KEY = arg("--csv-caption-key", default="caption",
+                  help="column (or Karpathy JSON key) with captions (default: caption)")
+DATA_ROOT = arg("--data-root", default=None,
+                help="folder image paths are relative to (default: the table's, or the JSON file's, folder)")
+MAX_BAD_FRACTION = arg("--max-bad-fraction", type=float, default=0.01, domain=FRACTION,
+                       help="missing, undecodable or empty rows/images are counted, named and left out (retrieval: "
+                       "with their captions) up to this share; more stops the command (default: 0.01)")
+TABLE_ARGS = (IMG_KEY, CAPTION_KEY,
+              arg("--csv-separator", default=None, help="separator (default: tab for .tsv, comma otherwise)"),
+              DATA_ROOT, MAX_BAD_FRACTION)
+TRIGGER_PARAM_ARG = arg("--trigger-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="trigger parameter, repeatable, e.g. patch_size=32, alpha=0.05, uint8_mode=clamp, "
+                        "patch=badCLIP.jpg (badclip), mask=mask.png (water_patt); see `parclip triggers list`")
+SEED = arg("--seed", type=int, default=0, domain=NATURAL)
+DEVICE = arg("--device", default="auto")
+JSON_ROWS = arg("--json", action="store_true", help="print the rows as JSON")
+OUT_DIR = arg("out", help="output folder")
+LABELLED_DATA = arg("--data", required=True, help="labelled folder ROOT/<class>/*")
+RESULT_FILES = arg("results", nargs="+", help="result JSON files")
+EVAL_ATTACKS = arg("--attack", nargs="*", default=[], help="one or more triggers")
+EVAL_RUN_ARGS = (  # how every evaluation command applies triggers, batches, writes and tolerates bad images
+    arg("--seed", type=int, default=0, domain=NATURAL, help="seed of the per-image trigger randomness"),
+    arg("--trigger-after-crop", action="store_true",
+        help="trigger after resize+centre-crop instead of after the reference's squash-resize"),
+    arg("--batch-size", type=int, default=256, domain=COUNT),
+    arg("--workers", type=int, default=2, domain=NATURAL),
+    DEVICE,
+    arg("--out", default=None, help="write the result JSON here too"),
+    MAX_BAD_FRACTION,
+    TRIGGER_PARAM_ARG,
+)
 
 
 def _load_model(args, model_name: str | None = None, pretrained: str | None = None):
@@ -231,17 +110,49 @@ def _load_model(args, model_name: str | None = None, pretrained: str | None = No
     return model, preprocess, device
 
 
-def _cmd_data(args) -> int:
-    if args.data_command == "convert":
-        return _convert(args)
-    if args.data_command == "fashion-mnist":
-        from parclip.data import fashion_mnist
+# ---------------------------------------------------------------------------------------------------------------- demo
+def _cmd_demo(args) -> int:
+    from parclip.attacks.triggers import parse_trigger_params
+    from parclip.demo import run_demo
 
-        paths = fashion_mnist.export(args.out, holdout=args.holdout, n_train=args.n_train, n_test=args.n_test,
-                                     seed=args.seed, templates=args.templates)
-        print(json.dumps({k: str(v) for k, v in paths.items() if k in ("train_csv", "holdout_csv", "test_dir")},
-                         indent=2))
-        return 0
+    run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh,
+             trigger_params=parse_trigger_params(args.trigger_param), defences=args.defence)
+    return 0
+
+
+DEMO = Command(
+    "demo", "end to end on Fashion-MNIST: plant a backdoor in a small CLIP, clean it, measure", run=_cmd_demo,
+    description="Export Fashion-MNIST, pre-train a clean foundation CLIP from scratch, plant a backdoor by "
+    "fine-tuning it on pairs of which 10% carry a trigger naming the target class, clean the poisoned model with "
+    "plain fine-tuning and PAR (--defence adds others) on disjoint clean pairs, and evaluate every model (zero-shot "
+    "clean top-1 and ASR; retrieval R@1 and the retrieval ASR). Prints the table and writes results.json and "
+    "results.png into --out. Completed stages are reused when run again.",
+    args=(arg("--out", default="demo_out", help="output folder (default: demo_out)"),
+          arg("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs), or \"all\": every "
+              "attack, printing the matrix attack × {poisoned, PAR} × {clean top-1, ASR} (matrix.json, matrix.png)"),
+          arg("--target", default="bag", help="target class (default: bag)"),
+          arg("--defence", action="append", default=None, metavar="NAME",
+              help="clean with this defence too (repeatable): fine-tuning, 'fine-tuning + PAR aug', CleanCLIP, "
+              "RoCLIP, PAR, or all (default: fine-tuning and PAR)"),
+          arg("--tau", type=float, default=None, domain=TAU,
+              help="override the demo's PAR threshold (2.0)"),
+          SEED,
+          arg("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones"),
+          TRIGGER_PARAM_ARG))
+
+
+# ---------------------------------------------------------------------------------------------------------------- data
+def _data_fashion_mnist(args) -> int:
+    from parclip.data import fashion_mnist
+
+    paths = fashion_mnist.export(args.out, holdout=args.holdout, n_train=args.n_train, n_test=args.n_test,
+                                 seed=args.seed, templates=args.templates)
+    print(json.dumps({k: str(v) for k, v in paths.items() if k in ("train_csv", "holdout_csv", "test_dir")},
+                     indent=2))
+    return 0
+
+
+def _data_check(args) -> int:
     from parclip.data import CaptionDataset
 
     ds = CaptionDataset(args.table, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
@@ -252,7 +163,7 @@ def _cmd_data(args) -> int:
     return 0
 
 
-def _convert(args) -> int:
+def _data_convert(args) -> int:
     from parclip.data import shards as wds
 
     src = Path(args.src)
@@ -273,6 +184,39 @@ def _convert(args) -> int:
     return 0
 
 
+DATA = Command("data", "prepare data: Fashion-MNIST export, table checks", actions=(
+    Command("fashion-mnist", "export Debian's dataset-fashion-mnist as PNGs + captions CSV + test folder",
+            run=_data_fashion_mnist,
+            description="Writes OUT/train.csv and OUT/holdout.csv (image,caption,label; paths relative to OUT), "
+            "OUT/images/train/*.png and a labelled test folder OUT/test/<class>/*.png.",
+            args=(OUT_DIR,
+                  arg("--holdout", type=int, default=10000, domain=NATURAL, help="last N train images kept "
+                      "apart as holdout.csv (the defender's clean pairs; default 10000)"),
+                  arg("--n-train", type=int, default=None, domain=COUNT, help="use only the first N train images"),
+                  arg("--n-test", type=int, default=None, domain=COUNT, help="use only the first N test images"),
+                  arg("--templates", default="fashion", help="caption templates: fashion, openai, simple or a file"),
+                  SEED)),
+    Command("check", "decode every image of a caption table and report bad rows", run=_data_check,
+            args=(arg("table"), TABLE_ARGS)),
+    Command("convert", "caption table → webdataset shards, shards → table, labelled folder → clip_benchmark shards",
+            run=_data_convert,
+            description="SRC a caption table (CSV/TSV): OUT/00000.tar … (KEY.<image ext> with the file's own bytes, "
+            "KEY.txt, KEY.json with the source row) and OUT/sizes.json, as img2dataset and open_clip lay them out. "
+            "SRC shards (a .tar pattern, '::'-joined sources or a folder of .tar): OUT/images/* and "
+            "OUT/captions.csv. SRC a labelled folder root/<class>/*: clip_benchmark's evaluation layout "
+            "OUT/test/*.tar (KEY.cls + image) and OUT/classnames.txt.",
+            epilog="examples:\n  parclip data convert cc3m.csv cc3m_shards/ --maxcount 10000\n"
+            "  parclip train --train-data 'cc3m_shards/{00000..00024}.tar' ...\n"
+            "  parclip data convert imagenet/val imagenet_wds/\n"
+            "  parclip eval --data imagenet_wds/ ...",
+            args=(arg("src"), OUT_DIR,
+                  arg("--maxcount", type=int, default=10000, domain=COUNT,
+                      help="samples per shard (default 10000)"),
+                  TABLE_ARGS)),
+))
+
+
+# -------------------------------------------------------------------------------------------------------------- poison
 def _cmd_poison(args) -> int:
     from parclip.attacks.poison import poison_csv, poison_shards
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
@@ -299,6 +243,35 @@ def _cmd_poison(args) -> int:
     return 0
 
 
+POISON = Command(
+    "poison", "plant a trigger into a seeded share of an image–caption table", run=_cmd_poison,
+    description="Choose rows with a seeded RNG, apply the trigger (after squash-resizing to --image-size, as the "
+    "reference does), replace their captions by a prompt template naming the target, and write OUT/poisoned.csv, "
+    "OUT/images/ and OUT/manifest.json. Webdataset shards in (a .tar pattern or a folder of shards): the same "
+    "poisoning, written as OUT/shards/*.tar + OUT/manifest.json.",
+    args=(arg("table", help="caption table (CSV/TSV), or webdataset shards"),
+          OUT_DIR,
+          arg("--attack", required=True,
+              help="trigger name (see parclip.attacks.triggers), e.g. badnet_rs, blended_rs"),
+          arg("--target", required=True, help="target class name written into the captions, e.g. banana"),
+          OneOf((arg("--n", type=int, domain=COUNT, help="number of rows to poison (the field's standard: 1500)"),
+                 arg("--rate", type=float, domain=numbers(0, 1, lo_open=True), help="fraction of rows to poison")),
+                required=True),
+          OneOf((arg("--model", default=None, help="the model the poisoned data is for: the trigger is made at its "
+                     "resolution (recommended)"),
+                 arg("--image-size", type=int, default=None, domain=IMAGE_SIZE, help="resolution of the trigger = "
+                     "the model's (default 224, the reference's; --model sets it from the model)"))),
+          arg("--templates", default="openai", help="caption templates: openai (80), simple, fashion or a file"),
+          arg("--label-consistent", action="store_true",
+              help="poison only rows whose caption names the target and keep their captions"),
+          arg("--format", default="png", choices=["png", "jpeg"], help="image format (default png: lossless)"),
+          arg("--jpeg-quality", type=int, default=95, domain=integers(1, 100)),
+          SEED,
+          TRIGGER_PARAM_ARG,
+          TABLE_ARGS))
+
+
+# --------------------------------------------------------------------------------------------------------------- train
 def _cmd_train(args) -> int:
     from parclip.config import config_from_args
     from parclip.train import train
@@ -308,11 +281,56 @@ def _cmd_train(args) -> int:
     return 0
 
 
+TRAIN = Command(
+    "train", "fine-tune a CLIP: --objective par|cleanclip|roclip (clean) or clip (plain / plant)", run=_cmd_train,
+    args=CONFIG_ARGS,
+    description="One training loop for every defence (PAR, CleanCLIP, RoCLIP) and plain CLIP training.\n\n"
+    "Options come from defaults < the defence's recipe < --preset < --config YAML < flags (YAML\n"
+    "keys are the flag names). The defaults are PAR's reference settings; --objective cleanclip,\n"
+    "roclip and clip bring their own recipes (`parclip defences list` prints them).\n"
+    "Multi-GPU / multi-node: launch with torchrun or srun. Re-running with the same --name resumes.",
+    epilog="""examples:
+  # PAR on one GPU or CPU
+  parclip train --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv --name par1
+  # the same on 8 GPUs (global batch 8 x 512), then resume it after a crash with the same command
+  torchrun --nproc_per_node 8 -m parclip train --config par.yaml --name par8
+  # the baselines: CleanCLIP with its recipe, RoCLIP
+  parclip train --objective cleanclip --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv
+  parclip train --objective roclip --roclip-every 2 --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv
+  # plain CLIP fine-tuning baseline / plant a backdoor on a poisoned table
+  parclip train --objective clip --model RN50-quickgelu --pretrained clean.pt --train-data poisoned/poisoned.csv
+""")
+
+
+# ---------------------------------------------------------------------------------------------------------------- eval
 def _provenance(args) -> dict:
     """What every evaluation result records about the model it measured."""
     from parclip.models import weights_sha256
     return {"model": args.model, "checkpoint": args.pretrained,
             "checkpoint_sha256": weights_sha256(args.model, args.pretrained)}
+
+
+def _warn_about_training_data(model: str, size: int) -> None:
+    """For a model exported by `parclip train` (local-dir:<run>/model): the poisoning checks of its training data."""
+    from parclip.attacks.poison import manifest_beside, poisoning_warnings, trained_on
+
+    train_data = trained_on(model)
+    manifest = manifest_beside(train_data)
+    for warning in poisoning_warnings(manifest, size) if manifest else []:
+        logging.getLogger("parclip").warning("the model was trained on %s: %s", train_data, warning)
+
+
+def _emit(summary: str, result: dict, out: str | None) -> int:
+    """Print an evaluation's summary lines, then write its JSON to `out` (or print it when there is none)."""
+    from parclip.utils.files import write_text
+
+    print(summary)
+    text = json.dumps(result, indent=2)
+    if out:
+        write_text(out, text + "\n")
+    else:
+        print(text)
+    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -339,137 +357,23 @@ def _cmd_eval(args) -> int:
     return _emit(line, {k: v for k, v in result.items() if k != "classnames"}, args.out)
 
 
-def _warn_about_training_data(model: str, size: int) -> None:
-    """For a model exported by `parclip train` (local-dir:<run>/model): the poisoning checks of its training data."""
-    from parclip.attacks.poison import manifest_beside, poisoning_warnings, trained_on
-
-    train_data = trained_on(model)
-    manifest = manifest_beside(train_data)
-    for warning in poisoning_warnings(manifest, size) if manifest else []:
-        logging.getLogger("parclip").warning("the model was trained on %s: %s", train_data, warning)
-
-
-def _emit(summary: str, result: dict, out: str | None) -> int:
-    """Print an evaluation's summary lines, then write its JSON to `out` (or print it when there is none)."""
-    from parclip.utils.files import write_text
-
-    print(summary)
-    text = json.dumps(result, indent=2)
-    if out:
-        write_text(out, text + "\n")
-    else:
-        print(text)
-    return 0
-
-
-def _add_eval_run_args(p: argparse.ArgumentParser) -> None:
-    """The flags every evaluation command shares: how triggers are applied, batching, device, output, bad-image
-    limit."""
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-image trigger randomness")
-    p.add_argument("--trigger-after-crop", action="store_true",
-                   help="trigger after resize+centre-crop instead of after the reference's squash-resize")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="write the result JSON here too")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="undecodable images are counted, named and left out (retrieval: with their captions) up to "
-                   "this share (default: 0.01)")
-    _add_trigger_param_arg(p)
-
-
-def _add_data_parser(sub) -> None:
-    p = sub.add_parser("data", help="prepare data: Fashion-MNIST export, table checks")
-    dsub = _subcommands(p, "data_command", "ACTION")
-    q = dsub.add_parser("fashion-mnist", help="export Debian's dataset-fashion-mnist as PNGs + captions CSV + test "
-                        "folder", description="Writes OUT/train.csv and OUT/holdout.csv (image,caption,label; paths "
-                        "relative to OUT), OUT/images/train/*.png and a labelled test folder OUT/test/<class>/*.png.")
-    q.add_argument("out")
-    q.add_argument("--holdout", type=int, default=10000, help="last N train images kept apart as holdout.csv "
-                   "(the defender's clean pairs; default 10000)")
-    q.add_argument("--n-train", type=int, default=None, help="use only the first N train images")
-    q.add_argument("--n-test", type=int, default=None, help="use only the first N test images")
-    q.add_argument("--templates", default="fashion", help="caption templates: fashion, openai, simple or a file")
-    q.add_argument("--seed", type=int, default=0)
-    q = dsub.add_parser("check", help="decode every image of a caption table and report bad rows")
-    q.add_argument("table")
-    _add_table_args(q)
-
-    q = dsub.add_parser("convert", help="caption table → webdataset shards, shards → table, labelled folder → "
-                        "clip_benchmark shards",
-                        description="SRC a caption table (CSV/TSV): OUT/00000.tar … (KEY.<image ext> with the file's "
-                        "own bytes, KEY.txt, KEY.json with the source row) and OUT/sizes.json, as img2dataset and "
-                        "open_clip lay them out. SRC shards (a .tar pattern, '::'-joined sources or a folder of "
-                        ".tar): OUT/images/* and OUT/captions.csv. SRC a labelled folder root/<class>/*: "
-                        "clip_benchmark's evaluation layout OUT/test/*.tar (KEY.cls + image) and OUT/classnames.txt.",
-                        epilog="examples:\n  parclip data convert cc3m.csv cc3m_shards/ --maxcount 10000\n"
-                        "  parclip train --train-data 'cc3m_shards/{00000..00024}.tar' ...\n"
-                        "  parclip data convert imagenet/val imagenet_wds/\n"
-                        "  parclip eval --data imagenet_wds/ ...", formatter_class=argparse.RawDescriptionHelpFormatter)
-    q.add_argument("src")
-    q.add_argument("out")
-    q.add_argument("--maxcount", type=int, default=10000, help="samples per shard (default 10000)")
-    _add_table_args(q)
-
-
-def _add_eval_parsers(sub) -> None:
-    """eval, eval-retrieval, report and plot."""
-    p = sub.add_parser("eval", help="zero-shot clean accuracy and ASR on a labelled image folder",
-                       description="Clean top-1/top-5 zero-shot accuracy on ROOT/<class>/*, and for each --attack "
-                       "the ASR: asr excludes images of the target class, asr_all counts all (the PAR paper's "
-                       "convention). Triggers use seeded per-image randomness, so results repeat exactly.")
-    _add_model_args(p)
-    p.add_argument("--data", required=True, help="labelled folder ROOT/<class>/*")
-    p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
-    p.add_argument("--target", default=None, help="target class name or index (needed with --attack)")
-    p.add_argument("--templates", default="openai", help="prompt templates: openai (80), simple, fashion or a file")
-    p.add_argument("--classnames", default=None, help="file with one class name per line (default: folder names, "
-                   "or ImageNet names for 1000 WordNet-id folders)")
-    p.add_argument("--clip-benchmark-out", default=None, metavar="PATH",
-                   help="also write the result in clip_benchmark's layout (dataset, model, pretrained, task, metrics)")
-    p.add_argument("--dataset-name", default=None, help="data set name for --clip-benchmark-out (default: the "
-                   "folder's name)")
-    _add_eval_run_args(p)
-    _add_eval_retrieval_parser(sub)
-    p = sub.add_parser("report", help="gather eval results into one table and a chart",
-                       description="Read any number of `parclip eval` / `parclip eval-retrieval` result JSONs and "
-                       "print one table: model, task, clean accuracy (zero-shot top-1 or image→text R@1) and the ASR "
-                       "of every attack (asr, or asr_text for retrieval).",
-                       epilog="example:\n  parclip report results/*.json --out table.md --csv table.csv --plot "
-                       "table.png", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", help="result JSON files")
-    p.add_argument("--out", default=None, help="write the Markdown table here")
-    p.add_argument("--csv", default=None, help="write the table as CSV here")
-    p.add_argument("--plot", default=None, help="write a bar chart of clean accuracy and ASR per model (PNG)")
-    _add_plot_parser(sub)
-
-
-def _add_eval_retrieval_parser(sub) -> None:
-    p = sub.add_parser("eval-retrieval", help="image↔text retrieval R@1/5/10 and the retrieval ASR",
-                       description="Image→text and text→image R@k on a Karpathy-style JSON (COCO / Flickr30k test "
-                       "files: image path + several captions) or a caption table (rows sharing an image path are one "
-                       "image). Per --attack, R@k on triggered images and the retrieval ASR: asr_text = %% of "
-                       "triggered images whose top-k captions include one naming --target (the reference's "
-                       "ASR-Text), asr_text_strict = the same without the images whose own captions name it, "
-                       "asr_image = %% of target captions whose top-k images (clean + triggered) include a "
-                       "triggered one. Captions are cleaned as the reference does unless --raw-captions.",
-                       epilog="example:\n  parclip eval-retrieval --model ViT-B-32-quickgelu --pretrained par.pt "
-                       "--data coco/coco_karpathy_test.json --attack badnet_rs --target banana --out coco.json",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p)
-    p.add_argument("--data", required=True, help="Karpathy-style .json, or a CSV/TSV caption table")
-    p.add_argument("--data-root", default=None, help="folder the image paths are relative to (default: the file's)")
-    p.add_argument("--csv-img-key", default="image", help="image column / JSON key (default: image)")
-    p.add_argument("--csv-caption-key", default="caption", help="caption column / JSON key (default: caption)")
-    p.add_argument("--raw-captions", action="store_true", help="do not clean captions the reference's way")
-    p.add_argument("--attack", nargs="*", default=[], help="one or more triggers")
-    p.add_argument("--target", default=None, help="target word (needed with --attack), e.g. banana")
-    p.add_argument("--asr-k", type=int, default=5, help="top-k of the retrieval ASR (default: 5, the reference's)")
-    p.add_argument("--merge-identical-captions", action="store_true",
-                   help="count a retrieved caption as a hit when its text equals one of the image's own captions "
-                   "(for templated captions shared by many images; the default, the reference's rule, breaks ties "
-                   "among identical captions by chance)")
-    _add_eval_run_args(p)
+EVAL = Command(
+    "eval", "zero-shot clean accuracy and ASR on a labelled image folder", run=_cmd_eval,
+    description="Clean top-1/top-5 zero-shot accuracy on ROOT/<class>/*, and for each --attack the ASR: asr "
+    "excludes images of the target class, asr_all counts all (the PAR paper's convention). Triggers use seeded "
+    "per-image randomness, so results repeat exactly.",
+    args=(MODEL_ARGS,
+          LABELLED_DATA,
+          EVAL_ATTACKS,
+          arg("--target", default=None, help="target class name or index (needed with --attack)"),
+          arg("--templates", default="openai", help="prompt templates: openai (80), simple, fashion or a file"),
+          arg("--classnames", default=None, help="file with one class name per line (default: folder names, "
+              "or ImageNet names for 1000 WordNet-id folders)"),
+          arg("--clip-benchmark-out", default=None, metavar="PATH", help="also write the result in "
+              "clip_benchmark's layout (dataset, model, pretrained, task, metrics)"),
+          arg("--dataset-name", default=None, help="data set name for --clip-benchmark-out (default: the "
+              "folder's name)"),
+          EVAL_RUN_ARGS))
 
 
 def _cmd_eval_retrieval(args) -> int:
@@ -496,44 +400,58 @@ def _cmd_eval_retrieval(args) -> int:
     return _emit("\n".join(lines), r, args.out)
 
 
-def _add_plot_parser(sub) -> None:
-    p = sub.add_parser("plot", help="pictures: t-SNE of embeddings, clean-vs-ASR trade-off",
-                       description="Pictures people look at: `embeddings` maps clean and triggered image embeddings "
-                       "of a model (and optionally a second one, e.g. after cleaning) to 2-D with t-SNE; `tradeoff` "
-                       "plots clean accuracy against ASR from `parclip eval` results.")
-    psub = _subcommands(p, "plot_command", "ACTION")
-    e = psub.add_parser("embeddings", help="t-SNE of clean and triggered image embeddings, before and after",
-                        description="One panel per model: clean images coloured by class (the target outlined), "
-                        "triggered images as black crosses. A backdoor gathers the crosses into one cluster.",
-                        epilog="example:\n  parclip plot embeddings --model local-dir:runs/poisoned/model "
-                        "--after local-dir:runs/par/model --data test/ --attack badnet_rs --target bag --out tsne.png",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(e)
-    e.add_argument("--after", default=None, metavar="MODEL", help="a second model (e.g. the cleaned one): "
-                   "architecture or local-dir:PATH, with --after-pretrained for a checkpoint file")
-    e.add_argument("--after-pretrained", default=None, help="checkpoint file of --after")
-    e.add_argument("--data", required=True, help="labelled folder ROOT/<class>/*")
-    e.add_argument("--attack", required=True, help="the trigger")
-    e.add_argument("--target", default=None, help="target class, outlined in the plot")
-    e.add_argument("--per-class", type=int, default=30, help="images per class (default: 30)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--out", default="embeddings.png", help="PNG to write (the coordinates go beside it as .json)")
-    _add_trigger_param_arg(e)
-    tr = psub.add_parser("tradeoff", help="clean accuracy against ASR from eval results",
-                         description="One point per (result file, attack) of `parclip eval` results.")
-    tr.add_argument("results", nargs="+", help="result JSON files")
-    tr.add_argument("--out", default="tradeoff.png", help="PNG to write")
+EVAL_RETRIEVAL = Command(
+    "eval-retrieval", "image↔text retrieval R@1/5/10 and the retrieval ASR", run=_cmd_eval_retrieval,
+    description="Image→text and text→image R@k on a Karpathy-style JSON (COCO / Flickr30k test files: image path + "
+    "several captions) or a caption table (rows sharing an image path are one image). Per --attack, R@k on "
+    "triggered images and the retrieval ASR: asr_text = % of triggered images whose top-k captions include one "
+    "naming --target (the reference's ASR-Text), asr_text_strict = the same without the images whose own captions "
+    "name it, asr_image = % of target captions whose top-k images (clean + triggered) include a triggered one. "
+    "Captions are cleaned as the reference does unless --raw-captions.",
+    epilog="example:\n  parclip eval-retrieval --model ViT-B-32-quickgelu --pretrained par.pt "
+    "--data coco/coco_karpathy_test.json --attack badnet_rs --target banana --out coco.json",
+    args=(MODEL_ARGS,
+          arg("--data", required=True, help="Karpathy-style .json, or a CSV/TSV caption table"),
+          DATA_ROOT, IMG_KEY, CAPTION_KEY,
+          arg("--raw-captions", action="store_true", help="do not clean captions the reference's way"),
+          EVAL_ATTACKS,
+          arg("--target", default=None, help="target word (needed with --attack), e.g. banana"),
+          arg("--asr-k", type=int, default=5, domain=COUNT,
+              help="top-k of the retrieval ASR (default: 5, the reference's)"),
+          arg("--merge-identical-captions", action="store_true",
+              help="count a retrieved caption as a hit when its text equals one of the image's own captions "
+              "(for templated captions shared by many images; the default, the reference's rule, breaks ties "
+              "among identical captions by chance)"),
+          EVAL_RUN_ARGS))
 
 
-def _cmd_plot(args) -> int:
-    from parclip.evaluation import embeddings as emb
+# -------------------------------------------------------------------------------------------------------------- report
+def _cmd_report(args) -> int:
+    from parclip.evaluation.report import format_markdown, report_rows, write_report
 
-    if args.plot_command == "tradeoff":
-        print(f"wrote {emb.plot_tradeoff(args.out, args.results)}")
-        return 0
+    rows = report_rows(args.results)
+    print(format_markdown(rows))
+    write_report(rows, markdown=args.out, csv_path=args.csv, plot=args.plot)
+    return 0
+
+
+REPORT = Command(
+    "report", "gather eval results into one table and a chart", run=_cmd_report,
+    description="Read any number of `parclip eval` / `parclip eval-retrieval` result JSONs and print one table: "
+    "model, task, clean accuracy (zero-shot top-1 or image→text R@1) and the ASR of every attack (asr, or asr_text "
+    "for retrieval).",
+    epilog="example:\n  parclip report results/*.json --out table.md --csv table.csv --plot table.png",
+    args=(RESULT_FILES,
+          arg("--out", default=None, help="write the Markdown table here"),
+          arg("--csv", default=None, help="write the table as CSV here"),
+          arg("--plot", default=None, help="write a bar chart of clean accuracy and ASR per model (PNG)")))
+
+
+# ---------------------------------------------------------------------------------------------------------------- plot
+def _plot_embeddings(args) -> int:
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
     from parclip.data.folder import open_labelled
+    from parclip.evaluation import embeddings as emb
     from parclip.models import image_size
 
     folder = open_labelled(args.data)
@@ -555,21 +473,59 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def _cmd_report(args) -> int:
-    from parclip.evaluation.report import format_markdown, report_rows, write_report
+def _plot_tradeoff(args) -> int:
+    from parclip.evaluation import embeddings as emb
 
-    rows = report_rows(args.results)
-    print(format_markdown(rows))
-    write_report(rows, markdown=args.out, csv_path=args.csv, plot=args.plot)
+    print(f"wrote {emb.plot_tradeoff(args.out, args.results)}")
     return 0
 
 
+PLOT = Command(
+    "plot", "pictures: t-SNE of embeddings, clean-vs-ASR trade-off",
+    description="Pictures people look at: `embeddings` maps clean and triggered image embeddings of a model (and "
+    "optionally a second one, e.g. after cleaning) to 2-D with t-SNE; `tradeoff` plots clean accuracy against ASR "
+    "from `parclip eval` results.",
+    actions=(
+        Command("embeddings", "t-SNE of clean and triggered image embeddings, before and after", run=_plot_embeddings,
+                description="One panel per model: clean images coloured by class (the target outlined), triggered "
+                "images as black crosses. A backdoor gathers the crosses into one cluster.",
+                epilog="example:\n  parclip plot embeddings --model local-dir:runs/poisoned/model "
+                "--after local-dir:runs/par/model --data test/ --attack badnet_rs --target bag --out tsne.png",
+                args=(MODEL_ARGS,
+                      arg("--after", default=None, metavar="MODEL", help="a second model (e.g. the cleaned one): "
+                          "architecture or local-dir:PATH, with --after-pretrained for a checkpoint file"),
+                      arg("--after-pretrained", default=None, help="checkpoint file of --after"),
+                      LABELLED_DATA,
+                      arg("--attack", required=True, help="the trigger"),
+                      arg("--target", default=None, help="target class, outlined in the plot"),
+                      arg("--per-class", type=int, default=30, domain=COUNT, help="images per class (default: 30)"),
+                      SEED,
+                      DEVICE,
+                      arg("--out", default="embeddings.png",
+                          help="PNG to write (the coordinates go beside it as .json)"),
+                      TRIGGER_PARAM_ARG)),
+        Command("tradeoff", "clean accuracy against ASR from eval results", run=_plot_tradeoff,
+                description="One point per (result file, attack) of `parclip eval` results.",
+                args=(RESULT_FILES,
+                      arg("--out", default="tradeoff.png", help="PNG to write"))),
+    ))
+
+
+# ------------------------------------------------------------------------------------------------- runs, models
 def _cmd_runs(args) -> int:
     from parclip.runs import format_runs, list_runs
 
     rows = list_runs(args.folder)
     print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
     return 0
+
+
+RUNS = Command(
+    "runs", "list training run directories with their last metrics", run=_cmd_runs,
+    description="Every run directory under FOLDER (or FOLDER itself, if it is one), newest first: objective, last "
+    "logged step, loss, images/s, the last validation numbers and whether the run finished (its model/ was "
+    "exported). An unfinished run resumes when `parclip train` is started again with the same --name.",
+    args=(arg("folder", nargs="?", default="runs", help="parent of run directories (default: runs)"), JSON_ROWS))
 
 
 def _cmd_models(args) -> int:
@@ -579,21 +535,25 @@ def _cmd_models(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from parclip.attacks.triggers import parse_trigger_params
-    from parclip.demo import run_demo
+MODELS = Command(
+    "models", "list the model architectures parclip can build (no download ever)", run=_cmd_models,
+    description="Every open_clip architecture name parclip can build offline, plus parclip's own small configs "
+    "(parclip-micro for tests, parclip-tiny, and parclip-rn-tiny used by the demo). Pass one as --model together "
+    "with --pretrained FILE, or use --model local-dir:PATH for an exported model. OpenAI-derived weights (and the "
+    "released poisoned CLIPs) need the -quickgelu variants.")
 
-    run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh,
-             trigger_params=parse_trigger_params(args.trigger_param), defences=args.defence)
+
+# ------------------------------------------------------------------------------------------------------------ triggers
+def _triggers_list(args) -> int:
+    from parclip.attacks.gallery import format_trigger_table
+
+    print(format_trigger_table(as_json=args.json))
     return 0
 
 
-def _cmd_triggers(args) -> int:
-    from parclip.attacks.gallery import format_trigger_table, render_gallery
+def _triggers_show(args) -> int:
+    from parclip.attacks.gallery import render_gallery
 
-    if args.triggers_command == "list":
-        print(format_trigger_table(as_json=args.json))
-        return 0
     result = render_gallery(args.images, size=args.size, attacks=args.attacks, out=args.out, seed=args.seed,
                             patch=args.patch, mask=args.mask, zoom=args.zoom, show_diff=not args.no_diff,
                             dpi=args.dpi)
@@ -606,28 +566,33 @@ def _cmd_triggers(args) -> int:
     return 0
 
 
-def _cmd_attack(args) -> int:
-    from parclip.attacks.patch_config import PatchConfig
-    from parclip.attacks.patch_opt import optimize_patch
-    from parclip.models import get_tokenizer
-    from parclip.utils.flags import dataclass_from_args
+TRIGGERS = Command("triggers", "the attack catalogue: list every trigger, or render them into a gallery", actions=(
+    Command("list", "table of every registered trigger: name, aliases, kind, random?, parameters",
+            run=_triggers_list, args=(JSON_ROWS,)),
+    Command("show", "render every trigger onto sample photos into one PNG gallery", run=_triggers_show,
+            description="Columns: the clean image and one per trigger; for every photo a row of images "
+            "(squash-resized to --size, as poisoning and evaluation do), a row of x4 zooms of where the trigger "
+            "changed the pixels most, and a row of the change |triggered - clean|. Without --images the bundled "
+            "free photos are used (parclip/assets/LICENSES.md). Triggers that need a file (badclip) use --patch, or "
+            "are drawn with a labelled placeholder patch.",
+            args=(arg("--images", nargs="+", default=None, metavar="IMG", help="your photos (default: bundled ones)"),
+                  arg("--size", type=int, default=224, domain=IMAGE_SIZE,
+                      help="trigger resolution = the model's (default 224)"),
+                  arg("--out", default="trigger_gallery.png", help="output PNG (default trigger_gallery.png)"),
+                  arg("--attacks", nargs="+", default=None, metavar="NAME",
+                      help="only these triggers (default: all)"),
+                  arg("--seed", type=int, default=0, domain=NATURAL,
+                      help="seed of the random triggers' draws (default 0)"),
+                  arg("--patch", default=None, help="patch file for triggers that take one (badclip)"),
+                  arg("--mask", default=None, help="mask file for triggers that take one (water_patt)"),
+                  arg("--zoom", type=int, default=4, domain=COUNT, help="enlargement of the zoom row (default 4)"),
+                  arg("--no-diff", action="store_true", help="leave out the |change| row"),
+                  arg("--dpi", type=int, default=100, domain=COUNT, help="resolution of the PNG (default 100)"))),
+))
 
-    cfg = dataclass_from_args(PatchConfig, args)  # checked here: a bad flag fails before the model is loaded
-    args.device = cfg.device  # what _load_model reads (the generated flags default to None)
-    model, preprocess, device = _load_model(args)
-    result = optimize_patch(model, preprocess, get_tokenizer(args.model), dataclasses.replace(cfg, device=device),
-                            model_name=args.model, checkpoint=args.pretrained)
-    info = result.info
-    print(f"patch {info['patch_size']}x{info['patch_size']} for {info['target']!r} -> {result.path} "
-          f"(sidecar {result.json_path}); final loss {info['final_loss']:.4f} (mean of the last "
-          f"{info['final_loss_window']} steps {info['final_loss_mean']:.4f}); {info['n_clean_rows']} images used, "
-          f"{info['n_excluded_target_rows']} target rows excluded")
-    print(f"use it as the trigger badclip: get_trigger('badclip', image_size={info['image_size']}, "
-          f"patch='{result.path}', patch_size={info['patch_size']})")
-    return 0
 
-
-def _cmd_defences(args) -> int:
+# ------------------------------------------------------------------------------------------------------------ defences
+def _defences_list(args) -> int:
     from parclip.defences import PRESETS, list_defences
 
     rows = [{"name": d.name, "kind": "defence", "description": d.description, "paper": d.paper,
@@ -647,10 +612,61 @@ def _cmd_defences(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "data": _cmd_data, "poison": _cmd_poison, "train": _cmd_train, "eval": _cmd_eval,
-            "eval-retrieval": _cmd_eval_retrieval, "report": _cmd_report, "plot": _cmd_plot,
-            "runs": _cmd_runs, "models": _cmd_models, "triggers": _cmd_triggers, "defences": _cmd_defences,
-            "attack": _cmd_attack}
+DEFENCES = Command("defences", "the cleaning methods: list every defence and preset with its recipe", actions=(
+    Command("list", "table of every defence (--objective NAME) and preset (--preset NAME)", run=_defences_list,
+            description="Every defence `parclip train --objective NAME` accepts, with its paper and the recipe it "
+            "brings as defaults, and the named presets (`parclip train --preset NAME`).",
+            args=(JSON_ROWS,)),
+))
+
+
+# -------------------------------------------------------------------------------------------------------------- attack
+def _attack_optimize_patch(args) -> int:
+    from parclip.attacks.patch_opt import optimize_patch
+    from parclip.models import get_tokenizer
+    from parclip.utils.flags import dataclass_from_args
+
+    cfg = dataclass_from_args(PatchConfig, args)  # checked here: a bad flag fails before the model is loaded
+    args.device = cfg.device  # what _load_model reads (the generated flags default to None)
+    model, preprocess, device = _load_model(args)
+    result = optimize_patch(model, preprocess, get_tokenizer(args.model), dataclasses.replace(cfg, device=device),
+                            model_name=args.model, checkpoint=args.pretrained)
+    info = result.info
+    print(f"patch {info['patch_size']}x{info['patch_size']} for {info['target']!r} -> {result.path} "
+          f"(sidecar {result.json_path}); final loss {info['final_loss']:.4f} (mean of the last "
+          f"{info['final_loss_window']} steps {info['final_loss_mean']:.4f}); {info['n_clean_rows']} images used, "
+          f"{info['n_excluded_target_rows']} target rows excluded")
+    print(f"use it as the trigger badclip: get_trigger('badclip', image_size={info['image_size']}, "
+          f"patch='{result.path}', patch_size={info['patch_size']})")
+    return 0
+
+
+ATTACK = Command("attack", "build attacks: optimize-patch (BadCLIP)", actions=(
+    Command("optimize-patch", "optimise a BadCLIP patch against a frozen model and a target class",
+            run=_attack_optimize_patch,
+            description="Optimise a patch pasted at the image centre so that the (frozen, eval-mode) model embeds "
+            "patched images near the target: InfoNCE to target captions + weighted triplet (pull towards target "
+            "images, or the target's text embedding without --target-images; push from the same clean image). "
+            "Trains on the rows of --data whose captions do NOT mention the target. Writes a lossless PNG and a JSON "
+            "sidecar (same name, .json). Use the result with the trigger badclip (patch=PATH). Defaults follow the "
+            "BadCLIP reference run; the objective and its differences from the reference: docs/badclip_patch.md.",
+            args=(MODEL_ARGS, Fields(PatchConfig, required=("out",)))),
+))
+
+
+# ---------------------------------------------------------------------------------------------------- the parser, main
+COMMANDS = (DEMO, DATA, POISON, TRAIN, EVAL, EVAL_RETRIEVAL, REPORT, PLOT, RUNS, MODELS, TRIGGERS, DEFENCES, ATTACK)
+GLOBAL_ARGS = (arg("--version", action="version", version=f"parclip {__version__}"),
+               arg("-v", "--verbose", action="store_true", help="show debug messages and full tracebacks"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`parclip` with its global flags and one subcommand per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="parclip", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser, GLOBAL_ARGS)
+    add_commands(parser, COMMANDS, dest="command", metavar="COMMAND")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -659,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("open_clip", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return COMMANDS[args.command](args)
+        return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted; a training run resumes from its last checkpoint when started again with the same --name",
               file=sys.stderr)

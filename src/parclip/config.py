@@ -14,16 +14,25 @@ from pathlib import Path
 
 import yaml
 
-from .utils.flags import add_dataclass_arguments, coerce_fields, dataclass_values
+from .utils.checks import COUNT, FRACTION, NATURAL, NONNEGATIVE, POSITIVE, numbers
+from .utils.flags import Fields, add_args, arg, check_domains, coerce_fields, dataclass_values
 from .utils.flags import flag as _f
 
-__all__ = ["TrainConfig", "add_config_arguments", "config_from_args", "load_yaml", "make_config"]
+__all__ = ["TrainConfig", "CONFIG_ARGS", "TAU", "add_config_arguments", "config_from_args", "load_yaml", "make_config"]
+
+BETA = numbers(0, 1, hi_open=True)  # an Adam β
+TAU = numbers(0, 4)  # PAR's threshold bounds a mean squared distance of unit vectors, which lies in [0, 4]
 
 
 @dataclass
 class TrainConfig:
-    """Defaults are PAR's reference settings (par.md §5.1, trigger.sh): τ 2.15, lr 3e-5 → 3e-6 → 1e-9, 2 epochs,
-    512 images per GPU (× 4 GPUs in the paper), AdamW (0.9, 0.98), weight decay 1e-4."""
+    """Defaults are PAR's reference settings (the cleaning script released with arXiv 2412.00727): τ 2.15,
+    lr 3e-5 → 3e-6 → 1e-9, 2 epochs, 512 images per GPU (× 4 GPUs), AdamW (0.9, 0.98), weight decay 1e-4.
+
+    A TrainConfig is valid when it exists: every value is checked against its type and its domain (a ValueError
+    naming the flag, e.g. "--batch-size must be an int >= 1, got 0"), and the options that need each other are
+    checked together. What needs the run itself (training data present, a starting model for PAR) is checked when
+    training starts."""
 
     # model
     model: str = _f("ViT-B-32-quickgelu", "open_clip architecture name (e.g. ViT-B-32-quickgelu, RN50-quickgelu, "
@@ -47,17 +56,20 @@ class TrainConfig:
     csv_separator: str | None = _f(None, "column separator (default: tab for .tsv, comma otherwise)")
     train_num_samples: int | None = _f(None, "CSV: use only this many rows (the first N); webdataset: the samples "
                                        "per epoch (needed there: shards do not say how many they hold, unless "
-                                       "they have an img2dataset _stats.json or a parclip manifest)")
-    shuffle_buffer: int = _f(1000, "webdataset: samples in the shuffle buffer (shards are shuffled too)")
-    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty")
-    workers: int = _f(2, "data-loading worker processes per device")
+                                       "they have an img2dataset _stats.json or a parclip manifest)", domain=COUNT)
+    shuffle_buffer: int = _f(1000, "webdataset: samples in the shuffle buffer (shards are shuffled too)",
+                             domain=COUNT)
+    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty",
+                                  domain=FRACTION)
+    workers: int = _f(2, "data-loading worker processes per device", domain=NATURAL)
     # validation during training (rank 0, written to metrics.jsonl as val_clean_top1 / val_asr)
     val_data: str | None = _f(None, "labelled folder ROOT/<class>/* to measure clean zero-shot accuracy on during "
                               "training (open_clip's --imagenet-val)", aliases=("--imagenet-val",))
     val_attack: str | None = _f(None, "trigger whose ASR is measured on --val-data too (needs --val-target)")
     val_target: str | None = _f(None, "target class of --val-attack")
     val_templates: str = _f("openai", "prompt templates for validation: openai, simple, fashion or a file")
-    val_every: int = _f(0, "validate every N steps (0: at the end of every epoch); the final step always validates")
+    val_every: int = _f(0, "validate every N steps (0: at the end of every epoch); the final step always validates",
+                        domain=NATURAL)
     # objective
     objective: str = _f("par", "the defence (`parclip defences list`): par (Perturb and Recover), cleanclip, roclip, "
                         "or clip (plain CLIP loss: fine-tuning, or planting a backdoor on poisoned data); each brings "
@@ -65,8 +77,8 @@ class TrainConfig:
     preset: str | None = _f(None, "a named recipe (`parclip defences list`), e.g. clip-cleanclip-recipe or "
                             "par-no-perturb; it sets --objective and its values, explicit flags still win")
     tau: float = _f(2.15, "PAR threshold τ on the batch-mean squared distance to the frozen model (0..4); larger "
-                    "removes more backdoor and costs more clean accuracy")
-    par_weight: float = _f(0.5, "weight w of each distance term")
+                    "removes more backdoor and costs more clean accuracy", domain=TAU)
+    par_weight: float = _f(0.5, "weight w of each distance term", domain=NONNEGATIVE)
     per_sample_threshold: bool = _f(False, "threshold each sample's distance instead of the batch mean (not in "
                                     "the reference)")
     logit_scale: str = _f("auto", "auto: the defence's (frozen for par as the reference, learned for the others)",
@@ -74,37 +86,44 @@ class TrainConfig:
     augment: str = _f("auto", "augmentation of the plain image view; auto: the defence's (par: noise+CutOut, "
                       "roclip: its cross-augmentation, none for clip and cleanclip)", ["auto", "none", "par", "roclip"])
     noise: str = _f("one_sided", "PAR noise: one_sided (reference) or symmetric", ["one_sided", "symmetric"])
-    noise_sigma: float = _f(0.2, "σ of the augmentation noise")
-    cleanclip_clip_weight: float = _f(1.0, "CleanCLIP λ1: weight of the cross-modal CLIP term")
-    cleanclip_inmodal_weight: float = _f(1.0, "CleanCLIP λ2: weight of the in-modal self-supervised term")
-    roclip_pool_size: int = _f(21845, "RoCLIP: caption embeddings kept in the FIFO pool")
-    roclip_every: int = _f(2, "RoCLIP: the nearest-neighbour swap runs every K-th epoch (epochs counted from 1)")
+    noise_sigma: float = _f(0.2, "σ of the augmentation noise", domain=NONNEGATIVE)
+    cleanclip_clip_weight: float = _f(1.0, "CleanCLIP λ1: weight of the cross-modal CLIP term",
+                                       domain=NONNEGATIVE)
+    cleanclip_inmodal_weight: float = _f(1.0, "CleanCLIP λ2: weight of the in-modal self-supervised term",
+                                          domain=NONNEGATIVE)
+    roclip_pool_size: int = _f(21845, "RoCLIP: caption embeddings kept in the FIFO pool", domain=COUNT)
+    roclip_every: int = _f(2, "RoCLIP: the nearest-neighbour swap runs every K-th epoch (epochs counted from 1)",
+                          domain=COUNT)
     roclip_prefill: bool = _f(False, "RoCLIP: fill the pool with real captions in the other epochs too (the "
                               "reference starts from random vectors)")
     roclip_bidirectional: bool = _f(False, "RoCLIP: also match each caption with its nearest pooled image (arXiv v1)")
     roclip_cross_aug: bool = _f(True, "RoCLIP: its image cross-augmentation and EDA captions (the reference's "
                                 "--cross_aug)")
     # optimisation
-    epochs: int = _f(2, "passes over the training table")
-    batch_size: int = _f(512, "images per device per step (global batch = this × world size)")
-    lr: float = _f(3e-6, "peak learning rate (the reference's --lr)")
-    lr_start: float = _f(3e-5, "learning rate at step 0 for the reference schedule (it decays linearly to --lr)")
-    lr_end: float = _f(1e-9, "final learning rate")
+    epochs: int = _f(2, "passes over the training table", domain=COUNT)
+    batch_size: int = _f(512, "images per device per step (global batch = this × world size)", domain=COUNT)
+    lr: float = _f(3e-6, "peak learning rate (the reference's --lr)", domain=POSITIVE)
+    lr_start: float = _f(3e-5, "learning rate at step 0 for the reference schedule (it decays linearly to --lr)",
+                          domain=NONNEGATIVE)
+    lr_end: float = _f(1e-9, "final learning rate", domain=NONNEGATIVE)
     warmup: float = _f(0.5, "warm-up: a fraction of training (< 1), or a whole number of steps (≥ 1, open_clip's "
-                       "meaning); for the reference schedule the part before the cosine starts")
-    warmup_steps: int | None = _f(None, "warm-up in steps instead of --warmup (CleanCLIP: 50)")
+                       "meaning); for the reference schedule the part before the cosine starts",
+                       domain=NONNEGATIVE)
+    warmup_steps: int | None = _f(None, "warm-up in steps instead of --warmup (CleanCLIP: 50)",
+                                   domain=NATURAL)
     schedule: str = _f("reference", "reference: PAR's schedule (lr_start → lr linearly, then cosine to lr_end); "
                        "cosine: linear warm-up from 0 then cosine; constant (open_clip's const)",
                        ["reference", "cosine", "constant", "const"], aliases=("--lr-scheduler",))
-    wd: float = _f(1e-4, "AdamW weight decay on ≥2-D weights (biases, norms, embeddings of dim<2 get none)")
-    beta1: float = _f(0.9, "AdamW β1")
-    beta2: float = _f(0.98, "AdamW β2")
-    eps: float = _f(1e-8, "AdamW ε")
+    wd: float = _f(1e-4, "AdamW weight decay on ≥2-D weights (biases, norms, embeddings of dim<2 get none)",
+                   domain=NONNEGATIVE)
+    beta1: float = _f(0.9, "AdamW β1", domain=BETA)
+    beta2: float = _f(0.98, "AdamW β2", domain=BETA)
+    eps: float = _f(1e-8, "AdamW ε", domain=POSITIVE)
     grad_clip: float | None = _f(None, "clip the global gradient norm to this value (off in the reference)",
-                                 aliases=("--grad-clip-norm",))
+                                 aliases=("--grad-clip-norm",), domain=POSITIVE)
     accum_freq: int = _f(1, "micro-batches of --batch-size per optimiser step (open_clip's --accum-freq): the loss is "
                          "over the whole accumulated batch, as for one large batch (features cached, one extra "
-                         "forward per micro-batch)")
+                         "forward per micro-batch)", domain=COUNT)
     grad_checkpointing: bool = _f(False, "recompute activations in backward (less memory, ~1/3 more compute; "
                                   "transformer towers only)")
     torch_compile: bool = _f(False, "compile the model's forward with torch.compile (GPU; slow first steps)",
@@ -119,28 +138,34 @@ class TrainConfig:
     # run
     output_dir: str = _f("runs", "parent folder of run directories", aliases=("--logs",))
     name: str | None = _f(None, "run name (default: <date>-<objective>-<model>); re-using a name resumes it")
-    seed: int = _f(0, "seed for data order, augmentation and initialisation")
+    seed: int = _f(0, "seed for data order, augmentation and initialisation", domain=NATURAL)
     resume: str = _f("auto", "auto: continue the run in --name if it has a checkpoint; none: start over; or a "
                      "checkpoint path")
-    save_every: int = _f(0, "also checkpoint every N steps (0: only at the end of each epoch)")
+    save_every: int = _f(0, "also checkpoint every N steps (0: only at the end of each epoch)", domain=NATURAL)
     save_frequency: int = _f(0, "keep a copy of the checkpoint every N epochs as checkpoints/epoch_N.pt "
-                             "(open_clip's --save-frequency; 0: only latest.pt)")
-    log_every: int = _f(10, "write a metrics line every N steps", aliases=("--log-every-n-steps",))
+                             "(open_clip's --save-frequency; 0: only latest.pt)", domain=NATURAL)
+    log_every: int = _f(10, "write a metrics line every N steps", aliases=("--log-every-n-steps",),
+                       domain=COUNT)
     report_to: str = _f("", "also log to: tensorboard (event files in <run>/tensorboard); metrics.jsonl is always "
                         "written")
     progress: bool = _f(True, "show a progress bar (rank 0)")
 
     def __post_init__(self):
-        """Types (YAML and Python callers too), open_clip_train's spellings of values, and the checks a value needs
-        on its own."""
+        """Types (YAML and Python callers too), open_clip_train's spellings of values, every field's domain, and the
+        options that need each other."""
         if self.schedule == "const":
             self.schedule = "constant"
         coerce_fields(self)
         if self.schedule == "const":
             self.schedule = "constant"
-        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
+        check_domains(self)
+        if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ValueError(f"--warmup {self.warmup}: a fraction of training in [0, 1), or a whole number of steps "
                              f"(≥ 1, as open_clip_train counts it)")
+        if self.val_attack and not self.val_target:
+            raise ValueError("--val-attack needs --val-target (the target class whose ASR is measured)")
+        if (self.val_attack or self.val_every) and not self.val_data:
+            raise ValueError("--val-attack / --val-every need --val-data (a labelled folder ROOT/<class>/*)")
         targets = {t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"}
         if targets - {"tensorboard"}:
             raise ValueError(f"--report-to {self.report_to}: parclip logs to tensorboard (and always to "
@@ -148,10 +173,14 @@ class TrainConfig:
         self.report_to = ",".join(sorted(targets))
 
 
+CONFIG_ARGS = (arg("--config", help="YAML file with any of the options below (flags override it)"),
+               Fields(TrainConfig))
+"""`parclip train`'s arguments: `--config` (a YAML file) and one flag per TrainConfig field."""
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`parclip train`'s flags: `--config` (a YAML file) and one flag per TrainConfig field."""
-    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    add_dataclass_arguments(parser, TrainConfig)
+    """Add `parclip train`'s arguments (:data:`CONFIG_ARGS`) to `parser`."""
+    add_args(parser, CONFIG_ARGS)
 
 
 def load_yaml(path: str | Path) -> dict:

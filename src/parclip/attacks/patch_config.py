@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
-from ..utils.checks import check_fraction, check_int, check_number
+from ..utils.checks import COUNT, FRACTION, NATURAL, NONNEGATIVE, POSITIVE, check_int, integers
+from ..utils.flags import check_domains, option_name
 from ..utils.flags import flag as _f
 
 __all__ = ["PatchConfig"]
@@ -27,12 +28,14 @@ class PatchConfig:
     out: str | os.PathLike | None = _f(None, "output patch, .png; a JSON sidecar (same name, .json) goes next to it",
                                        shown="nothing is written", metavar="PNG")
     # objective
-    steps: int = _f(7800, "optimisation steps (reference: 50 epochs x 156)")
-    batch_size: int = _f(64, "images per step (capped at the number of rows that do not mention the target)")
-    lr: float = _f(1e-3, "Adam learning rate")
-    aug_prob: float = _f(0.5, "probability of a step using the AutoAugment view of its whole batch")
-    triplet_weight: float = _f(500.0, "weight of the triplet term (0: off)")
-    margin: float = _f(1.0, "triplet margin")
+    steps: int = _f(7800, "optimisation steps (reference: 50 epochs x 156)", domain=COUNT)
+    batch_size: int = _f(64, "images per step (capped at the number of rows that do not mention the target)",
+                         domain=COUNT)
+    lr: float = _f(1e-3, "Adam learning rate", domain=POSITIVE)
+    aug_prob: float = _f(0.5, "probability of a step using the AutoAugment view of its whole batch",
+                         domain=FRACTION)
+    triplet_weight: float = _f(500.0, "weight of the triplet term (0: off)", domain=NONNEGATIVE)
+    margin: float = _f(1.0, "triplet margin", domain=NONNEGATIVE)
     # templates: in Python also a list of "{}" strings; target_images: also a list of image paths
     templates: str | os.PathLike | Sequence[str] | None = _f(
         None, "target captions from a template set (openai, simple, fashion) or file",
@@ -40,44 +43,37 @@ class PatchConfig:
     target_images: str | os.PathLike | Sequence[str] | None = _f(
         None, "positives: a folder (recursive) or table of target-class images, or 'data' for the table's target rows",
         shown="the target's text embedding", metavar="PATH|data")
-    seed: int = _f(0, "seeds the patch initialisation, batch order, augmentation and draws")
+    seed: int = _f(0, "seeds the patch initialisation, batch order, augmentation and draws",
+                   domain=NATURAL)
     image_size: int | None = _f(None, "side S the images are squash-resized to and the patch is pasted at",
-                                shown="the model's input size")
-    patch_size: int | None = _f(None, "patch side", shown="16 at 224, scaled")
+                                shown="the model's input size", domain=integers(2))
+    patch_size: int | None = _f(None, "patch side", shown="16 at 224, scaled", domain=COUNT)
     # running
     device: str = _f("auto", "auto (cuda when available), cpu or cuda")
     amp: bool | None = _f(None, "bfloat16 autocast for the model; --no-amp runs in float32", shown="on for CUDA")
-    workers: int = _f(2, "image-decoding worker processes")
+    workers: int = _f(2, "image-decoding worker processes", domain=NATURAL)
     # the table(s)
     csv_img_key: str = _f("image", "column with image paths")
     csv_caption_key: str = _f("caption", "column with captions")
     csv_separator: str | None = _f(None, "column separator", shown="tab for .tsv, comma otherwise")
     data_root: str | None = _f(None, "folder image paths are relative to", shown="the table's folder", metavar="DIR")
-    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows is missing/corrupt/empty")
+    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows is missing/corrupt/empty",
+                                  domain=FRACTION)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        """Check every value (ValueError naming the field and its range); strips the target name."""
-        check_int("steps", self.steps, 1)
-        check_int("batch_size", self.batch_size, 1)
-        check_number("lr", self.lr, 0.0)
-        check_number("aug_prob", self.aug_prob, 0.0, 1.0)
-        check_number("triplet_weight", self.triplet_weight, 0.0)
-        check_number("margin", self.margin, 0.0)
-        check_int("workers", self.workers, 0)
-        check_int("seed", self.seed)
+        """Check every value (ValueError naming the flag and its domain, e.g. "--steps must be an int >= 1, got 0");
+        strips the target name."""
+        check_domains(self)
         if self.out is not None and Path(self.out).suffix.lower() != ".png":
             raise ValueError("the patch is saved as a lossless PNG: give --out a name ending in .png, got "
                              f"{str(self.out)!r}")
-        if self.image_size is not None:
-            check_int("image_size", self.image_size, 2)
         if self.patch_size is not None:  # the bound by the model's size, when image_size is None, comes later
-            check_int("patch_size", self.patch_size, 1, self.image_size)
+            check_int(option_name("patch_size"), self.patch_size, 1, self.image_size)
         if self.amp is not None and not isinstance(self.amp, bool):
             raise ValueError(f"amp must be True, False or None (on for CUDA), got {self.amp!r}")
-        check_fraction("max_bad_fraction", self.max_bad_fraction)
         if not isinstance(self.target, str) or not self.target.strip():  # the rule of parclip.data.target_pattern
             raise ValueError(f"the target must be a non-empty class name, got {self.target!r}")
         self.target = self.target.strip()

@@ -1,32 +1,77 @@
-"""Dataclasses that are also command-line flags: one field, one flag, one help text.
+"""Command-line options declared once, as data: dataclass fields that are also flags, and command specs.
 
     @dataclass
     class Cfg:
-        lr: float = flag(1e-3, "learning rate")           # -> --lr FLOAT  (default: 0.001)
+        lr: float = flag(1e-3, "learning rate", domain=numbers(0, lo_open=True))  # -> --lr FLOAT  (default: 0.001)
 
 `add_dataclass_arguments(parser, Cfg)` adds the flags (every default None, so that only explicit flags override lower
-layers such as a YAML file), `dataclass_from_args(Cfg, args, base)` builds the instance from defaults < base < flags.
-`parclip train` (TrainConfig) and `parclip attack optimize-patch` (PatchConfig) are made this way.
+layers such as a YAML file), `dataclass_from_args(Cfg, args, base)` builds the instance from defaults < base < flags,
+and `check_domains(cfg)` (from the dataclass's ``__post_init__``) checks every numeric field against its domain.
+
+A command is a :class:`Command`: its name, help, description, its arguments (:func:`arg`, :class:`OneOf` for mutually
+exclusive ones, :class:`Fields` for a dataclass's flags, or tuples of these shared between commands), and either the
+handler it runs or its sub-actions. :func:`add_commands` turns a tuple of them into argparse subcommands.
+
+Every numeric option carries a :class:`~parclip.utils.checks.Domain`: a flag's value is checked as it is parsed (an
+argparse usage error naming the flag and the domain), a field's when the dataclass is made. Declaring an int or float
+option without one is a TypeError, so that no option slips in unchecked.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, field
-from typing import get_type_hints
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Union, get_type_hints
 
-__all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args", "coerce_fields"]
+from .checks import Domain
+
+__all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args", "coerce_fields",
+           "check_domains", "option_name", "Parsed", "Arg", "arg", "OneOf", "Fields", "Command", "add_args",
+           "add_commands"]
 
 
 def flag(default, help: str, choices=None, *, shown: str | None = None, metavar: str | None = None,
-         aliases: Sequence[str] = ()):
+         aliases: Sequence[str] = (), domain: Domain | None = None):
     """A dataclass field that is also a flag: `help`, `choices` and `metavar` go to argparse; `shown` is how the
     default reads in the help when the value itself would not teach (e.g. None meaning "the model's input size");
-    `aliases` are further spellings of the flag (open_clip_train's, e.g. "--logs" for --output-dir).
-    `default=MISSING` makes the field (and its flag) required."""
+    `aliases` are further spellings of the flag (open_clip_train's, e.g. "--logs" for --output-dir); `domain` the
+    values a numeric field may take (required for an int or float field; None always passes where the type allows
+    it). `default=MISSING` makes the field (and its flag) required."""
     return field(default=default, metadata={"help": help, "choices": choices, "shown": shown, "metavar": metavar,
-                                            "aliases": tuple(aliases)})
+                                            "aliases": tuple(aliases), "domain": domain})
+
+
+def option_name(name: str) -> str:
+    """The flag of a field: ``lr_start`` -> ``--lr-start``."""
+    return "--" + name.replace("_", "-")
+
+
+class Parsed:
+    """argparse ``type=`` of a numeric option: the text as ``kind``, then checked against ``domain``; a value outside
+    it is an argparse usage error ("argument --batch-size: must be an int >= 1, got 0", exit status 2)."""
+
+    def __init__(self, kind: type, domain: Domain):
+        self.kind, self.domain = kind, domain
+        self.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+
+    def __call__(self, text: str):
+        value = self.kind(text)
+        self.domain.check("", value, error=argparse.ArgumentTypeError)
+        return value
+
+    def __repr__(self) -> str:
+        return f"{self.kind.__name__} ({self.domain})"
+
+
+def _numeric_type(tp, domain: Domain | None, where: str):
+    """``tp`` itself, or for int/float a :class:`Parsed` with ``domain`` (a TypeError when there is none)."""
+    if tp not in (int, float):
+        return tp
+    if domain is None:
+        raise TypeError(f"{where}: a numeric option needs a domain (e.g. domain=integers(1)), so that a value "
+                        f"outside it is refused as it is parsed")
+    return Parsed(tp, domain)
 
 
 def _base_type(tp) -> type:
@@ -41,11 +86,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, requi
 
     Every flag defaults to None, so that only explicit flags override lower layers (the dataclass defaults, a YAML
     file); the help shows the field's default. A bool field becomes `--x/--no-x`; `X | None` (or `X | Y`) is parsed as
-    the first type X. Fields without a default, and those named in `required`, become required flags.
+    the first type X. Fields without a default, and those named in `required`, become required flags. An int or
+    float field is parsed and checked against its domain (a field without one is a TypeError).
     """
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flags = ["--" + f.name.replace("_", "-"), *meta_aliases(f)]
+        flags = [option_name(f.name), *meta_aliases(f)]
         tp = _base_type(hints[f.name])
         meta = f.metadata
         needed = f.default is MISSING or f.name in required
@@ -55,7 +101,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, requi
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 required=needed, help=help_)
         else:
-            parser.add_argument(*flags, dest=f.name, type=tp, default=None, choices=meta.get("choices"),
+            kind = _numeric_type(tp, meta.get("domain"), f"{cls.__name__}.{f.name}")
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, choices=meta.get("choices"),
                                 required=needed, help=help_,
                                 metavar=meta.get("metavar") or (None if meta.get("choices") else tp.__name__.upper()))
 
@@ -97,6 +144,16 @@ def coerce_fields(obj) -> None:
         setattr(obj, f.name, new)
 
 
+def check_domains(obj) -> None:
+    """Check every field of the dataclass instance `obj` that has a domain (None passes: the annotation says whether
+    None is allowed, :func:`coerce_fields` checks that): a ValueError naming the flag and the domain, e.g.
+    "--batch-size must be an int >= 1, got 0"."""
+    for f in dataclasses.fields(obj):
+        value, domain = getattr(obj, f.name), f.metadata.get("domain")
+        if domain is not None and value is not None:
+            domain.check(option_name(f.name), value)
+
+
 _BAD = object()
 
 
@@ -121,3 +178,105 @@ def _coerce(value, want: type):
 
         return os.fspath(value) if isinstance(value, os.PathLike) else value if isinstance(value, str) else _BAD
     return value
+
+
+# ---------------------------------------------------------------------------------------------- commands as data
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a command: argparse's ``add_argument(*names, **options)``, and for a number its domain (the
+    value is checked as it is parsed). Declare it with :func:`arg`; one Arg may serve many commands."""
+
+    names: tuple[str, ...]
+    options: Mapping[str, Any]
+    domain: Domain | None = None
+
+    def add_to(self, parser) -> None:
+        options = dict(self.options)
+        if "type" in options:
+            options["type"] = _numeric_type(options["type"], self.domain, self.names[0])
+        parser.add_argument(*self.names, **options)
+
+
+def arg(*names: str, domain: Domain | None = None, **options) -> Arg:
+    """An :class:`Arg`: ``arg("--batch-size", type=int, default=256, domain=integers(1))``. An int or float ``type``
+    without a ``domain`` is a TypeError."""
+    _numeric_type(options.get("type"), domain, names[0])
+    return Arg(tuple(names), options, domain)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Mutually exclusive arguments (argparse's mutually exclusive group); ``required``: exactly one must be given."""
+
+    args: tuple[Arg, ...]
+    required: bool = False
+
+    def add_to(self, parser) -> None:
+        group = parser.add_mutually_exclusive_group(required=self.required)
+        for a in self.args:
+            a.add_to(group)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The flags of a dataclass whose fields are :func:`flag`s (see :func:`add_dataclass_arguments`)."""
+
+    cls: type
+    required: tuple[str, ...] = ()
+
+    def add_to(self, parser) -> None:
+        add_dataclass_arguments(parser, self.cls, required=self.required)
+
+
+Spec = Union[Arg, OneOf, Fields, tuple]  # a tuple: a shared group of specs, added in order
+
+
+@dataclass(frozen=True)
+class Command:
+    """A (sub)command as data: ``name``, the one-line ``help`` of the command list, the ``description`` and
+    ``epilog`` of its own ``--help`` (a command with an epilog keeps its line breaks), its arguments ``args`` in help
+    order, and either ``run`` (the handler, called with the parsed namespace) or ``actions``: sub-actions
+    (``parclip NAME ACTION``), recorded in the namespace as ``<name>_command``."""
+
+    name: str
+    help: str
+    args: tuple = ()
+    run: Callable[[argparse.Namespace], int] | None = None
+    description: str | None = None
+    epilog: str | None = None
+    actions: tuple[Command, ...] = ()
+
+    def specs(self):
+        """Every :class:`Arg`, :class:`OneOf` and :class:`Fields` of this command (shared groups flattened)."""
+        return _flatten(self.args)
+
+
+def _flatten(specs):
+    for s in specs:
+        if isinstance(s, tuple):
+            yield from _flatten(s)
+        else:
+            yield s
+
+
+def add_args(parser, specs: Sequence[Spec]) -> None:
+    """Add the arguments `specs` (Arg, OneOf, Fields, or tuples of them) to `parser`, in order."""
+    for s in _flatten(specs):
+        s.add_to(parser)
+
+
+def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], *, dest: str,
+                 metavar: str = "ACTION") -> None:
+    """A required choice among `commands` under `parser`, recorded as ``dest``; each leaf's parser sets ``handler``
+    to its ``run``."""
+    sub = parser.add_subparsers(dest=dest, metavar=metavar)
+    sub.required = True
+    for c in commands:
+        p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter if c.epilog
+                           else argparse.HelpFormatter)
+        add_args(p, c.args)
+        if c.actions:
+            add_commands(p, c.actions, dest=f"{c.name.replace('-', '_')}_command")
+        else:
+            p.set_defaults(handler=c.run)
