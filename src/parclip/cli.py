@@ -116,28 +116,32 @@ def _cmd_demo(args) -> int:
     from parclip.demo import run_demo
 
     run_demo(args.out, attack=args.attack, target=args.target, tau=args.tau, seed=args.seed, fresh=args.fresh,
-             trigger_params=parse_trigger_params(args.trigger_param), defences=args.defence)
+             trigger_params=parse_trigger_params(args.trigger_param), defences=args.defence, smoke=args.smoke)
     return 0
 
 
 DEMO = Command(
     "demo", "end to end on Fashion-MNIST: plant a backdoor in a small CLIP, clean it, measure", run=_cmd_demo,
-    description="Export Fashion-MNIST, pre-train a clean foundation CLIP from scratch, plant a backdoor by "
-    "fine-tuning it on pairs of which 10% carry a trigger naming the target class, clean the poisoned model with "
-    "plain fine-tuning and PAR (--defence adds others) on disjoint clean pairs, and evaluate every model (zero-shot "
-    "clean top-1 and ASR; retrieval R@1 and the retrieval ASR). Prints the table and writes results.json and "
-    "results.png into --out. Completed stages are reused when run again.",
+    description="One attack of the defence × attack benchmark (benchmarks/defence_matrix.py, the same protocol and "
+    "settings), plus retrieval: export Fashion-MNIST, pre-train a clean foundation CLIP from scratch, plant a "
+    "backdoor by fine-tuning it on 20 000 of its pairs of which 10% carry a trigger naming the target class, clean "
+    "the poisoned model with plain fine-tuning and PAR (--defence adds others) on 10 000 disjoint clean pairs with "
+    "the benchmark's common budget, and evaluate every model (zero-shot clean top-1 and ASR; retrieval R@1 and the "
+    "retrieval ASR). Prints the table and writes results.json and results.png into --out. Every stage is cached "
+    "under its settings: finished stages are reused when run again (also by the benchmark with --cache OUT).",
     args=(arg("--out", default="demo_out", help="output folder (default: demo_out)"),
           arg("--attack", default="badnet_rs", help="trigger to plant (default: badnet_rs), or \"all\": every "
-              "attack, printing the matrix attack × {poisoned, PAR} × {clean top-1, ASR} (matrix.json, matrix.png)"),
+              "attack, printing the benchmark's matrix defence × attack of clean top-1 / ASR (matrix.json, .md, .png)"),
           arg("--target", default="bag", help="target class (default: bag)"),
           arg("--defence", action="append", default=None, metavar="NAME",
-              help="clean with this defence too (repeatable): fine-tuning, 'fine-tuning + PAR aug', CleanCLIP, "
-              "RoCLIP, PAR, or all (default: fine-tuning and PAR)"),
+              help="clean with this defence (repeatable): fine-tuning (clip), 'fine-tuning + PAR aug' (clip_aug), "
+              "CleanCLIP, RoCLIP, PAR, or all (default: fine-tuning and PAR)"),
           arg("--tau", type=float, default=None, domain=TAU,
-              help="override the demo's PAR threshold (2.0)"),
+              help="override PAR's threshold τ (the benchmark's 2.0)"),
           SEED,
           arg("--fresh", action="store_true", help="recompute every stage instead of reusing finished ones"),
+          arg("--smoke", action="store_true", help="the benchmark's smoke size: a few hundred images, one epoch per "
+              "stage, about a minute; checks the set-up, the numbers say nothing"),
           TRIGGER_PARAM_ARG))
 
 
