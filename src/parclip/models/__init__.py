@@ -29,7 +29,8 @@ from .transforms import eval_transform, image_size, normalize
 
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
-    "NonFiniteWeightsError", "create_model", "model_config", "get_tokenizer", "load_state_dict", "load_weights", "save_model",
+    "NonFiniteWeightsError", "create_model", "model_config", "get_tokenizer", "load_state_dict", "load_weights",
+    "save_model",
     "eval_transform", "image_size", "normalize", "list_model_names", "check_state_dict", "LOCAL_DIR_PREFIX",
     "CONFIG_FILE", "WEIGHTS_FILE", "weights_sha256",
 ]
