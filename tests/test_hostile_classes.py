@@ -1,6 +1,6 @@
-"""Classes of hostile input, each refused or read correctly at every entry point it reaches (see docs/hostile_inputs.md):
-model weights holding NaN or Inf, image folders whose links loop back on themselves, and prompt templates that try to
-reach Python objects through format fields."""
+"""Classes of hostile input, each refused or read correctly at every entry point it reaches (docs/hostile_inputs.md
+sweeps them too): model weights holding NaN or Inf, image folders whose links loop back on themselves, and prompt
+templates that try to reach Python objects through format fields."""
 import json
 import os
 
