@@ -3,8 +3,9 @@ reading, never in a bare traceback, executed code or a silently changed result?
 
     .venv/bin/python benchmarks/hostile_inputs.py [--out docs/hostile_inputs.md] [--only GROUP ...] [--no-write]
 
-Groups (one function each): caption tables, images, checkpoints (model weights, training resume, trigger pattern
-files, ``local-dir:`` folders, malicious pickles), YAML configs and trigger parameters, webdataset shards. Every case
+Groups (one function each): caption tables, images, labelled image folders whose links loop, checkpoints (model
+weights, training resume, trigger pattern files, ``local-dir:`` folders, malicious pickles, NaN/Inf weights through
+every command that loads a model), YAML configs and trigger parameters, prompt templates, webdataset shards. Every case
 runs in a fresh temporary directory (also the working directory), with stdout/stderr, warnings and log records
 captured, and its outcome is classified:
 
@@ -66,8 +67,9 @@ from safetensors.torch import load_file, save_file
 import parclip.cli
 from parclip.attacks.triggers import build_triggers, parse_trigger_params
 from parclip.config import make_config
-from parclip.data import CaptionDataset, LabelledFolder, fashion_mnist, open_rgb, write_table
-from parclip.data.shards import ShardStream, shards_to_table, table_to_shards
+from parclip.data import CaptionDataset, LabelledFolder, fashion_mnist, get_templates, open_rgb, write_table
+from parclip.attacks.poison import poison_csv
+from parclip.data.shards import ShardStream, folder_to_shards, shards_to_table, table_to_shards
 from parclip.evaluation import evaluate
 from parclip.models import create_model, eval_transform, get_tokenizer, save_model
 from parclip.train import train
@@ -118,6 +120,7 @@ class Fixtures:
     checkpoint, an exported model folder, clean shards."""
     root: Path
     train_csv: Path = None
+    test_dir: Path = None  # the export's labelled test folder (10 classes)
     sd: dict = None  # reference state dict of a parclip-micro
     model: Any = None
     preprocess: dict = None
@@ -286,6 +289,7 @@ def build_fixtures(root: Path) -> Fixtures:
     with contextlib.redirect_stderr(io.StringIO()):
         paths = fashion_mnist.export(root / "fmnist", n_train=200, holdout=50, n_test=50, seed=0)
         fx.train_csv = paths["train_csv"]
+        fx.test_dir = paths["test_dir"]
         fx.model, fx.preprocess = create_model(MODEL)
         fx.sd = {k: v.detach().clone() for k, v in fx.model.state_dict().items()}
         fx.tokenizer = get_tokenizer(MODEL)
@@ -658,6 +662,70 @@ def group_images(sw: Sweep) -> None:
 
 
 # ====================================================================================================================
+# labelled image folders whose links loop
+# ====================================================================================================================
+def folder_cases() -> dict[str, tuple[list[tuple[str, str]], int]]:
+    """name -> (links to add to the layout of `_labelled_layout`: (link path, target), the images a correct walk
+    lists). ELSEWHERE in a target is a folder of 2 images outside the data set."""
+    return {
+        "plain folder (control)": ([], 4),
+        "class folder links back to the root (bag/loop -> ..)": ([("bag/loop", "..")], 4),
+        "link to a folder above the data set (bag/sub/up -> ../../..)": ([("bag/sub/up", "../../..")], 4),
+        "folder links to itself (shirt/self -> .), two loops at once": ([("shirt/self", "."), ("bag/loop", "..")], 4),
+        "links to a file and a folder outside (control)": ([("shirt/linked.png", "ELSEWHERE/img0.png"),
+                                                            ("shirt/more", "ELSEWHERE")], 7),
+    }
+
+
+def _labelled_layout(tmp: Path, links: list[tuple[str, str]]) -> Path:
+    """tmp/data: bag/ (2 images), bag/sub/ (1), shirt/ (1), plus `links`; tmp/elsewhere: 2 more images."""
+    root = tmp / "data"
+    for folder, n in (("bag", 2), ("bag/sub", 1), ("shirt", 1), ("../elsewhere", 2)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            colour = (30 * i, 90, 200 if "shirt" in folder else 20)
+            Image.new("RGB", (SIZE, SIZE), colour).save(root / folder / f"img{i}.png")
+    for link, target in links:
+        os.symlink(target.replace("ELSEWHERE", str(tmp / "elsewhere")), root / link)
+    return root
+
+
+def group_folders(sw: Sweep) -> None:
+    group = "image folder"
+    fx = sw.fx
+    for name, (links, n_images) in folder_cases().items():
+        def counted(n, what):
+            ok = n == n_images
+            return (ACCEPTED, f"{n} images, each once ({what})") if ok else \
+                (FAIL_CHANGED, f"{n} images listed, the folder holds {n_images} ({what})")
+
+        def labelled(tmp, links=links):
+            root = _labelled_layout(tmp, links)
+            return (lambda: LabelledFolder(root)), (lambda ds: counted(len(ds.samples), f"labels {ds.targets}"))
+
+        def shards(tmp, links=links):
+            root = _labelled_layout(tmp, links)
+            return (lambda: folder_to_shards(root, tmp / "wds")), (lambda r: counted(r["n_samples"], "n_samples"))
+
+        def eval_cli(tmp, links=links):
+            root = _labelled_layout(tmp, links)
+
+            def check(result):
+                err = cli_error(result)
+                if err:
+                    return err
+                m = re.search(r"\((\d+) images\)", result[1])
+                return counted(int(m.group(1)) if m else -1, "the count parclip eval printed")
+
+            return (lambda: cli("eval", "--model", f"local-dir:{fx.export_dir}", "--data", root, "--templates",
+                                "fashion", "--workers", "0")), check
+
+        sw.attempt(group, name, "LabelledFolder", labelled)
+        sw.attempt(group, name, "folder_to_shards", shards)
+        sw.attempt(group, name, "parclip eval --data", eval_cli)
+
+
+# ====================================================================================================================
 # checkpoints and pattern files
 # ====================================================================================================================
 class Payload:
@@ -805,8 +873,22 @@ def hostile_files() -> dict[str, Hostile]:
         b[8: 8 + n] = (b"{not json" + b" " * n)[:n]
         return bytes(b)
 
+    def nonfinite(value: float, kind: str):
+        """The valid object with its first floating-point tensor's last value set to `value` (NaN, Inf)."""
+        def make(obj, flat, marker):
+            t = next(v for v in flat.values() if v.is_floating_point() and v.numel())
+            old = t.clone()
+            t[(-1,) * t.ndim] = value
+            try:
+                return _torch_bytes(obj) if kind == "torch" else _safetensors_bytes(flat)
+            finally:
+                t.copy_(old)
+        return make
+
     files = {
         "valid file (control)": Hostile("torch", lambda obj, flat, m: _torch_bytes(obj), expect_valid=True),
+        "NaN in one value (torch.save)": Hostile("torch", nonfinite(float("nan"), "torch")),
+        "Inf in one value (safetensors)": Hostile("safetensors", nonfinite(float("inf"), "safetensors")),
         "random bytes": Hostile("torch", lambda obj, flat, m: random.Random(0).randbytes(4096)),
         "truncated zip (torch.save cut in half)": Hostile("torch", truncated),
         "corrupt zip (64 bytes flipped mid-file)": Hostile("torch", corrupt, expect_valid=True),
@@ -947,6 +1029,60 @@ def group_checkpoints(sw: Sweep) -> None:
                 return (lambda: entry.load(fx, arg, tmp)), check
 
             sw.attempt(group, name, entry.name, case)
+    group_nonfinite_commands(sw)
+
+
+def group_nonfinite_commands(sw: Sweep) -> None:
+    """Every command that loads a model, given weights with a NaN: a clear error naming the tensor, never a score
+    computed from NaN logits (the finite weights are the control)."""
+    fx = sw.fx
+    commands = {
+        "parclip eval --pretrained": lambda tmp, w: ["eval", "--model", MODEL, "--pretrained", w, "--data",
+                                                     fx.test_dir, "--templates", "fashion", "--workers", "0"],
+        "parclip eval --model local-dir:": lambda tmp, w: ["eval", "--model", f"local-dir:{_as_local_dir(tmp, w, fx)}",
+                                                          "--data", fx.test_dir, "--templates", "fashion",
+                                                          "--workers", "0"],
+        "parclip eval-retrieval --pretrained": lambda tmp, w: ["eval-retrieval", "--model", MODEL, "--pretrained", w,
+                                                               "--data", fx.table16, "--workers", "0"],
+        "parclip train --pretrained": lambda tmp, w: ["train", "--model", MODEL, "--pretrained", w, "--objective",
+                                                      "clip", "--train-data", fx.table16, "--epochs", "1",
+                                                      "--batch-size", "8", "--workers", "0", "--no-progress",
+                                                      "--output-dir", tmp / "runs"],
+        "parclip attack optimize-patch --pretrained": lambda tmp, w: [
+            "attack", "optimize-patch", "--model", MODEL, "--pretrained", w, "--data", fx.table16, "--target", "bag",
+            "--out", tmp / "patch.png", "--steps", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu"],
+    }
+    key = next(iter(fx.sd))
+    for name, spoil in {"finite weights (control)": None, "NaN in one weight": float("nan")}.items():
+        for entry, argv in commands.items():
+            def case(tmp, spoil=spoil, argv=argv):
+                weights = {k: v.clone().contiguous() for k, v in fx.sd.items()}
+                if spoil is not None:
+                    weights[key].view(-1)[-1] = spoil
+                save_file(weights, tmp / "weights.safetensors")
+
+                def check(result):
+                    err = cli_error(result)
+                    if err:
+                        named = err[0] != CLEAR or spoil is None or key in err[1]
+                        return err if named else (FAIL_CHANGED, f"refused without naming {key}: {err[1]}")
+                    said = (result[1].strip().splitlines() or [""])[0]
+                    if spoil is None:
+                        return ACCEPTED, f"ran with the finite weights: {said}"
+                    return FAIL_CHANGED, f"ran on NaN weights and reported: {said}"
+
+                return (lambda: cli(*argv(tmp, tmp / "weights.safetensors"))), check
+
+            sw.attempt("checkpoint", name, entry, case)
+
+
+def _as_local_dir(tmp: Path, weights: Path, fx: Fixtures) -> Path:
+    """An exported model folder: the fixtures' open_clip_config.json beside `weights`."""
+    folder = tmp / "model"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(weights, folder / "open_clip_model.safetensors")
+    shutil.copy(fx.export_dir / "open_clip_config.json", folder)
+    return folder
 
 
 def _zip_data_pkl(data: bytes) -> bytes:
@@ -1052,6 +1188,84 @@ def group_configs(sw: Sweep) -> None:
 
         sw.attempt("trigger param", f"{attack} {name}", "build_triggers", direct)
         sw.attempt("trigger param", f"{attack} {name}", "parclip poison --trigger-param", poison)
+
+
+# ====================================================================================================================
+# prompt templates
+# ====================================================================================================================
+# name -> a template; only the control is valid: '{}' and '{c}' are the class name, '{{' and '}}' literal braces
+TEMPLATE_CASES = {
+    "'{c}' and literal '{{braces}}' (control)": "a photo of a {c}, {{ {} }}.",
+    "attribute access {0.__class__}": "a photo of {0.__class__}.",
+    "escaped braces hide a field: {{}} {0.__class__}": "{{}} {0.__class__.__name__}",
+    "globals through {c.__init__.__globals__}": "a {} {c.__init__.__globals__}",
+    "positional field {0}": "a photo of a {0}.",
+    "conversion {!r}": "a photo of a {!r}.",
+    "format spec {:>40}": "a photo of a {:>40}.",
+    "unknown field {x}": "a {} with {x}.",
+    "lone brace": "a {} }",
+}
+TEMPLATE_CONTROL = "a photo of a bag, { bag }."  # the control filled with 'bag', written out by hand
+
+
+def group_templates(sw: Sweep) -> None:
+    group = "prompt template"
+    fx = sw.fx
+    trigger = build_triggers(["badnet"], SIZE, {})[0]
+    for name, template in TEMPLATE_CASES.items():
+        valid = name.endswith("(control)")
+
+        def judged(what_ran: str, ok: Callable[[], bool] = lambda: True):
+            if not valid:
+                return FAIL_CHANGED, f"a template with a format field was used: {what_ran}"
+            return (ACCEPTED, what_ran) if ok() else (FAIL_CHANGED, f"filled wrongly: {what_ran}")
+
+        def template_file(tmp, template=template):
+            (tmp / "templates.txt").write_text(f"a photo of a {{}}.\n{template}\n")
+            return (lambda: get_templates(tmp / "templates.txt")), \
+                (lambda got: judged(f"read {got}", lambda: got == ["a photo of a {}.", template]))
+
+        def evaluation(tmp, template=template):
+            folder = LabelledFolder(fx.test_dir, transform=eval_transform(fx.preprocess))
+            return (lambda: evaluate(fx.model, fx.preprocess, fx.tokenizer, folder, templates=[template], workers=0,
+                                     progress=False)), \
+                (lambda r: judged(f"zero-shot top-1 {r['clean_top1']:.1f}% with it"))
+
+        def eval_cli(tmp, template=template):
+            (tmp / "templates.txt").write_text(template + "\n")
+
+            def check(result):
+                err = cli_error(result)
+                return err or judged(result[1].strip().splitlines()[0])
+
+            return (lambda: cli("eval", "--model", f"local-dir:{fx.export_dir}", "--data", fx.test_dir,
+                                "--templates", tmp / "templates.txt", "--workers", "0")), check
+
+        def poisoning(tmp, template=template):
+            def check(manifest):
+                captions = {r["new_caption"] for r in manifest["rows"]}
+                return judged(f"poisoned captions {sorted(captions)}", lambda: captions == {TEMPLATE_CONTROL})
+
+            return (lambda: poison_csv(fx.table16, tmp / "out", trigger=trigger, target="bag", n_poison=2,
+                                       templates=[template])), check
+
+        def poison_cli(tmp, template=template):
+            (tmp / "templates.txt").write_text(template + "\n")
+
+            def check(result):
+                err = cli_error(result)
+                if err:
+                    return err
+                return poisoning(tmp, template)[1](json.loads((tmp / "out" / "manifest.json").read_text()))
+
+            return (lambda: cli("poison", fx.table16, tmp / "out", "--attack", "badnet", "--target", "bag", "--n",
+                                "2", "--image-size", str(SIZE), "--templates", tmp / "templates.txt")), check
+
+        sw.attempt(group, name, "get_templates(file)", template_file)
+        sw.attempt(group, name, "evaluate(templates=[...])", evaluation)
+        sw.attempt(group, name, "parclip eval --templates FILE", eval_cli)
+        sw.attempt(group, name, "poison_csv(templates=[...])", poisoning)
+        sw.attempt(group, name, "parclip poison --templates FILE", poison_cli)
 
 
 # ====================================================================================================================
@@ -1238,8 +1452,8 @@ def fail_causes(rows: list[Row]) -> list[tuple[str, list[Row]]]:
     return list(causes.items())
 
 
-GROUPS = {"tables": group_tables, "images": group_images, "checkpoints": group_checkpoints,
-          "configs": group_configs, "shards": group_shards}
+GROUPS = {"tables": group_tables, "images": group_images, "folders": group_folders, "checkpoints": group_checkpoints,
+          "configs": group_configs, "templates": group_templates, "shards": group_shards}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -332,7 +332,7 @@ def test_easy_mistakes_are_said_before_they_cost_a_run(tmp_path, fmnist_small, m
 
 
 def test_the_hostile_input_sweep_finds_no_traceback_no_executed_code_and_no_silent_change():
-    """benchmarks/hostile_inputs.py (234 cases, the table in docs/hostile_inputs.md) exits 1 on any FAIL row."""
+    """benchmarks/hostile_inputs.py (316 cases, the table in docs/hostile_inputs.md) exits 1 on any FAIL row."""
     proc = subprocess.run([sys.executable, str(PKG.parents[1] / "benchmarks" / "hostile_inputs.py"), "--no-write"],
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

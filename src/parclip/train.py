@@ -3,7 +3,8 @@ plant a backdoor by training on poisoned pairs).
 
 Single process, multi-GPU and multi-node take the same path: launch with `torchrun` (or `srun`) and every rank runs
 `train(cfg)`; embeddings are gathered with gradient and the model is wrapped in DistributedDataParallel, so the update
-equals a single-process step on the whole global batch (the reference bypassed DDP, par.md §3.4).
+equals a single-process step on the whole global batch (PAR's reference code called `model.module` directly, so
+its gradients were never all-reduced and the replicas drifted apart).
 
 Run directory (`<output_dir>/<name>/`): `config.yaml` (resolved), `out.log`, `metrics.jsonl`, `checkpoints/latest.pt`
 (model, optimiser, scaler, step; plain data, loadable with weights_only=True), and at the end `model/` (safetensors +
@@ -38,7 +39,7 @@ from parclip.defences import Defence, Embeddings, get_defence
 from parclip.defences.augment import train_transform
 from parclip.defences.schedule import lr_at
 from parclip.models import create_model, get_tokenizer, image_size, save_model
-from parclip.models.checkpoints import CheckpointError, verify_zip
+from parclip.models.checkpoints import CheckpointError, check_finite, nonfinite_tensors, verify_zip
 from parclip.runs import RunLock, RunLog, write_run_info
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
@@ -457,6 +458,8 @@ def _training_state(path: Path, device) -> dict:
         has = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"--resume {path}: not a parclip training checkpoint (it holds {has}); to start from a "
                               f"model's weights, pass them as --pretrained")
+    if isinstance(state["state_dict"], dict):  # anything else is refused when it is loaded
+        check_finite(state["state_dict"], source=f"--resume {path}")
     return state
 
 
@@ -517,7 +520,7 @@ def _finite_step(loss: torch.Tensor, model, scaler) -> bool:
 
 def _check_finite_model(model, what: str) -> None:
     """Refuse to write a model with a NaN or Inf weight (it would pass for a trained one)."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = nonfinite_tensors(model.state_dict())
     if bad:
         raise NonFiniteError(f"the model has non-finite weights ({', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}); "
                              f"the {what} was not written")

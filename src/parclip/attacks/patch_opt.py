@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .patch_config import PatchConfig
 from ..data.targets import mentions, target_pattern  # noqa: F401  (re-exported)
 from ..data import IMAGE_EXTENSIONS, CaptionDataset, DataError, fill, get_templates, open_rgb
+from ..data.folder import walk_images
 from ..models import image_size, normalize
 from ..objectives import clip_loss, triplet_loss
 from ..utils.checks import check_int
@@ -183,8 +184,7 @@ def _target_image_paths(target_images, data_target_paths: list[str], cfg: PatchC
         return paths, f"list of {len(paths)} images"
     src = Path(target_images).expanduser()
     if src.is_dir():
-        paths = sorted(str(p) for p in src.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        paths = sorted(p for p in walk_images(src) if os.path.isfile(p))
         if not paths:
             raise DataError(f"no images found under {src} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
         return paths, str(src)
@@ -287,10 +287,7 @@ def _target_captions(cfg: PatchConfig, table_captions: list[str]) -> tuple[list[
     templates = cfg.templates
     if templates is not None:
         named = isinstance(templates, (str, os.PathLike))
-        tl = get_templates(templates) if named else [str(t) for t in templates]
-        if not tl:
-            raise ValueError("templates: empty list")
-        return [fill(t, cfg.target) for t in tl], f"templates: {templates if named else 'custom'}"
+        return [fill(t, cfg.target) for t in get_templates(templates)], f"templates: {templates if named else 'custom'}"
     if table_captions:
         return table_captions, "natural captions of the table rows that mention the target"
     logger.info("no row of %s mentions %r: using the OpenAI templates as target captions", cfg.data, cfg.target)

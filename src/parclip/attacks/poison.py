@@ -38,7 +38,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import __version__
-from ..data import DataError, get_templates, open_rgb, read_table, write_table
+from ..data import DataError, fill, get_templates, open_rgb, read_table, write_table
 from ..data.targets import mentions, target_pattern
 from ..utils.checks import check_fraction, check_int
 from ..utils.files import atomic_write, write_json
@@ -78,7 +78,8 @@ def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigg
         n_poison / rate: how many rows to poison; give exactly one (``rate`` -> ``round(rate * n_rows)``, at least 1).
         seed: seeds the row choice and caption templates (``random.Random(seed)``) and the trigger draws.
         templates: template set name or file for :func:`parclip.data.get_templates`, or a list of ``{}`` strings;
-            each poisoned caption is ``template.format(target)`` with the template drawn uniformly.
+            each poisoned caption is ``fill(template, target)`` (``{}`` replaced by the target, literally) with the
+            template drawn uniformly.
         label_consistent: poison only rows whose caption names ``target`` (:func:`parclip.data.targets.mentions`); they
             keep their captions. Fewer matching rows than requested is a DataError.
         image_format: ``"png"`` (default) or ``"jpg"``/``"jpeg"`` (saved at ``jpeg_quality``, Pillow's default 4:2:0
@@ -294,20 +295,12 @@ def _check_options(trigger, target, image_format, jpeg_quality, max_bad_fraction
 
 
 def _load_templates(templates, label_consistent: bool) -> tuple[str, list[str]]:
-    """(name for the manifest, template strings); each must hold ``{}`` unless label-consistent (captions kept)."""
-    if isinstance(templates, (str, os.PathLike)):
-        templates_name = str(templates)
-        template_list = list(get_templates(templates))
-    else:
-        templates_name = "custom"
-        template_list = [str(t) for t in templates]
-    if not label_consistent:
-        if not template_list:
-            raise DataError("the template list is empty")
-        for t in template_list:
-            if "{}" not in t:
-                raise DataError(f"template {t!r} has no '{{}}' placeholder for the target")
-    return templates_name, template_list
+    """(name for the manifest, template strings), read and checked by :func:`parclip.data.get_templates`; a list is
+    taken unchecked when label-consistent (captions are kept, no template is used)."""
+    named = isinstance(templates, (str, os.PathLike))
+    if label_consistent and not named:
+        return "custom", [str(t) for t in templates]
+    return (str(templates) if named else "custom"), get_templates(templates)
 
 
 def _read_rows(csv_path: Path, sep, img_key: str, caption_key: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -436,7 +429,7 @@ def _rewrite_table(job: _Job, done: dict[int, str], rng: random.Random) -> list[
     for idx in sorted(done):
         old_caption = job.rows[idx][job.caption_key]
         new_caption = old_caption if job.label_consistent else \
-            job.template_list[rng.randrange(len(job.template_list))].format(job.target)
+            fill(job.template_list[rng.randrange(len(job.template_list))], job.target)
         out_rows[idx][job.img_key] = done[idx]
         out_rows[idx][job.caption_key] = new_caption
         manifest_rows.append({"index": idx, "original_path": job.rows[idx][job.img_key], "new_path": done[idx],

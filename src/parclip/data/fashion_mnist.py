@@ -35,7 +35,7 @@ from PIL import Image
 from ..utils.files import write_json
 from ..utils.progress import progress_bar
 from .captions import DataError, write_table
-from .templates import _check, fill, get_templates
+from .templates import fill, get_templates
 
 __all__ = ["FASHION_CLASSES", "DATA_DIR", "load_arrays", "export", "folder_name"]
 
@@ -112,8 +112,9 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
     """Export Fashion-MNIST under ``out_dir`` (see the module docstring for the layout).
 
     ``n_train``: use only the first n_train train images (the holdout is taken from their end); ``n_test``: the first
-    n_test test images. ``templates``: a set name, a template file, or a list of format strings. Running it again with
-    the same arguments on a complete export does nothing; otherwise the previous export in ``out_dir`` is replaced.
+    n_test test images. ``templates``: a set name, a template file, or a list of templates (``{}`` for the class
+    name). Running it again with the same arguments on a complete export does nothing; otherwise the previous export
+    in ``out_dir`` is replaced.
 
     Returns ``{"root", "train_csv", "holdout_csv", "test_dir", "retrieval_csv"}`` (paths), ``"classnames"``
     (Fashion-MNIST label order, matching the CSVs' ``label`` column), ``"templates"`` and ``"test_classnames"`` (the
@@ -125,14 +126,8 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
     fmt = "jpg" if fmt == "jpeg" else fmt
     if fmt not in _FORMATS:
         raise DataError(f"image_format must be one of {', '.join(_FORMATS)}, got {image_format!r}")
-    if isinstance(templates, (str, os.PathLike)):
-        template_list = get_templates(templates)
-        template_set = str(templates)
-    else:
-        template_list = [_check(str(t), "templates") for t in templates]
-        template_set = "custom"
-        if not template_list:
-            raise DataError("templates: empty list")
+    template_list = get_templates(templates)
+    template_set = str(templates) if isinstance(templates, (str, os.PathLike)) else "custom"
 
     train_x, train_y = load_arrays("train", data_dir=data_dir)
     test_x, test_y = load_arrays("test", data_dir=data_dir)

@@ -30,7 +30,7 @@ from ..utils.checks import check_fraction
 from ..utils.progress import progress_bar
 from .captions import UNREADABLE, BadRows, DataError, open_rgb
 
-__all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames"]
+__all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames", "walk_images"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _WNID = re.compile(r"n\d{8}")
@@ -42,6 +42,27 @@ EMPTY_FILE = "empty file"
 def imagenet_wnids() -> tuple[str, ...]:
     """The 1000 ImageNet-1k WordNet ids in class-index order (the shipped ``assets/imagenet_wnids.txt``)."""
     return tuple(WNID_FILE.read_text().split())
+
+
+def walk_images(top: str | os.PathLike) -> list[str]:
+    """The image files under ``top`` (by extension, case-insensitive; names starting with ``.`` left out), depth first
+    with folders and files in name order. Symbolic links are followed, but each real folder is entered once, and a link
+    to ``top`` itself or to a folder above it (a loop) is not entered: every image is listed once, however the links
+    run. A link to a file, or to a folder elsewhere, is listed like the real thing."""
+    top_real = os.path.realpath(top)
+    seen = {top_real}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen and not top_real.startswith(real.rstrip(os.sep) + os.sep):  # not an ancestor of top
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        found += [os.path.join(dirpath, n) for n in sorted(filenames)
+                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return found
 
 
 def imagenet_layout(folders: Sequence[str]) -> tuple[str, list[int]] | None:
@@ -116,11 +137,7 @@ class LabelledFolder(LabelledImages):
         self.bad_rows = BadRows(str(self.root), unit="images")
         samples: list[tuple[str, int]] = []
         for label, folder in enumerate(self.folders):
-            for dirpath, dirnames, filenames in os.walk(self.root / folder, followlinks=True):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                        samples.append((os.path.join(dirpath, name), label))
+            samples += [(path, label) for path in walk_images(self.root / folder)]
         if not samples:
             raise DataError(f"no images found under {self.root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
 

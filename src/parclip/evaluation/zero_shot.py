@@ -19,6 +19,7 @@ resize + centre crop as clean images, so clean and triggered inputs differ only 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import open_clip
@@ -26,7 +27,7 @@ import torch
 
 from parclip import __version__
 from parclip.attacks.triggers import Trigger
-from parclip.data import DataError, LabelledFolder, get_templates
+from parclip.data import DataError, LabelledFolder, fill, get_templates
 from parclip.data.folder import LabelledImages, open_labelled
 from parclip.models import eval_transform, image_size
 
@@ -63,10 +64,11 @@ def robust_accuracy(pred: torch.Tensor, labels: torch.Tensor, target: int) -> fl
 
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
-    """[d, C] class embeddings: per class, the normalised mean of the normalised template embeddings."""
+    """[d, C] class embeddings: per class, the normalised mean of the normalised template embeddings. Each prompt is
+    :func:`parclip.data.fill` of a template and a class name (literal substitution, never ``str.format``)."""
     return open_clip.build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=classnames,
-                                                templates=list(templates), device=device,
-                                                use_tqdm=False)
+                                                templates=[functools.partial(fill, t) for t in templates],
+                                                device=device, use_tqdm=False)
 
 
 def resolve_target(target: str | int, classnames: list[str]) -> int:
@@ -116,7 +118,7 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     if len(folder) == 0:
         raise DataError(f"no images in {data}")
     template_name = templates if isinstance(templates, (str, Path)) else None
-    templates = get_templates(templates) if isinstance(templates, (str, Path)) else list(templates)
+    templates = get_templates(templates)
     if attacks and target is None:
         raise ValueError("ASR needs a target class: pass --target NAME")
     t = resolve_target(target, folder.classnames) if target is not None else None  # before any image is encoded

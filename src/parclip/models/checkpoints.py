@@ -7,7 +7,10 @@
   it would have imported; TorchScript and arbitrary pickles load only with ``allow_unsafe_load=True``;
 * the CleanCLIP/PAR release layout ``{"state_dict": {"module.<key>": ...}}`` is unwrapped, non-weight entries dropped;
 * loading is strict: a missing, unexpected or mis-shaped key is a :class:`CheckpointMismatchError` that names the
-  architectures the checkpoint does fit, never a silently random model.
+  architectures the checkpoint does fit, never a silently random model;
+* a NaN or Inf in any floating-point tensor is a :class:`NonFiniteWeightsError` naming the tensors: such a model
+  computes NaN logits, and every score read from them would be meaningless. Every way weights enter parclip (a file,
+  a ``local-dir:`` folder, an open_clip tag through the cache, ``load_state_dict``) reads them here.
 """
 from __future__ import annotations
 
@@ -26,14 +29,15 @@ from collections.abc import Mapping
 import torch
 
 from ..utils.files import sha256_file
+from .architectures import LOCAL_DIR_PREFIX, matching_architectures
 
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
-    "load_state_dict", "load_weights", "check_state_dict", "read_local_dir_config", "local_dir", "find_dir_weights",
-    "uses_quick_gelu", "weights_sha256", "verify_zip", "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "DIR_WEIGHTS",
+    "NonFiniteWeightsError", "load_state_dict", "load_weights", "check_state_dict", "check_finite", "nonfinite_tensors",
+    "read_local_dir_config", "local_dir", "find_dir_weights", "uses_quick_gelu", "weights_sha256", "verify_zip",
+    "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "DIR_WEIGHTS",
 ]
 
-LOCAL_DIR_PREFIX = "local-dir:"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
@@ -71,6 +75,14 @@ class CheckpointMismatchError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file or model folder does not exist."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The checkpoint holds NaN or Inf values. Attribute: ``tensors``, the names of the non-finite tensors."""
+
+    def __init__(self, message: str, *, tensors=()):
+        super().__init__(message)
+        self.tensors = list(tensors)
 
 
 def local_dir(name: str) -> pathlib.Path | None:
@@ -349,7 +361,35 @@ def _read_checkpoint(path, allow_unsafe_load: bool) -> tuple[dict[str, torch.Ten
     info["release_layout"] = info["release_layout"] and prefixed > 0
     if not clean:
         raise CheckpointError(f"{p} holds no weights")
+    check_finite(clean, source=str(p))
     return clean, info
+
+
+def nonfinite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point (or complex) tensors of ``sd`` that hold a NaN or an Inf, in ``sd``'s order."""
+    return [k for k, v in sd.items() if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+            and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Raise :class:`NonFiniteWeightsError` if a floating-point tensor of ``sd`` holds a NaN or an Inf, naming the
+    first such tensors with their counts: a model with such weights computes NaN logits."""
+    bad = nonfinite_tensors(sd)
+    if not bad:
+        return
+    shown = []
+    for k in bad[:5]:
+        v = sd[k]
+        n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+        what = " and ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+        shown.append(f"{k} ({what} of {v.numel()})")
+    more = f", ... (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+    raise NonFiniteWeightsError(
+        f"{source} holds non-finite weights (NaN or Inf) in {len(bad)} of {len(sd)} tensors: {', '.join(shown)}"
+        f"{more}. A model with such weights computes NaN logits, so parclip does not load it. The file is damaged "
+        f"or was written by a training run that diverged: load an earlier checkpoint of that run (its epoch "
+        f"copies), train again with a lower --lr (or --skip-nonfinite), or copy or download the file again.",
+        tensors=bad)
 
 
 def load_state_dict(path, *, allow_unsafe_load=False) -> dict[str, torch.Tensor]:
@@ -413,8 +453,6 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, 
         hints.append("the checkpoint holds no image tower (visual.*).")
     elif sd and all(k.startswith("visual.") for k in sd):
         hints.append("the checkpoint holds only the image tower (visual.*), not a full CLIP model.")
-    from .factory import matching_architectures  # building models lives there; only needed for this hint
-
     archs = matching_architectures(sd)
     if archs:
         quick = " (OpenAI-derived weights such as the CleanCLIP/PAR releases need a -quickgelu variant)" \

@@ -1,4 +1,4 @@
-"""Building models: open_clip architectures by name, offline, parclip's own small configs, and the export.
+"""Making models: open_clip architectures by name, offline, with their weights; the tokenizer; the export.
 
 * any open_clip architecture by name (``'ViT-B/32'`` works like ``'ViT-B-32'``, ``'ViT-L/14@336px'`` like
   ``'ViT-L-14-336'``) and parclip's own configs in ``configs/`` (``parclip-micro``, ``parclip-tiny``,
@@ -11,51 +11,24 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import difflib
-import json
-import logging
 import os
 import pathlib
 import re
-from collections.abc import Mapping
 
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg
 
 from ..utils.files import atomic_write, write_json
-from .checkpoints import (CONFIG_FILE, DIR_WEIGHTS, LOCAL_DIR_PREFIX, WEIGHTS_FILE, CheckpointError,
-                          check_state_dict, find_dir_weights, load_weights, local_dir, read_local_dir_config,
-                          uses_quick_gelu)
+from .architectures import LOCAL_DIR_PREFIX, build, list_model_names
+from .checkpoints import (CONFIG_FILE, DIR_WEIGHTS, WEIGHTS_FILE, CheckpointError, check_state_dict, find_dir_weights,
+                          load_weights, local_dir, read_local_dir_config, uses_quick_gelu)
 from .transforms import full_preprocess_cfg, jsonable_preprocess
 
-__all__ = ["create_model", "resolve_pretrained", "hub_cache", "model_config", "get_tokenizer", "save_model",
-           "list_model_names", "build",
-           "matching_architectures"]
-
-# --------------------------------------------------------------------------------------------------------------------
-# our own configs
-# --------------------------------------------------------------------------------------------------------------------
-_CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
-
-
-def _load_own_preprocess() -> dict[str, dict]:
-    with open(_CONFIG_DIR / "preprocess.json", encoding="utf-8") as f:
-        table = json.load(f)
-    return {k: v for k, v in table.items() if not k.startswith("_")}
-
-
-_OWN_PREPROCESS = _load_own_preprocess()
-if not all(name in open_clip.list_models() for name in _OWN_PREPROCESS):
-    open_clip.add_model_config(_CONFIG_DIR)
-
-
-def list_model_names() -> list[str]:
-    """Every architecture name :func:`create_model` accepts (open_clip's built-ins plus parclip's own configs)."""
-    return open_clip.list_models()
+__all__ = ["create_model", "resolve_pretrained", "hub_cache", "model_config", "get_tokenizer", "save_model"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -119,39 +92,6 @@ def get_tokenizer(name: str):
 # --------------------------------------------------------------------------------------------------------------------
 # building
 # --------------------------------------------------------------------------------------------------------------------
-class _DropOpenClipNotices(logging.Filter):
-    """open_clip logs 'initialized randomly' even when parclip loads the weights right after building."""
-
-    def filter(self, record):
-        msg = str(record.msg)
-        return not (msg.startswith("No pretrained weights loaded") or msg.startswith("Local config loaded, but no"))
-
-
-@contextlib.contextmanager
-def _quiet_open_clip():
-    root = logging.getLogger()
-    flt = _DropOpenClipNotices()
-    root.addFilter(flt)
-    try:
-        yield
-    finally:
-        root.removeFilter(flt)
-
-
-def build(name: str, *, device="cpu", force_quick_gelu=False, preprocess: dict | None = None) -> torch.nn.Module:
-    """Build an architecture with random weights (``device='meta'``: shapes only, no memory); `preprocess` overrides
-    the preprocessing it records (a pretrained tag's mean/std)."""
-    kwargs = dict(precision="fp32", device=device, force_quick_gelu=force_quick_gelu,
-                  pretrained_image=False, pretrained_text=False)
-    if name in _OWN_PREPROCESS or preprocess:
-        kwargs["force_preprocess_cfg"] = {**_OWN_PREPROCESS.get(name, {}), **(preprocess or {})}
-    if name.startswith(LOCAL_DIR_PREFIX):
-        kwargs["load_weights"] = False  # parclip loads the weights itself, safely and strictly
-    ctx = torch.device("meta") if str(device) == "meta" else contextlib.nullcontext()
-    with _quiet_open_clip(), ctx:
-        return open_clip.create_model(name, **kwargs)
-
-
 def create_model(name: str, pretrained: str | os.PathLike | None = None, *, device="cpu", force_quick_gelu=False,
                  allow_unsafe_load=False, cache_dir: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
     """Build ``name`` and load ``pretrained`` strictly.
@@ -244,41 +184,6 @@ def resolve_pretrained(name: str, pretrained: str, *, cache_dir: str | os.PathLi
     if not path or not os.path.isfile(path):
         raise CheckpointError(f"open_clip returned no file for {pretrained!r} of {arch}")
     return path, dict(tag_cfg)
-
-
-def _cfg_prefilter(cfg: dict, sd: Mapping) -> bool:
-    """Cheap check that a config could produce the checkpoint's conv1 and text positional embedding."""
-    v, t = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    if v.get("timm_model_name") or t.get("hf_model_name") or cfg.get("custom_text"):
-        return False
-    conv1 = sd.get("visual.conv1.weight")
-    pos = sd.get("positional_embedding")
-    if conv1 is None or pos is None or conv1.ndim != 4 or pos.ndim != 2:
-        return False
-    width = v.get("width", 768)
-    if isinstance(v.get("layers", 12), (list, tuple)):  # ModifiedResNet stem
-        ok_v = conv1.shape[0] == width // 2 and conv1.shape[-1] == 3
-    else:
-        ok_v = conv1.shape[0] == width and conv1.shape[-1] == v.get("patch_size", 16)
-    return ok_v and list(pos.shape) == [t.get("context_length", 77), t.get("width", 512)]
-
-
-def matching_architectures(sd: Mapping, limit: int = 6) -> list[str]:
-    """Registered architectures whose exact key set and shapes equal the checkpoint's (built on the meta device)."""
-    out = []
-    try:
-        for name in list_model_names():
-            cfg = open_clip.get_model_config(name)
-            if not cfg or not _cfg_prefilter(cfg, sd):
-                continue
-            ref = build(name, device="meta").state_dict()
-            if set(ref) == set(sd) and all(ref[k].shape == sd[k].shape for k in sd):
-                out.append(name)
-                if len(out) >= limit:
-                    break
-    except Exception:  # the hint is best effort; never hide the real error behind it
-        pass
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
