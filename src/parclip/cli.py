@@ -533,7 +533,7 @@ def _cmd_plot(args) -> int:
         print(f"wrote {emb.plot_tradeoff(args.out, args.results)}")
         return 0
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
-    from parclip.data.folder import open_labelled
+    from parclip.data.sources import open_labelled
     from parclip.models import image_size
 
     folder = open_labelled(args.data)

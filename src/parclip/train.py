@@ -396,7 +396,7 @@ class _Validator:
 
     def __init__(self, cfg: TrainConfig, preprocess, tokenizer, device):
         from .attacks.triggers import build_triggers
-        from .data.folder import open_labelled
+        from .data.sources import open_labelled
         from .models import eval_transform, image_size
         # a bad path fails now, not after the first epoch
         self.folder = open_labelled(cfg.val_data, transform=eval_transform(preprocess))

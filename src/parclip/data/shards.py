@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..utils.files import replacing, write_json
 from .captions import DataError, logger
-from .folder import LabelledImages
+from .labelled import LabelledImages
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shards", "ShardStream",
            "table_to_shards", "shards_to_table", "folder_to_shards",
