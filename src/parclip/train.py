@@ -53,7 +53,8 @@ log = logging.getLogger("parclip")
 
 def train(cfg: TrainConfig) -> Path:
     """Train according to `cfg`; returns the run directory (the final model is in `<run>/model`). The run directory
-    is locked for the duration (one writer per run; a second `parclip train` on it is refused)."""
+    is locked for the duration (one writer per run; a second `parclip train` on it is refused). A process group that
+    this call set up (under torchrun or srun) is taken down when the run finishes; one the caller set up is left."""
     info = pdist.init_distributed(cfg.device)
     _check(cfg)
     run_dir, lock = _run_dir(cfg, info)
@@ -61,6 +62,8 @@ def train(cfg: TrainConfig) -> Path:
         _train(cfg, info, run_dir)
     finally:
         lock.release()
+    if info.owns_group:
+        pdist.cleanup()
     return run_dir
 
 
