@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_speed.py [--model ViT-B-32-quickgelu] [--batch 16] [--steps 4] [--images 256]
 
-1. Step time. The training loop's own step (`parclip.train._accumulate`: forward, the defence's loss, backward) plus
+1. Step time. The training loop's own step (`parclip.train.accumulate_step`: forward, the defence's loss, backward) plus
    the AdamW update, on one fixed random batch, for `clip` (plain fine-tuning) and `par` (the frozen copy's forward
    added), after a warm-up step; the median of --steps steps. PAR's only extra work is the frozen forward (no
    backward), about a third of a fine-tuning step, so the ratio should be ≈ 1.33. Also with --accum-freq 2 (one
@@ -34,7 +34,7 @@ from parclip.data.shards import ShardStream, table_to_shards
 from parclip.defences import get_defence
 from parclip.defences.augment import train_transform
 from parclip.models import create_model, get_tokenizer
-from parclip.train import _accumulate, param_groups
+from parclip.train import accumulate_step, param_groups
 
 
 def step_times(model_name: str, batch: int, steps: int, objective: str, *, accum: int = 1,
@@ -61,7 +61,7 @@ def step_times(model_name: str, batch: int, steps: int, objective: str, *, accum
     for s in range(steps + 1):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        _accumulate(model, frozen, defence, micro, scaler, nullcontext(), objective != "par", 0, model)
+        accumulate_step(model, frozen, defence, micro, scaler, nullcontext(), objective != "par", 0, model)
         opt.step()
         if s:  # the first step warms up
             times.append(time.perf_counter() - t0)

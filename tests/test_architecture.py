@@ -214,10 +214,6 @@ def test_one_bool_is_not_an_int_check():
 
 
 PRIVATE_NOTES = re.compile(r"\b(?:par|baselines|ecosystem|data)\.md\b|\bD\d{1,2}\b")
-# lead fixes at merge: these five are being rewritten under issue 15; their citations are fixed then, and this goes
-NOTES_EXEMPT = {"src/parclip/train.py"}
-
-
 def test_comments_cite_only_what_a_user_can_open():
     """Comments and strings (docstrings included) cite a paper or a docs/ page, never the project's private notes
     (par.md, baselines.md, ecosystem.md, data.md) or their decision ids (D15, D21, ...)."""
@@ -227,8 +223,7 @@ def test_comments_cite_only_what_a_user_can_open():
     text_tokens = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
     found = []
     for path in sorted([*PKG.rglob("*.py"), *(root / "benchmarks").rglob("*.py")]):
-        if (rel := path.relative_to(root).as_posix()) in NOTES_EXEMPT:
-            continue
+        rel = path.relative_to(root).as_posix()
         with path.open("rb") as f:
             found += [f"{rel}:{tok.start[0] + tok.string.count(chr(10), 0, m.start())}: {m.group()}"
                       for tok in tokenize.tokenize(f.readline)

@@ -116,7 +116,7 @@ def test_kill_9_mid_poisoning_leaves_no_half_file_and_a_rerun_is_identical(tmp_p
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path, fmnist_small,
                                                                               micro_model_dir, monkeypatch):
-    real = train_mod._accumulate
+    real = train_mod.accumulate_step
     calls = {"n": 0}
 
     def poisoned_loss(*args):
@@ -126,7 +126,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(t
             return loss * float("nan"), parts
         return loss, parts
 
-    monkeypatch.setattr(train_mod, "_accumulate", poisoned_loss)
+    monkeypatch.setattr(train_mod, "accumulate_step", poisoned_loss)
     cfg = _common(tmp_path, fmnist_small, micro_model_dir)
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 3 .*Last good checkpoint: .*latest\.pt"):
         train(make_config(name="nan", **cfg))
@@ -143,17 +143,17 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(t
 
 def test_nan_gradients_are_caught_too_and_a_nan_model_is_never_saved(tmp_path, fmnist_small, micro_model_dir,
                                                                      monkeypatch):
-    real = train_mod._accumulate
+    real = train_mod.accumulate_step
 
     def nan_grad(forward, *args):
         loss, parts = real(forward, *args)
         next(p for p in forward.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
         return loss, parts
 
-    monkeypatch.setattr(train_mod, "_accumulate", nan_grad)
+    monkeypatch.setattr(train_mod, "accumulate_step", nan_grad)
     with pytest.raises(NonFiniteError, match="non-finite gradients at step 1"):
         train(make_config(name="g", **_common(tmp_path, fmnist_small, micro_model_dir)))
-    monkeypatch.setattr(train_mod, "_accumulate", real)
+    monkeypatch.setattr(train_mod, "accumulate_step", real)
     model, _ = train_mod.create_model(f"local-dir:{micro_model_dir}")
     with torch.no_grad():
         model.text_projection[0, 0] = float("nan")

@@ -1,5 +1,6 @@
 """webdataset shards: conversion both ways, training over shards (resume, workers, bad samples), evaluation."""
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from safetensors.torch import load_file
 
 from parclip import train as train_mod
 from parclip.config import make_config
-from parclip.data import DataError, read_table
+from parclip.data import CaptionDataset, DataError, read_table
+from parclip.data import shards as shards_mod
 from parclip.data.shards import (
     ShardStream,
     decode_image,
@@ -19,6 +21,7 @@ from parclip.data.shards import (
     shards_to_table,
     table_to_shards,
 )
+from parclip.data.sources import open_training_data
 from parclip.train import train
 
 
@@ -186,6 +189,53 @@ def test_training_over_shards_resumes_mid_epoch_like_an_uninterrupted_run_and_ig
     assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(a[k], c[k]) for k in a)
     start = load_file(micro_model_dir / "open_clip_model.safetensors")
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+
+
+@pytest.mark.parametrize("kind,dataset_type", [("table", "auto"), ("shards", "auto"), ("shards", "webdataset")])
+def test_a_training_run_opens_its_data_once_and_asks_once_whether_it_is_shards(kind, dataset_type, shards,
+                                                                               fmnist_small, tmp_path,
+                                                                               micro_model_dir, monkeypatch):
+    """One entry point decides table or shards for the whole trip (reader, loader, poisoning checks, messages): the
+    question is asked once, or not at all when --dataset-type answers it, wherever in parclip it would be asked."""
+    out, _ = shards
+    source = str(fmnist_small["train_csv"]) if kind == "table" else str(out)
+    real_ask, asked = shards_mod.is_shard_spec, []
+
+    def ask(spec):
+        asked.append(str(spec))
+        return real_ask(spec)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("parclip")]:
+        if getattr(module, "is_shard_spec", None) is real_ask:
+            monkeypatch.setattr(module, "is_shard_spec", ask)
+    real_open, opened = train_mod.open_training_data, []
+    monkeypatch.setattr(train_mod, "open_training_data", lambda *a, **kw: opened.append(real_open(*a, **kw))
+                        or opened[-1])
+    run = train(make_config(model=f"local-dir:{micro_model_dir}", train_data=source, dataset_type=dataset_type,
+                            objective="clip", epochs=1, batch_size=50, train_num_samples=100, workers=0,
+                            output_dir=str(tmp_path), progress=False, log_every=1))
+    assert asked == ([source] if dataset_type == "auto" else [])
+    assert [d.is_shards for d in opened] == [kind == "shards"]
+    assert isinstance(opened[0].dataset, ShardStream if kind == "shards" else CaptionDataset)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["table", "shards"])
+def test_training_data_of_either_kind_resumes_at_any_batch_and_names_its_samples(kind, shards, fmnist_small):
+    out, _ = shards
+    source = str(fmnist_small["train_csv"]) if kind == "table" else f"{out}/{{00000..00002}}.tar"
+    data = open_training_data(source, transform=lambda img: torch.tensor(img.getpixel((14, 14)), dtype=torch.float),
+                              tokenizer=lambda captions: torch.tensor([[len(c)] for c in captions]), batch_size=20,
+                              num_samples=200, seed=3, shuffle_buffer=32)
+    assert data.is_shards == (kind == "shards") and len(data) == 200
+    epoch = [b for b in data.loader(1, 0, 10)]
+    assert len(epoch) == 10 and all(b[0].shape[0] == 20 and (b[2] == -1).all() for b in epoch)
+    resumed = list(data.loader(1, 4, 10))
+    assert len(resumed) == 6 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                     for a, b in zip(epoch[4:], resumed))
+    other_epoch = next(iter(data.loader(2, 0, 10)))
+    assert not torch.equal(other_epoch[1], epoch[0][1])  # every epoch its own order
+    assert (".tar #" in data.describe(7)) if kind == "shards" else ("line" in data.describe(7))
 
 
 def test_shards_without_a_size_need_train_num_samples(shards, tmp_path, micro_model_dir):

@@ -223,6 +223,34 @@ def test_weight_decay_only_on_matrices():
     assert any(p is model.logit_scale for p in no_decay["params"])
 
 
+def test_a_run_takes_down_the_process_group_it_set_up_and_leaves_the_callers_alone(tmp_path, fmnist_small,
+                                                                                   start_model, monkeypatch):
+    import torch.distributed as dist
+
+    from parclip.utils import distributed as pdist
+
+    common = dict(model=f"local-dir:{start_model}", train_data=str(fmnist_small["train_csv"]), objective="clip",
+                  epochs=1, batch_size=16, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False)
+    one_process_group = lambda: dist.init_process_group(  # noqa: E731
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+    def set_up_here(device):  # init_distributed under torchrun, with a group of one process
+        one_process_group()
+        return pdist.DistInfo(owns_group=True)
+
+    try:
+        monkeypatch.setattr(pdist, "init_distributed", set_up_here)
+        train(make_config(name="own", **common))
+        assert not dist.is_initialized()
+        monkeypatch.undo()
+        one_process_group()  # the caller's own group: the run uses it and leaves it
+        train(make_config(name="callers", **common))
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_par_without_a_starting_model_is_refused(tmp_path, fmnist_small):
     with pytest.raises(ValueError, match="--pretrained"):
         train(make_config(model="parclip-micro", train_data=str(fmnist_small["train_csv"]), output_dir=str(tmp_path)))

@@ -454,7 +454,7 @@ REPORT = Command(
 # ---------------------------------------------------------------------------------------------------------------- plot
 def _plot_embeddings(args) -> int:
     from parclip.attacks.triggers import build_triggers, parse_trigger_params
-    from parclip.data.folder import open_labelled
+    from parclip.data.sources import open_labelled
     from parclip.evaluation import embeddings as emb
     from parclip.models import image_size
 

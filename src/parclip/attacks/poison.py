@@ -155,17 +155,20 @@ def poison_shards(spec: str, out_dir: str | os.PathLike, *, maxcount: int = 1000
     return manifest
 
 
-def manifest_beside(data: str | os.PathLike | None) -> dict | None:
+def manifest_beside(data: str | os.PathLike | None, *, shards: bool | None = None) -> dict | None:
     """The parclip poisoning manifest of a training table (``manifest.json`` beside ``poisoned.csv``) or of poisoned
-    shards (one folder up from ``shards/``), or None when there is none (or it is not ours)."""
+    shards (one folder up from ``shards/``), or None when there is none (or it is not ours). `shards`: whether `data`
+    names shards, when the caller has decided it already (None: judged from the name)."""
     if not data:
         return None
     import json
 
-    from ..data.shards import is_shard_spec
+    if shards is None:
+        from ..data.shards import is_shard_spec
 
+        shards = is_shard_spec(data)
     first = Path(str(data).split("::")[0])
-    folders = (first.parent, first.parent.parent, first) if is_shard_spec(data) else (first.parent,)
+    folders = (first.parent, first.parent.parent, first) if shards else (first.parent,)
     for folder in folders:
         path = folder / MANIFEST_JSON
         if path.is_file():

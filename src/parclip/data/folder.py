@@ -29,6 +29,7 @@ from PIL import Image
 from ..utils.checks import check_fraction
 from ..utils.progress import progress_bar
 from .captions import UNREADABLE, BadRows, DataError, open_rgb
+from .labelled import LabelledImages
 
 __all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames", "walk_images"]
 
@@ -82,24 +83,6 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise DataError(f"class-name file not found: {path}")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-class LabelledImages:
-    """What every labelled evaluation set shares: ``samples`` (``(name, label)`` pairs), a ``transform`` and a
-    ``load_image(i)``; the dataset item is ``(transform(image), label)``."""
-
-    samples: list[tuple[str, int]]
-    transform: Callable | None
-
-    def load_image(self, i: int) -> Image.Image:
-        raise NotImplementedError
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        img = self.load_image(i)
-        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
 
 
 class LabelledFolder(LabelledImages):
@@ -180,16 +163,3 @@ class LabelledFolder(LabelledImages):
     def __repr__(self) -> str:
         return f"LabelledFolder({str(self.root)!r}, {len(self)} images, {len(self.classnames)} classes)"
 
-
-def open_labelled(data, *, transform: Callable | None = None, classnames=None):
-    """A labelled evaluation set: webdataset shards in clip_benchmark's layout (a .tar pattern, a folder holding .tar
-    files, or a data set root with classnames.txt and test/*.tar) as :class:`~parclip.data.shards.LabelledShards`,
-    any other folder as :class:`LabelledFolder`."""
-    from .shards import LabelledShards, is_shard_spec
-
-    root = Path(str(data))
-    if root.is_dir() and (root / "classnames.txt").is_file() and is_shard_spec(root / "test"):
-        data = root / "test"  # clip_benchmark: <dataset>/classnames.txt, <dataset>/test/0.tar …
-    if is_shard_spec(data):
-        return LabelledShards(str(data), transform=transform, classnames=classnames)
-    return LabelledFolder(data, transform=transform, classnames=classnames)

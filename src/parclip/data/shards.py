@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from ..utils.files import replacing, write_json
+from ..utils.files import replacing, write_json, write_text
 from .captions import DataError, logger
-from .folder import LabelledImages
+from .labelled import LabelledImages
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shards", "ShardStream",
            "table_to_shards", "shards_to_table", "folder_to_shards",
@@ -447,7 +447,8 @@ def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str =
                 bad.append(f"{url}: sample {sample['__key__']!r} has no image")
                 continue
             name = f"images/{s_i:05d}_{Path(sample['__key__']).name}.{ext}"
-            (out / name).write_bytes(sample[ext])
+            with replacing(out / name) as tmp:
+                Path(tmp).write_bytes(sample[ext])
             rows.append({"image": name, "caption": caption})
     if not rows:
         raise DataError(f"no usable samples in {spec}")
@@ -466,7 +467,7 @@ def folder_to_shards(folder: str | os.PathLike, out_dir: str | os.PathLike, *, m
     src = LabelledFolder(folder)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "classnames.txt").write_text("".join(f"{c}\n" for c in src.classnames), encoding="utf-8")
+    write_text(out / "classnames.txt", "".join(f"{c}\n" for c in src.classnames))
 
     def samples():
         for k, (path, label) in enumerate(src.samples):

@@ -28,7 +28,8 @@ import torch
 from parclip import __version__
 from parclip.attacks.triggers import Trigger
 from parclip.data import DataError, LabelledFolder, fill, get_templates
-from parclip.data.folder import LabelledImages, open_labelled
+from parclip.data.labelled import LabelledImages
+from parclip.data.sources import open_labelled
 from parclip.models import eval_transform, image_size
 
 from .encode import Tolerant, TriggeredImages, encode_images, usable

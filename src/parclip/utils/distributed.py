@@ -23,6 +23,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # init_distributed created the process group: its caller takes it down (cleanup)
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +46,9 @@ def _env_ranks() -> tuple[int, int, int]:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Detect torchrun / SLURM and initialise the process group (NCCL on GPU, gloo on CPU) when world size > 1.
 
-    `device`: "auto" (CUDA if available), "cpu" or "cuda". Each rank uses cuda:<local_rank>.
+    `device`: "auto" (CUDA if available), "cpu" or "cuda". Each rank uses cuda:<local_rank>. A process group that
+    exists already (set up by the caller, or by an earlier call) is used as it is; ``owns_group`` says whether this
+    call created it, and so whether the caller should :func:`cleanup` when done.
     """
     rank, local_rank, world = _env_ranks()
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
@@ -54,14 +57,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
             if "MASTER_ADDR" not in os.environ:
                 raise RuntimeError("running under SLURM with several tasks: set MASTER_ADDR and MASTER_PORT")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
                                 timeout=timedelta(minutes=30))
-    return DistInfo(rank, local_rank, world, dev)
+    return DistInfo(rank, local_rank, world, dev, owns_group)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -111,5 +115,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Take the process group down (a no-op without one); for the caller that created it (``DistInfo.owns_group``),
+    when it is done: a group the caller did not create may still be in use by whoever did."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,132 @@
+"""Where a data argument becomes a reader: the one place that decides whether a source is webdataset shards.
+
+* :func:`open_training_data`: image–caption pairs for training, a caption table (:class:`~parclip.data.CaptionDataset`)
+  or shards (:class:`~parclip.data.shards.ShardStream`), behind one :class:`TrainingData` that gives the training loop
+  what it needs whatever the format: the samples per epoch (``len``), the loader of an epoch's batches from any batch
+  on (a resumed run starts mid-epoch), ``describe(i)`` for a sample named in a message, and ``is_shards``.
+* :func:`open_labelled`: a labelled evaluation set, a folder ``root/<class>/*`` or clip_benchmark's shards.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .captions import CaptionDataset, DataError
+from .folder import LabelledFolder
+from .labelled import LabelledImages
+from .shards import LabelledShards, ShardStream, expand_urls, is_shard_spec, shard_sizes
+
+__all__ = ["open_training_data", "TrainingData", "open_labelled"]
+
+# (captions, keys=None) -> (captions, [extra caption lists]): a defence's caption views (keys seed their randomness)
+CaptionViews = Callable[..., "tuple[list[str], list[list[str]]]"]
+
+
+def open_training_data(source: str, *, transform: Callable, tokenizer: Callable, batch_size: int,
+                       dataset_type: str = "auto", caption_views: CaptionViews | None = None,
+                       num_samples: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
+                       workers: int = 0, pin_memory: bool = False, shuffle_buffer: int = 1000,
+                       img_key: str = "image", caption_key: str = "caption", sep: str | None = None,
+                       root: str | os.PathLike | None = None, max_bad_fraction: float = 0.01) -> TrainingData:
+    """The training pairs of `source`: shards when `dataset_type` is "webdataset", or "auto" and the source names
+    shards (a .tar path or pattern, ``::``-joined sources, a folder of .tar files); a caption table otherwise.
+
+    `transform` maps a PIL image to the image tensor (or a tuple of views), `tokenizer` a list of captions to tokens;
+    `caption_views`, when given, adds a defence's caption views (a table's captions pass through it once, a shard
+    sample's caption as it is read, keyed by ``shard#index``). `num_samples`: a table's first N usable rows; the samples
+    per epoch of shards (needed there unless a ``sizes.json`` or img2dataset's ``*_stats.json`` says it).
+    `batch_size` is per process; `world_size`, `rank` and `seed` fix each process's share and order of every epoch.
+    """
+    shards = dataset_type == "webdataset" or (dataset_type == "auto" and is_shard_spec(source))
+    loading = dict(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, workers=workers,
+                   pin_memory=pin_memory)
+    if not shards:
+        table = CaptionDataset(source, img_key=img_key, caption_key=caption_key, sep=sep, root=root,
+                               tokenizer=tokenizer, transform=transform, max_bad_fraction=max_bad_fraction,
+                               num_samples=num_samples)
+        if caption_views is not None:
+            table.captions, table.caption_views = caption_views(table.captions)
+        return TrainingData(table, is_shards=False, **loading)
+    n = num_samples or shard_sizes(expand_urls(source))
+    if not n:
+        raise DataError(f"{source}: the shards do not say how many samples they hold (no sizes.json or "
+                        f"img2dataset *_stats.json beside them); pass --train-num-samples N (samples per epoch)")
+
+    def views(caption: str, key: str):
+        captions, extra = caption_views([caption], keys=[key])
+        return captions[0], [v[0] for v in extra]
+
+    stream = ShardStream(source, transform=transform, tokenize=lambda c: tokenizer([c])[0], batch_size=batch_size,
+                         num_samples=n, world_size=world_size, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer,
+                         captions=views if caption_views is not None else None)
+    return TrainingData(stream, is_shards=True, **loading)
+
+
+class TrainingData:
+    """Training pairs, table or shards, as the training loop uses them (made by :func:`open_training_data`).
+
+    ``len(data)``: samples per epoch. ``loader(epoch, first_batch, n_batches)``: this process's batches
+    ``(images, tokens, failed)`` of `epoch` from batch `first_batch` on (of `n_batches` per epoch), where ``failed``
+    holds -1 or the id of a sample that could not be read and was replaced (``describe(id)`` names it).
+    """
+
+    def __init__(self, dataset: CaptionDataset | ShardStream, *, is_shards: bool, batch_size: int, world_size: int,
+                 rank: int, seed: int, workers: int, pin_memory: bool):
+        self.dataset, self.is_shards = dataset, is_shards
+        self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
+        self.workers, self.pin_memory = workers, pin_memory
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self, sample_id: int) -> str:
+        return self.dataset.describe(sample_id)
+
+    def loader(self, epoch: int, first_batch: int, n_batches: int) -> DataLoader:
+        """The epoch's shuffled share of this process from batch `first_batch` on: the shard stream's own order, or a
+        DistributedSampler over the table (every process the same number of whole batches)."""
+        if self.is_shards:
+            self.dataset.set_epoch(epoch, first_batch, n_batches)
+            return DataLoader(self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                              persistent_workers=False)
+        sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[first_batch * self.batch_size:]
+        return DataLoader(_SeededItems(self.dataset, self.seed, epoch), batch_size=self.batch_size, sampler=indices,
+                          num_workers=self.workers, drop_last=True, pin_memory=self.pin_memory,
+                          persistent_workers=False)
+
+    def __repr__(self) -> str:
+        return f"TrainingData({self.dataset!r}, {len(self)} samples per epoch)"
+
+
+class _SeededItems(Dataset):
+    """Seeds the RNG per (seed, epoch, index) before each item, so augmentation is identical whatever the number
+    of workers or ranks, and a resumed run sees the same augmented images as an uninterrupted one."""
+
+    def __init__(self, data, seed: int, epoch: int):
+        self.data, self.seed, self.epoch = data, seed, epoch
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        torch.random.default_generator.manual_seed(hash((self.seed, self.epoch, i)) % (2**63))
+        return self.data[i]
+
+
+def open_labelled(data, *, transform: Callable | None = None, classnames=None) -> LabelledImages:
+    """A labelled evaluation set: webdataset shards in clip_benchmark's layout (a .tar pattern, a folder holding .tar
+    files, or a data set root with classnames.txt and test/*.tar) as :class:`~parclip.data.shards.LabelledShards`,
+    any other folder as :class:`~parclip.data.LabelledFolder`."""
+    root = Path(str(data))
+    if root.is_dir() and (root / "classnames.txt").is_file() and is_shard_spec(root / "test"):
+        data = root / "test"  # clip_benchmark: <dataset>/classnames.txt, <dataset>/test/0.tar …
+    if is_shard_spec(data):
+        return LabelledShards(str(data), transform=transform, classnames=classnames)
+    return LabelledFolder(data, transform=transform, classnames=classnames)
