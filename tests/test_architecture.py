@@ -229,3 +229,33 @@ def test_comments_cite_only_what_a_user_can_open():
                       for tok in tokenize.tokenize(f.readline)
                       if tok.type in text_tokens and (m := PRIVATE_NOTES.search(tok.string))]
     assert found == [], "cite a paper (arXiv id) or a docs/ page instead:\n" + "\n".join(found)
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def _long_functions(source: str, where: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``where:line: name (n lines)`` for every function or method in ``source`` longer than ``limit`` lines
+    (``end_lineno - lineno + 1``: decorators not counted; docstring and nested functions counted)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > limit:
+                found.append(f"{where}:{node.lineno}: {node.name} ({n} lines)")
+    return found
+
+
+def test_no_function_over_100_lines():
+    """A function longer than a screenful does several things; split it into named steps read top to bottom."""
+    offenders = [f for p in sorted(PKG.rglob("*.py"))
+                 for f in _long_functions(p.read_text(encoding="utf-8"), str(p.relative_to(PKG)))]
+    assert offenders == [], f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(offenders)
+
+
+def test_the_length_checker_sees_long_functions():
+    body = [f"x{i} = {i}" for i in range(99)]
+    short = "\n".join(["def short():", *("    " + b for b in body)])                      # lines 1-100: allowed
+    long = "\n".join(["class C:", "    async def long(self):", "        pass", *("        " + b for b in body)])
+    assert _long_functions(short, "m.py") == []
+    assert _long_functions(short + "\n" + long, "m.py") == ["m.py:102: long (101 lines)"]  # a method, 101 lines

@@ -269,6 +269,37 @@ def render_gallery(images: Sequence[str | os.PathLike] | None = None, *, size: i
     ``round(cell_inches * dpi)`` pixels per cell plus margins (:func:`gallery_size`); the exact pixel size is returned
     in ``GalleryResult.size``. Photos are squash-resized to ``size x size`` like the poisoning pipeline does.
     """
+    out, paths = _gallery_inputs(images, size=size, zoom=zoom, out=out)
+    photos = [squash_resize(open_rgb(p), size) for p in paths]
+    columns, placeholders, skipped = _apply_triggers(_resolve_attacks(attacks), photos, size=size, patch=patch,
+                                                     mask=mask, seed=seed)
+    if title is not False:
+        title = title or (f"parclip triggers at {size} px (seed {seed}): image, x{zoom} zoom of the boxed region"
+                          + (", |change| stretched to its max" if show_diff else ""))
+    fig, canvas, axes = _new_figure(len(columns), len(photos), show_diff=show_diff, cell_inches=cell_inches, dpi=dpi,
+                                    title=title)
+    crop = max(2, size // zoom)
+    rpi = 3 if show_diff else 2
+    for i, (p, ph) in enumerate(zip(paths, photos)):
+        clean = np.asarray(ph)
+        _draw_clean_cells(axes[i * rpi:(i + 1) * rpi, 0], p.stem, clean, size=size, crop=crop, zoom=zoom,
+                          first=i == 0)
+        for j, (_, label, outs) in enumerate(columns, start=1):
+            _draw_triggered_cells(axes[i * rpi:(i + 1) * rpi, j], label if i == 0 else None, clean, outs[i],
+                                  crop=crop, zoom=zoom)
+    _add_note(fig, placeholders, skipped)
+    png_size = _save_png(canvas, out)
+    return GalleryResult(path=out, attacks=[n for n, _, _ in columns], labels=[lab for _, lab, _ in columns],
+                         placeholders=placeholders, skipped=skipped, images=[p.name for p in paths],
+                         size=png_size, rows_per_image=rpi)
+
+
+_FONT_SIZE = 10
+
+
+def _gallery_inputs(images: Sequence[str | os.PathLike] | None, *, size: int, zoom: int,
+                    out: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The checked output path and the photo paths (the bundled photos when none are given)."""
     check_int("size", size, 8)
     check_int("zoom", zoom, 1, size)
     out = Path(out)
@@ -277,10 +308,12 @@ def render_gallery(images: Sequence[str | os.PathLike] | None = None, *, size: i
     paths = [Path(p) for p in images] if images else bundled_images()
     if not paths:
         raise ValueError("no images given and no bundled sample photos found")
-    photos = [squash_resize(open_rgb(p), size) for p in paths]
+    return out, paths
 
-    # -- build and apply the triggers (failures are skipped, not fatal) ----------------------------------------------
-    classes = _resolve_attacks(attacks)
+
+def _apply_triggers(classes: Sequence[type[Trigger]], photos: Sequence[Image.Image], *, size: int, patch, mask,
+                    seed: int) -> tuple[list[tuple[str, str, list[np.ndarray]]], list[str], dict[str, str]]:
+    """Build each trigger and apply it to every photo: ``(columns, placeholders, skipped)``, failures skipped."""
     columns: list[tuple[str, str, list[np.ndarray]]] = []   # (name, label, triggered photos)
     placeholders, skipped = [], {}
     for cls in classes:
@@ -299,74 +332,80 @@ def render_gallery(images: Sequence[str | os.PathLike] | None = None, *, size: i
         if note:
             placeholders.append(cls.name)
         columns.append((cls.name, label, outs))
+    return columns, placeholders, skipped
 
-    # -- draw ---------------------------------------------------------------------------------------------------------
+
+def _new_figure(n_triggers: int, n_images: int, *, show_diff: bool, cell_inches: float, dpi: int,
+                title: str | bool):
+    """The figure (with its title unless ``title`` is False), its canvas and the grid of bare axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
-    clean = [np.asarray(ph) for ph in photos]
-    crop = max(2, size // zoom)
-    rpi = 3 if show_diff else 2
-    ncols, nrows = 1 + len(columns), rpi * len(photos)
     left_in, top_in, bottom_in, right_in = _MARGINS_IN
     top_in = top_in if title is not False else bottom_in + 0.2
-    fig_w, fig_h = _figure_inches(len(columns), len(photos), show_diff=show_diff, cell_inches=cell_inches,
+    fig_w, fig_h = _figure_inches(n_triggers, n_images, show_diff=show_diff, cell_inches=cell_inches,
                                   title=title is not False)
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     fig.subplots_adjust(left=left_in / fig_w, right=1 - right_in / fig_w, top=1 - top_in / fig_h,
                         bottom=bottom_in / fig_h, wspace=0.06, hspace=0.3 / cell_inches)
     if title is not False:
-        fig.suptitle(title or f"parclip triggers at {size} px (seed {seed}): image, x{zoom} zoom of the boxed region"
-                     + (", |change| stretched to its max" if show_diff else ""), fontsize=14, y=1 - 0.2 / fig_h)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+        fig.suptitle(title, fontsize=14, y=1 - 0.2 / fig_h)
+    axes = fig.subplots((3 if show_diff else 2) * n_images, 1 + n_triggers, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         for s in ax.spines.values():
             s.set_linewidth(0.4)
-    fs = 10
+    return fig, canvas, axes
 
-    def enlarge(a: np.ndarray) -> np.ndarray:
-        return np.repeat(np.repeat(a, zoom, axis=0), zoom, axis=1)
 
-    for i, (p, c) in enumerate(zip(paths, clean)):
-        r0 = i * rpi
-        axes[r0, 0].set_ylabel(p.stem, fontsize=fs + 1)
-        axes[r0 + 1, 0].set_ylabel(f"x{zoom} zoom", fontsize=fs)
-        axes[r0, 0].imshow(c, interpolation="nearest")
-        t0 = (size - crop) // 2
-        axes[r0 + 1, 0].imshow(enlarge(c[t0:t0 + crop, t0:t0 + crop]), interpolation="nearest")
-        axes[r0 + 1, 0].set_title("clean, centre", fontsize=fs - 2, pad=2)
-        if i == 0:
-            axes[r0, 0].set_title("clean", fontsize=fs + 1, pad=3)
-        if show_diff:
-            axes[r0 + 2, 0].set_ylabel("|change|", fontsize=fs)
-            axes[r0 + 2, 0].text(0.5, 0.5, "|triggered - clean|\nmax over RGB,\nstretched to\neach map's max",
-                                 ha="center", va="center", fontsize=fs - 1, transform=axes[r0 + 2, 0].transAxes)
-            axes[r0 + 2, 0].set_axis_off()
-        for j, (name, label, outs) in enumerate(columns, start=1):
-            t = outs[i]
-            top, left, score = change_box(c, t, crop)
-            ax = axes[r0, j]
-            ax.imshow(t, interpolation="nearest")
-            ax.add_patch(Rectangle((left - 0.5, top - 0.5), crop, crop, fill=False, edgecolor="#ff2d2d",
-                                   linewidth=1.0))
-            if i == 0:
-                ax.set_title(label, fontsize=fs + 1, pad=3)
-            axz = axes[r0 + 1, j]
-            axz.imshow(enlarge(t[top:top + crop, left:left + crop]), interpolation="nearest")
-            axz.set_title(f"[{top}:{top + crop}, {left}:{left + crop}]" if score else "no change",
-                          fontsize=fs - 2, pad=2)
-            if show_diff:
-                d = np.abs(t.astype(np.int16) - c.astype(np.int16)).max(-1)
-                axd = axes[r0 + 2, j]
-                m = int(d.max())
-                axd.imshow(d, cmap="magma", vmin=0, vmax=max(m, 1), interpolation="nearest")
-                changed = 100.0 * (d > 0).mean()
-                axd.set_title(f"max {m}/255, {changed:.0f}% px", fontsize=fs - 2, pad=2)
+def _enlarge(a: np.ndarray, zoom: int) -> np.ndarray:
+    """``a`` enlarged ``zoom`` times with nearest-neighbour (every pixel a ``zoom x zoom`` block)."""
+    return np.repeat(np.repeat(a, zoom, axis=0), zoom, axis=1)
 
+
+def _draw_clean_cells(axes, stem: str, clean: np.ndarray, *, size: int, crop: int, zoom: int, first: bool) -> None:
+    """One photo's clean column: the image, its centre crop zoomed, and the legend of the change row if there is one."""
+    fs = _FONT_SIZE
+    axes[0].set_ylabel(stem, fontsize=fs + 1)
+    axes[1].set_ylabel(f"x{zoom} zoom", fontsize=fs)
+    axes[0].imshow(clean, interpolation="nearest")
+    t0 = (size - crop) // 2
+    axes[1].imshow(_enlarge(clean[t0:t0 + crop, t0:t0 + crop], zoom), interpolation="nearest")
+    axes[1].set_title("clean, centre", fontsize=fs - 2, pad=2)
+    if first:
+        axes[0].set_title("clean", fontsize=fs + 1, pad=3)
+    if len(axes) > 2:
+        axes[2].set_ylabel("|change|", fontsize=fs)
+        axes[2].text(0.5, 0.5, "|triggered - clean|\nmax over RGB,\nstretched to\neach map's max",
+                     ha="center", va="center", fontsize=fs - 1, transform=axes[2].transAxes)
+        axes[2].set_axis_off()
+
+
+def _draw_triggered_cells(axes, label: str | None, clean: np.ndarray, triggered: np.ndarray, *, crop: int,
+                          zoom: int) -> None:
+    """One photo under one trigger: the image with the zoom box, the zoom, and the change map if there is a row."""
+    from matplotlib.patches import Rectangle
+
+    fs = _FONT_SIZE
+    top, left, score = change_box(clean, triggered, crop)
+    axes[0].imshow(triggered, interpolation="nearest")
+    axes[0].add_patch(Rectangle((left - 0.5, top - 0.5), crop, crop, fill=False, edgecolor="#ff2d2d", linewidth=1.0))
+    if label is not None:
+        axes[0].set_title(label, fontsize=fs + 1, pad=3)
+    axes[1].imshow(_enlarge(triggered[top:top + crop, left:left + crop], zoom), interpolation="nearest")
+    axes[1].set_title(f"[{top}:{top + crop}, {left}:{left + crop}]" if score else "no change", fontsize=fs - 2, pad=2)
+    if len(axes) > 2:
+        d = np.abs(triggered.astype(np.int16) - clean.astype(np.int16)).max(-1)
+        m = int(d.max())
+        axes[2].imshow(d, cmap="magma", vmin=0, vmax=max(m, 1), interpolation="nearest")
+        changed = 100.0 * (d > 0).mean()
+        axes[2].set_title(f"max {m}/255, {changed:.0f}% px", fontsize=fs - 2, pad=2)
+
+
+def _add_note(fig, placeholders: list[str], skipped: dict[str, str]) -> None:
+    """The line under the figure naming the placeholder patches and the skipped triggers (none when neither)."""
     note_parts = []
     if placeholders:
         note_parts.append(f"{', '.join(placeholders)}: generated placeholder patch, not an optimised patch "
@@ -374,13 +413,14 @@ def render_gallery(images: Sequence[str | os.PathLike] | None = None, *, size: i
     if skipped:
         note_parts.append("skipped: " + "; ".join(f"{k} ({v[:80]})" for k, v in skipped.items()))
     if note_parts:
-        fig.text(0.01, 0.12 / fig_h, " | ".join(note_parts), fontsize=fs - 1, ha="left", va="bottom")
+        fig.text(0.01, 0.12 / fig.get_figheight(), " | ".join(note_parts), fontsize=_FONT_SIZE - 1, ha="left",
+                 va="bottom")
 
+
+def _save_png(canvas, out: Path) -> tuple[int, int]:
+    """Draw the canvas and write it atomically to ``out`` as an RGB PNG; its (width, height) in pixels."""
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.draw()
     rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy(), "RGB")  # no alpha: ~10% smaller
     atomic_write(out, lambda tmp: rgb.save(tmp, "PNG", optimize=True))
-    png_size = rgb.size
-    return GalleryResult(path=out, attacks=[n for n, _, _ in columns], labels=[lab for _, lab, _ in columns],
-                         placeholders=placeholders, skipped=skipped, images=[p.name for p in paths],
-                         size=png_size, rows_per_image=rpi)
+    return rgb.size

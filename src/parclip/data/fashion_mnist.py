@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -122,51 +123,97 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
     """
     t0 = time.perf_counter()
     root = Path(out_dir).expanduser().absolute()
+    fmt = _image_format(image_format)
+    template_list = get_templates(templates)
+    train_x, train_y = load_arrays("train", data_dir=data_dir)
+    test_x, test_y = load_arrays("test", data_dir=data_dir)
+    n = _counts(n_train=n_train, n_test=n_test, holdout=holdout, retrieval_images=retrieval_images,
+                n_train_full=len(train_y), n_test_full=len(test_y), n_templates=len(template_list))
+    config = {"format_version": _FORMAT_VERSION, "n_train_images": n.used, "holdout": n.holdout,
+              "n_test": n.test, "retrieval_images": n.retrieval, "seed": int(seed), "templates": template_list,
+              "image_format": fmt, "classes": FASHION_CLASSES}
+    paths = _paths(root, FASHION_CLASSES, template_list)
+    train_names, test_names = _file_names(n, fmt, test_y)
+    old = _read_meta(root / _JSON)
+    if _up_to_date(old, config, paths, root / train_names[-1], root / test_names[-1]):
+        logger.info("Fashion-MNIST export in %s is up to date", root)
+        return paths
+    _start_export(root, old, config)
+    _write_images(root, [(train_x, train_names), (test_x, test_names)], fmt)
+    _write_tables(paths, n, train_names, train_y, test_names, test_y, template_list, seed)
+    _write_meta(root / _JSON, n, config, paths, test_y, template_list, seed,
+                template_set=str(templates) if isinstance(templates, (str, os.PathLike)) else "custom",
+                data_dir=data_dir)
+    logger.info("exported Fashion-MNIST (%d train, %d holdout, %d test) to %s in %.1f s",
+                n.fit, holdout, n.test, root, time.perf_counter() - t0)
+    return paths
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """How many images an export writes: train images used, of them ``fit`` in train.csv and ``holdout`` in
+    holdout.csv; test images; retrieval images and captions per retrieval image."""
+
+    used: int
+    holdout: int
+    fit: int
+    test: int
+    retrieval: int
+    captions: int
+
+
+def _image_format(image_format: str) -> str:
+    """The export's image format as a key of ``_FORMATS`` (``jpeg`` -> ``jpg``), or a DataError naming the choices."""
     fmt = image_format.lower().lstrip(".")
     fmt = "jpg" if fmt == "jpeg" else fmt
     if fmt not in _FORMATS:
         raise DataError(f"image_format must be one of {', '.join(_FORMATS)}, got {image_format!r}")
-    template_list = get_templates(templates)
-    template_set = str(templates) if isinstance(templates, (str, os.PathLike)) else "custom"
+    return fmt
 
-    train_x, train_y = load_arrays("train", data_dir=data_dir)
-    test_x, test_y = load_arrays("test", data_dir=data_dir)
-    for name, n, full in (("n_train", n_train, len(train_y)), ("n_test", n_test, len(test_y))):
+
+def _counts(*, n_train: int | None, n_test: int | None, holdout: int, retrieval_images: int, n_train_full: int,
+            n_test_full: int, n_templates: int) -> _Counts:
+    """The checked counts of an export: ``n_train``/``n_test`` within their split, ``holdout`` below ``n_train``."""
+    for name, n, full in (("n_train", n_train, n_train_full), ("n_test", n_test, n_test_full)):
         if n is not None and not 0 < n <= full:
             raise DataError(f"{name} must be between 1 and {full}, got {n}")
-    n_used = len(train_y) if n_train is None else int(n_train)
-    n_tst = len(test_y) if n_test is None else int(n_test)
+    n_used = n_train_full if n_train is None else int(n_train)
+    n_tst = n_test_full if n_test is None else int(n_test)
     if not 0 <= holdout < n_used:
         raise DataError(f"holdout must be between 0 and {n_used - 1} (the train images used), got {holdout}")
-    n_fit = n_used - holdout
-    n_ret = min(int(retrieval_images), n_tst)
-    n_caps = min(RETRIEVAL_CAPTIONS, len(template_list))
+    return _Counts(used=n_used, holdout=int(holdout), fit=n_used - holdout, test=n_tst,
+                   retrieval=min(int(retrieval_images), n_tst), captions=min(RETRIEVAL_CAPTIONS, n_templates))
 
-    config = {"format_version": _FORMAT_VERSION, "n_train_images": n_used, "holdout": int(holdout),
-              "n_test": n_tst, "retrieval_images": n_ret, "seed": int(seed), "templates": template_list,
-              "image_format": fmt, "classes": FASHION_CLASSES}
-    paths = _paths(root, FASHION_CLASSES, template_list)
-    meta_path = root / _JSON
+
+def _file_names(n: _Counts, fmt: str, test_y: np.ndarray) -> tuple[list[str], list[str]]:
+    """The train and test image paths relative to the export root (zero-padded indices, test under class folders)."""
     ext = "." + fmt
-    width = max(5, len(str(max(n_used, n_tst) - 1)))
-    train_names = [f"images/train/{i:0{width}d}{ext}" for i in range(n_used)]
+    width = max(5, len(str(max(n.used, n.test) - 1)))
+    train_names = [f"images/train/{i:0{width}d}{ext}" for i in range(n.used)]
     test_names = [f"test/{folder_name(FASHION_CLASSES[int(y)])}/{i:0{width}d}{ext}"
-                  for i, y in enumerate(test_y[:n_tst])]
+                  for i, y in enumerate(test_y[:n.test])]
+    return train_names, test_names
 
-    # Same complete export already there: nothing to do.
-    old = None
-    if meta_path.is_file():
-        try:
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
-    if (old and old.get("complete") and old.get("config") == config and paths["train_csv"].is_file()
-            and paths["holdout_csv"].is_file() and paths["retrieval_csv"].is_file()
-            and (root / train_names[-1]).is_file() and (root / test_names[-1]).is_file()):
-        logger.info("Fashion-MNIST export in %s is up to date", root)
-        return paths
 
-    # Replace only what an earlier export of ours wrote; never a folder we did not create.
+def _read_meta(meta_path: Path) -> dict | None:
+    """The previous export's meta JSON: None when there is none, ``{}`` when it cannot be read."""
+    if not meta_path.is_file():
+        return None
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _up_to_date(old: dict | None, config: dict, paths: dict, last_train: Path, last_test: Path) -> bool:
+    """Whether a complete export with the same config is already there (its tables and last images present)."""
+    return bool(old and old.get("complete") and old.get("config") == config and paths["train_csv"].is_file()
+                and paths["holdout_csv"].is_file() and paths["retrieval_csv"].is_file()
+                and last_train.is_file() and last_test.is_file())
+
+
+def _start_export(root: Path, old: dict | None, config: dict) -> None:
+    """Remove what an earlier export of ours wrote (never a folder we did not create) and mark the export incomplete."""
     owned = [root / "images" / "train", root / "test"]
     if old is None and any(p.exists() for p in owned):
         raise DataError(f"{root} already has images/train or test/ but no {_JSON}: refusing to overwrite files that "
@@ -174,15 +221,17 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
     root.mkdir(parents=True, exist_ok=True)
     for p in owned:
         shutil.rmtree(p, ignore_errors=True)
-    write_json(meta_path, {"complete": False, "config": config})
+    write_json(root / _JSON, {"complete": False, "config": config})
 
-    # Images.
+
+def _write_images(root: Path, jobs: list[tuple[np.ndarray, list[str]]], fmt: str) -> None:
+    """Write ``arrays[k]`` to ``root / names[k]`` for every (arrays, names) job, with one progress bar."""
     (root / "images" / "train").mkdir(parents=True, exist_ok=True)
     for c in FASHION_CLASSES:
         (root / "test" / folder_name(c)).mkdir(parents=True, exist_ok=True)
     pil_format, save_kw = _FORMATS[fmt]
-    jobs = [(train_x, train_names), (test_x, test_names)]
-    with progress_bar(total=n_used + n_tst, desc="writing Fashion-MNIST", unit="img", mininterval=0.5) as bar:
+    total = sum(len(names) for _, names in jobs)
+    with progress_bar(total=total, desc="writing Fashion-MNIST", unit="img", mininterval=0.5) as bar:
         for arrays, names in jobs:
             for k, name in enumerate(names):
                 # not-atomic: the export is one transaction, marked complete only at its end
@@ -190,23 +239,30 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
                 if k % 1000 == 999 or k == len(names) - 1:
                     bar.update(k % 1000 + 1)
 
-    # Caption tables.
+
+def _write_tables(paths: dict, n: _Counts, train_names: list[str], train_y: np.ndarray, test_names: list[str],
+                  test_y: np.ndarray, template_list: list[str], seed: int) -> None:
+    """train.csv and holdout.csv (one seeded random template per image) and retrieval.csv (the same templates for all)."""
     rng = np.random.default_rng(seed)
-    choice = rng.integers(0, len(template_list), size=n_used)
+    choice = rng.integers(0, len(template_list), size=n.used)
     rows = [{"image": train_names[i], "caption": fill(template_list[choice[i]], FASHION_CLASSES[int(train_y[i])]),
-             "label": int(train_y[i])} for i in range(n_used)]
-    write_table(paths["train_csv"], ["image", "caption", "label"], rows[:n_fit])
-    write_table(paths["holdout_csv"], ["image", "caption", "label"], rows[n_fit:])
+             "label": int(train_y[i])} for i in range(n.used)]
+    write_table(paths["train_csv"], ["image", "caption", "label"], rows[:n.fit])
+    write_table(paths["holdout_csv"], ["image", "caption", "label"], rows[n.fit:])
     # the same RETRIEVAL_CAPTIONS templates (drawn once, on their own stream) for every image: with identical captions
     # merged, retrieval is then class-level (i2t R@1: the best caption names the image's class)
-    ret_templates = np.random.default_rng([seed, 1]).choice(len(template_list), n_caps, replace=False)
+    ret_templates = np.random.default_rng([seed, 1]).choice(len(template_list), n.captions, replace=False)
     write_table(paths["retrieval_csv"], ["image", "caption", "label"],
                 [{"image": test_names[i], "caption": fill(template_list[t], FASHION_CLASSES[int(test_y[i])]),
-                  "label": int(test_y[i])} for i in range(n_ret) for t in ret_templates])
+                  "label": int(test_y[i])} for i in range(n.retrieval) for t in ret_templates])
 
-    counts = {"train_images": n_used, "train_csv": n_fit, "holdout_csv": int(holdout), "test": n_tst,
-              "retrieval_images": n_ret, "retrieval_captions": n_ret * n_caps,
-              "test_per_class": {c: int((test_y[:n_tst] == k).sum()) for k, c in enumerate(FASHION_CLASSES)}}
+
+def _write_meta(meta_path: Path, n: _Counts, config: dict, paths: dict, test_y: np.ndarray, template_list: list[str],
+                seed: int, *, template_set: str, data_dir: str | os.PathLike | None) -> None:
+    """The meta JSON of a complete export: config, counts, classes and folders, templates, source and licence."""
+    counts = {"train_images": n.used, "train_csv": n.fit, "holdout_csv": n.holdout, "test": n.test,
+              "retrieval_images": n.retrieval, "retrieval_captions": n.retrieval * n.captions,
+              "test_per_class": {c: int((test_y[:n.test] == k).sum()) for k, c in enumerate(FASHION_CLASSES)}}
     write_json(meta_path, {
         "complete": True,
         "config": config,
@@ -223,6 +279,3 @@ def export(out_dir: str | os.PathLike, *, holdout: int = 10000, n_train: int | N
                    "files": [f for pair in _FILES.values() for f in pair]},
         "license": LICENSE,
     })
-    logger.info("exported Fashion-MNIST (%d train, %d holdout, %d test) to %s in %.1f s",
-                n_fit, holdout, n_tst, root, time.perf_counter() - t0)
-    return paths
