@@ -22,13 +22,6 @@ from parclip.data.shards import (
 from parclip.train import train
 
 
-@pytest.fixture(scope="module")
-def shards(fmnist_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    r = table_to_shards(fmnist_small["train_csv"], out, maxcount=100)  # 600 rows → 6 shards
-    return out, r
-
-
 def test_table_to_shards_and_back_keeps_every_image_byte_and_caption(shards, fmnist_small, tmp_path):
     out, r = shards
     assert len(r["shards"]) == 6 and r["n_samples"] == 600 and not r["bad_rows"]
