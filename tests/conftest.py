@@ -90,13 +90,24 @@ def shards(fmnist_small, tmp_path_factory):
     return out, table_to_shards(fmnist_small["train_csv"], out, maxcount=100)
 
 
-@pytest.fixture(scope="module")
-def micro_model_dir(tmp_path_factory):
-    """A randomly initialised parclip-micro saved in open_clip's local-dir layout (a starting model for tests)."""
+def _saved_model(name: str, tmp_path_factory):
+    """A randomly initialised (seed 0) `name` saved in open_clip's local-dir layout: its folder."""
     from parclip.models import create_model, save_model
 
     torch.manual_seed(0)
-    model, pp = create_model("parclip-micro")
-    out = tmp_path_factory.mktemp("micro") / "model"
-    save_model(model, out, model_name="parclip-micro", preprocess_cfg=pp)
+    model, pp = create_model(name)
+    out = tmp_path_factory.mktemp(name) / "model"
+    save_model(model, out, model_name=name, preprocess_cfg=pp)
     return out
+
+
+@pytest.fixture(scope="module")
+def micro_model_dir(tmp_path_factory):
+    """A randomly initialised parclip-micro saved in open_clip's local-dir layout (a starting model for tests)."""
+    return _saved_model("parclip-micro", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rn_tiny_dir(tmp_path_factory):
+    """A randomly initialised parclip-rn-tiny (a ResNet: BatchNorm2d running statistics), saved likewise."""
+    return _saved_model("parclip-rn-tiny", tmp_path_factory)
