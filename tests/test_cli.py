@@ -23,6 +23,7 @@ def test_train_help_lists_the_par_options():
         assert flag in text
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "parclip", "models"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0

@@ -154,6 +154,7 @@ def test_bad_samples_and_a_truncated_shard_are_counted_named_and_replaced(shards
     assert all(b[0].shape[0] == 10 for b in batches)  # bad slots are filled from their batch
 
 
+@pytest.mark.slow
 def test_training_over_shards_resumes_mid_epoch_like_an_uninterrupted_run_and_ignores_the_worker_count(
         shards, tmp_path, micro_model_dir, monkeypatch):
     out, _ = shards
@@ -233,6 +234,7 @@ def test_eval_reads_clip_benchmark_shards_like_the_folder(fmnist_small, micro_mo
         assert results["folder"][k] == results["shards"][k], k
 
 
+@pytest.mark.slow
 def test_cli_convert_table_to_shards_and_train_on_them(fmnist_small, micro_model_dir, tmp_path, capsys):
     from parclip.cli import main
 
