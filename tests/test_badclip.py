@@ -15,11 +15,6 @@ from parclip.attacks.triggers.badclip import BadCLIPPatch, center_offset, load_p
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _image(S, seed=0, batch=None):
-    g = torch.Generator().manual_seed(seed)
-    shape = (3, S, S) if batch is None else (batch, 3, S, S)
-    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-
 
 def _patch_png(path, side=16, seed=1):
     arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
@@ -43,10 +38,10 @@ def _changed(a, b):
     (336, {"patch_size": 16}, (160, 176)),  # the reference: the 16 px file unscaled
     (28, {}, (13, 15)),                    # 2 px at 28
 ])
-def test_center_location_and_only_patch_changes(tmp_path, S, kwargs, span):
+def test_center_location_and_only_patch_changes(tmp_path, S, kwargs, span, random_u8):
     _patch_png(tmp_path / "p.png")
     t = get_trigger("badclip", image_size=S, patch=str(tmp_path / "p.png"), **kwargs)
-    x = _image(S)
+    x = random_u8(S)
     x[:] = 0  # a black image: every patch pixel of a random patch differs somewhere
     y = t.apply(x)
     lo, hi = span
@@ -54,23 +49,23 @@ def test_center_location_and_only_patch_changes(tmp_path, S, kwargs, span):
     assert center_offset(S, hi - lo) == lo
     inside = torch.zeros(S, S, dtype=torch.bool)
     inside[lo:hi, lo:hi] = True
-    x2 = _image(S, seed=3)
+    x2 = random_u8(S, seed=3)
     y2 = t.apply(x2)
     assert torch.equal(y2[:, ~inside], x2[:, ~inside])      # nothing outside the patch changes
     assert torch.equal(y2[:, lo:hi, lo:hi], y[:, lo:hi, lo:hi])  # the patch replaces the pixels
     assert _changed(x, y) == ((lo, hi), (lo, hi))
 
 
-def test_png_patch_pasted_exactly_and_swap_rb(tmp_path):
+def test_png_patch_pasted_exactly_and_swap_rb(tmp_path, random_u8):
     p = _patch_png(tmp_path / "p.png")
-    x = _image(224)
+    x = random_u8(224)
     y = get_trigger("badclip-patch", patch=tmp_path / "p.png").apply(x)
     assert torch.equal(y[:, 104:120, 104:120], p)
     ys = get_trigger("badclip", patch=tmp_path / "p.png", swap_rb=True).apply(x)
     assert torch.equal(ys[:, 104:120, 104:120], p[[2, 1, 0]])
     assert not torch.equal(ys, y)
     # batch = per image
-    xb = _image(224, batch=3)
+    xb = random_u8(224, batch=3)
     t = get_trigger("badclip", patch=tmp_path / "p.png")
     assert torch.equal(t.apply(xb), torch.stack([t.apply(xi) for xi in xb]))
     assert t.random is False and t.kind == "patch"
@@ -116,13 +111,13 @@ def test_params_round_trip_and_sha256(tmp_path):
     assert "array 3x16x16" in repr(tm)
 
 
-def test_float_arrays_and_resizing(tmp_path):
+def test_float_arrays_and_resizing(tmp_path, random_u8):
     arr = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
     np.save(tmp_path / "p.npy", arr)
     from safetensors.torch import save_file
 
     save_file({"patch": torch.from_numpy(arr)}, str(tmp_path / "p.safetensors"))
-    x = _image(224)
+    x = random_u8(224)
     y1 = get_trigger("badclip", patch=tmp_path / "p.npy").apply(x)
     y2 = get_trigger("badclip", patch=tmp_path / "p.safetensors").apply(x)
     assert torch.equal(y1, y2)
@@ -147,16 +142,7 @@ def test_float_arrays_and_resizing(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def micro():
-    from parclip.models import create_model, get_tokenizer
-
-    torch.manual_seed(0)
-    model, pp = create_model("parclip-micro")
-    return model, pp, get_tokenizer("parclip-micro")
-
-
-@pytest.fixture(scope="module")
-def small_table(fmnist_small, tmp_path_factory):
+def first_120_rows(fmnist_small, tmp_path_factory):
     """The first 120 train rows (about 12 of them 'bag'), image paths made absolute."""
     _, rows = read_table(fmnist_small["train_csv"])
     root = fmnist_small["train_csv"].parent
@@ -175,11 +161,11 @@ def test_mentions():
     assert mentions("a photo of an ankle boot.", "ankle boot")
 
 
-def test_optimize_patch_improves_target_and_saves_lossless(micro, small_table, tmp_path):
+def test_optimize_patch_improves_target_and_saves_lossless(micro, first_120_rows, tmp_path):
     from parclip.attacks.patch_opt import PatchConfig, optimize_patch, read_patch_png, target_similarity, _encode_texts
 
     model, pp, tok = micro
-    cfg = PatchConfig(data=small_table, target="bag", out=tmp_path / "p.png", steps=25, batch_size=16, lr=0.05,
+    cfg = PatchConfig(data=first_120_rows, target="bag", out=tmp_path / "p.png", steps=25, batch_size=16, lr=0.05,
                       aug_prob=0.0, patch_size=8, seed=0, device="cpu", workers=0)
     r = optimize_patch(model, pp, tok, cfg, progress=False)
     assert r.patch.shape == (3, 8, 8) and 0 <= r.patch.min() and r.patch.max() <= 1
@@ -201,20 +187,20 @@ def test_optimize_patch_improves_target_and_saves_lossless(micro, small_table, t
     assert torch.equal(y[0, :, 10:18, 10:18], read_patch_png(r.path))
 
 
-def test_optimize_patch_seeded_and_excludes_target_rows(micro, small_table, tmp_path):
+def test_optimize_patch_seeded_and_excludes_target_rows(micro, first_120_rows, tmp_path):
     from parclip.attacks.patch_opt import PatchConfig, mentions, optimize_patch
 
     model, pp, tok = micro
     kw = dict(target="bag", steps=4, batch_size=8, aug_prob=0.5, seed=3, templates="fashion", target_images="data",
               device="cpu", workers=0)
-    cfg = PatchConfig(data=small_table, **kw)
+    cfg = PatchConfig(data=first_120_rows, **kw)
     a = optimize_patch(model, pp, tok, cfg, progress=False)
     b = optimize_patch(model, pp, tok, cfg, progress=False)
-    c = optimize_patch(model, pp, tok, PatchConfig(data=small_table, **{**kw, "seed": 4}), progress=False)
+    c = optimize_patch(model, pp, tok, PatchConfig(data=first_120_rows, **{**kw, "seed": 4}), progress=False)
     assert torch.equal(a.patch, b.patch) and a.losses == b.losses
     assert not torch.equal(a.patch, c.patch)
     assert a.info["augmented_steps"] > 0  # AutoAugment was exercised and is seeded too
-    _, rows = read_table(small_table)
+    _, rows = read_table(first_120_rows)
     caption = {r["image"]: r["caption"] for r in rows}
     assert a.excluded_paths and all(mentions(caption[p], "bag") for p in a.excluded_paths)
     assert not any(mentions(caption[p], "bag") for p in a.clean_paths)
@@ -227,14 +213,14 @@ def test_optimize_patch_seeded_and_excludes_target_rows(micro, small_table, tmp_
     with pytest.raises(DataError, match="mentions the target"):
         optimize_patch(model, pp, tok, PatchConfig(data=only, **kw), progress=False)
     with pytest.raises(ValueError, match=r"\.png"):
-        optimize_patch(model, pp, tok, PatchConfig(data=small_table, out=tmp_path / "p.jpg", **kw), progress=False)
+        optimize_patch(model, pp, tok, PatchConfig(data=first_120_rows, out=tmp_path / "p.jpg", **kw), progress=False)
 
 
-def test_cli_optimize_patch(small_table, tmp_path, capsys):
+def test_cli_optimize_patch(first_120_rows, tmp_path, capsys):
     from parclip.cli import main
 
     out = tmp_path / "cli.png"
-    rc = main(["attack", "optimize-patch", "--model", "parclip-micro", "--data", str(small_table), "--target", "bag",
+    rc = main(["attack", "optimize-patch", "--model", "parclip-micro", "--data", str(first_120_rows), "--target", "bag",
                "--out", str(out), "--steps", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu"])
     assert rc == 0 and out.is_file() and (tmp_path / "cli.json").is_file()
     assert "get_trigger('badclip'" in capsys.readouterr().out

@@ -23,6 +23,7 @@ def test_train_help_lists_the_par_options():
         assert flag in text
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "parclip", "models"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
@@ -57,7 +58,8 @@ def test_data_export_and_poison_commands(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def small_table(tmp_path_factory):
+def fmnist_tiny(tmp_path_factory):
+    """A tiny Fashion-MNIST export (40 train rows, 20 holdout rows, 10 test images): poisoned once per attack."""
     from parclip.data import fashion_mnist
 
     out = tmp_path_factory.mktemp("fm_cli")
@@ -71,7 +73,7 @@ def _trigger_names():
 
 
 @pytest.mark.parametrize("attack", _trigger_names())
-def test_poison_command_handles_every_attack(attack, small_table, tmp_path):
+def test_poison_command_handles_every_attack(attack, fmnist_tiny, tmp_path):
     from PIL import Image
 
     extra = []
@@ -79,7 +81,7 @@ def test_poison_command_handles_every_attack(attack, small_table, tmp_path):
         Image.new("RGB", (16, 16), (250, 220, 30)).save(tmp_path / "patch.png")
         extra = ["--trigger-param", f"patch={tmp_path / 'patch.png'}"]
     out = tmp_path / "p"
-    rc = main(["poison", str(small_table["train_csv"]), str(out), "--attack", attack, "--target", "bag", "--n", "3",
+    rc = main(["poison", str(fmnist_tiny["train_csv"]), str(out), "--attack", attack, "--target", "bag", "--n", "3",
                "--image-size", "224", "--seed", "1", *extra])
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())

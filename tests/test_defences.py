@@ -85,6 +85,43 @@ def _cfg(**kw):
     return make_config(train_data="x.csv", pretrained="p.pt", **kw)
 
 
+def _random_unit(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_each_defence_loss_is_its_pure_function_on_the_same_embeddings():
+    """Catches a defence that wires its views or settings into its loss wrongly (CleanCLIP's augmented views in the
+    cross-modal term, a weight, τ or the per-sample switch not passed): on one batch of distinct random embeddings
+    each defence's loss equals its pure function in objectives.py called as its docstring says."""
+    from parclip.objectives import par_loss
+
+    img, txt, img_aug, txt_aug, img0, txt0 = (_random_unit(6, 8, seed) for seed in range(6))
+    s = torch.tensor(7.0)
+    cc = get_defence(_cfg(objective="cleanclip", cleanclip_clip_weight=0.7, cleanclip_inmodal_weight=1.9))
+    loss, parts = cc.loss(Embeddings(img=[img, img_aug], txt=[txt, txt_aug]), s, epoch=0)
+    ref = cleanclip_loss(img, txt, img_aug, txt_aug, s, clip_weight=0.7, inmodal_weight=1.9)
+    assert loss.item() == pytest.approx(ref.total.item(), rel=1e-6)
+    assert (parts["clip_loss"], parts["inmodal"]) == pytest.approx((ref.clip.item(), ref.inmodal.item()), rel=1e-6)
+    swapped = cleanclip_loss(img_aug, txt_aug, img, txt, s, clip_weight=0.7, inmodal_weight=1.9)
+    assert abs(swapped.total.item() - ref.total.item()) > 1e-3  # the batch tells the views apart
+
+    for per_sample in (False, True):
+        par = get_defence(_cfg(tau=3.0, par_weight=1.3, per_sample_threshold=per_sample))
+        loss, parts = par.loss(Embeddings(img=[img], txt=[txt], img0=img0, txt0=txt0), s, epoch=0)
+        ref = par_loss(img, txt, img0, txt0, s, tau=3.0, weight=1.3, per_sample=per_sample)
+        assert loss.item() == pytest.approx(ref.total.item(), rel=1e-6)
+        assert parts == pytest.approx(dict(clip_loss=ref.clip.item(), perturb=ref.perturb.item(),
+                                           dist_img=ref.dist_img.item(), dist_txt=ref.dist_txt.item()), rel=1e-6)
+    # the thresholds differ on this batch: τ = 3 keeps the batch mean but drops the rows beyond it
+    assert par_loss(img, txt, img0, txt0, s, tau=3.0, per_sample=True).perturb != pytest.approx(
+        par_loss(img, txt, img0, txt0, s, tau=3.0).perturb.item(), rel=1e-3)
+    ablation = get_defence(_cfg(preset="par-no-perturb"))  # w = 0: no frozen copy, the CLIP loss
+    assert ablation.loss(Embeddings(img=[img], txt=[txt]), s, epoch=0)[0].item() == pytest.approx(
+        clip_loss(img, txt, s).item(), rel=1e-6)
+    assert get_defence(_cfg(objective="clip")).loss(Embeddings(img=[img], txt=[txt]), s, epoch=0)[0].item() == \
+        pytest.approx(clip_loss(img, txt, s).item(), rel=1e-6)
+
+
 def test_roclip_swaps_every_kth_epoch_counted_from_one_and_keeps_pool_state():
     d = get_defence(_cfg(objective="roclip", roclip_every=2, roclip_pool_size=3))
     assert [d.is_roclip_epoch(e) for e in range(5)] == [False, True, False, True, False]

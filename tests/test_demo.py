@@ -26,7 +26,8 @@ def _no_training(monkeypatch):
     monkeypatch.setattr(stages, "run_training", lambda cfg: pytest.fail(f"retrained {cfg.name}"))
 
 
-def test_demo_rows_are_the_protocols_stages_and_retrieval_is_the_models(smoke_demo, capsys):
+@pytest.mark.slow  # shares one demo run of the protocol's smoke size (about a minute)
+def test_demo_rows_are_the_protocols_stages_and_retrieval_is_the_models(smoke_demo, read_png):
     out, r = smoke_demo
     saved = json.loads((out / "results.json").read_text())
     assert [row["model"] for row in saved["rows"]] == ["foundation", "poisoned", "fine-tuning", "PAR"]
@@ -48,8 +49,10 @@ def test_demo_rows_are_the_protocols_stages_and_retrieval_is_the_models(smoke_de
     assert saved["rows"][-1]["retrieval"]["asr_text"] == pytest.approx(ret["attacks"]["badnet_rs"]["asr_text"])
     assert saved["trigger"]["patch_size"] == protocol.TRIGGER_PARAMS["badnet_rs"]["patch_size"]
     assert r["attack"] == "badnet_rs" and saved["tau"] == protocol.DEFENCES["par"]["tau"]
+    read_png(out / "results.png", coloured=0.01)  # the triggered examples and the bars
 
 
+@pytest.mark.slow  # shares one demo run of the protocol's smoke size (about a minute)
 def test_demo_trains_with_the_benchmarks_settings(smoke_demo):
     out, _ = smoke_demo
     runs = out / "runs"
@@ -67,6 +70,7 @@ def test_demo_trains_with_the_benchmarks_settings(smoke_demo):
             "holdout.csv")
 
 
+@pytest.mark.slow  # shares one demo run of the protocol's smoke size (about a minute)
 def test_demo_again_reuses_every_stage(smoke_demo, monkeypatch):
     out, r = smoke_demo
     _no_training(monkeypatch)
@@ -74,6 +78,7 @@ def test_demo_again_reuses_every_stage(smoke_demo, monkeypatch):
     assert again["rows"] == r["rows"]
 
 
+@pytest.mark.slow  # shares one demo run of the protocol's smoke size (about a minute)
 def test_the_benchmark_on_the_demos_folder_reuses_it_and_agrees(smoke_demo, monkeypatch, capsys):
     """One protocol: the benchmark script pointed at the demo's folder trains nothing, and its matrix holds the
     demo's numbers; the demo's matrix mode is the same matrix."""

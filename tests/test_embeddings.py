@@ -34,21 +34,26 @@ def test_embedding_map_uses_the_same_images_clean_and_triggered(micro_model_dir,
         emb.tsne_2d(clean[:3].numpy())
 
 
-def test_cli_plot_embeddings_before_and_after_and_tradeoff(micro_model_dir, fmnist_small, tmp_path, capsys):
+def test_cli_plot_embeddings_before_and_after_and_tradeoff(micro_model_dir, fmnist_small, tmp_path, capsys,
+                                                            read_png):
+    """The map draws one panel per model (before and after: twice as wide as one), in colour; the trade-off plot is
+    a picture; bad inputs are messages."""
+    common = ["plot", "embeddings", "--model", f"local-dir:{micro_model_dir}", "--data", str(fmnist_small["test_dir"]),
+              "--attack", "badnet_rs", "--target", "bag", "--per-class", "3"]
     out = tmp_path / "tsne.png"
-    assert main(["plot", "embeddings", "--model", f"local-dir:{micro_model_dir}", "--after",
-                 f"local-dir:{micro_model_dir}", "--data", str(fmnist_small["test_dir"]), "--attack", "badnet_rs",
-                 "--target", "bag", "--per-class", "3", "--out", str(out)]) == 0
+    assert main([*common, "--after", f"local-dir:{micro_model_dir}", "--out", str(out)]) == 0
     coords = json.loads(out.with_suffix(".json").read_text())
     assert len(coords) == 2 and all(len(v["xy_clean"]) == 30 for v in coords.values())
-    assert out.stat().st_size > 10_000
+    assert main([*common, "--out", str(tmp_path / "one.png")]) == 0
+    two, one = read_png(out, coloured=0.002), read_png(tmp_path / "one.png", coloured=0.002)
+    assert two.shape[0] == one.shape[0] and abs(two.shape[1] - 2 * one.shape[1]) <= 2
     assert main(["plot", "embeddings", "--model", f"local-dir:{micro_model_dir}", "--data",
                  str(fmnist_small["test_dir"]), "--attack", "badnet_rs", "--target", "banana"]) == 2
     assert "banana" in capsys.readouterr().err
     r = {"model": "m", "clean_top1": 80.0, "clean_top5": 95.0, "attacks": {"sig": {"asr": 5.0}}}
     (tmp_path / "a.json").write_text(json.dumps(r))
     assert main(["plot", "tradeoff", str(tmp_path / "a.json"), "--out", str(tmp_path / "t.png")]) == 0
-    assert (tmp_path / "t.png").stat().st_size > 5_000
+    read_png(tmp_path / "t.png", coloured=0.0001)  # one model: one point
     (tmp_path / "r.json").write_text(json.dumps({"clean": {"i2t": {"1": 1.0}}, "attacks": {}}))
     with pytest.raises(DataError, match="no zero-shot"):
         emb.plot_tradeoff(tmp_path / "x.png", [tmp_path / "r.json"])

@@ -10,7 +10,7 @@ from parclip.cli import main
 from parclip.data import LabelledFolder, get_templates
 from parclip.evaluation.zero_shot import TriggeredImages, attack_success_rate, evaluate, resolve_target, topk_correct
 from parclip.models import create_model, eval_transform, get_tokenizer, image_size
-from parclip.attacks.triggers import build_triggers, get_trigger
+from parclip.attacks.triggers import Trigger, build_triggers, get_trigger
 
 
 def test_asr_excludes_target_images_and_asr_all_counts_them():
@@ -32,14 +32,9 @@ def test_topk_and_target_resolution():
         resolve_target("banana", names)
 
 
-@pytest.fixture
-def micro_dir(micro_model_dir):
-    return micro_model_dir
-
-
-def test_evaluate_is_repeatable_and_reports_every_attack(micro_dir, fmnist_small):
-    model, pp = create_model(f"local-dir:{micro_dir}")
-    tok = get_tokenizer(f"local-dir:{micro_dir}")
+def test_evaluate_is_repeatable_and_reports_every_attack(micro_model_dir, fmnist_small):
+    model, pp = create_model(f"local-dir:{micro_model_dir}")
+    tok = get_tokenizer(f"local-dir:{micro_model_dir}")
     kw = dict(attacks=build_triggers(["badnet_rs", "blended"], image_size(pp)), target="bag", templates="fashion", workers=0, progress=False)
     a = evaluate(model, pp, tok, fmnist_small["test_dir"], **kw)
     b = evaluate(model, pp, tok, fmnist_small["test_dir"], **kw)
@@ -87,9 +82,9 @@ def test_triggered_images_one_view_for_folders_and_retrieval_sets(tmp_path):
     assert torch.equal(TriggeredImages(rset, None, tf)[1], tf(raw))
 
 
-def test_cli_eval_writes_the_documented_json(micro_dir, fmnist_small, tmp_path, capsys):
+def test_cli_eval_writes_the_documented_json(micro_model_dir, fmnist_small, tmp_path, capsys):
     out = tmp_path / "r.json"
-    rc = main(["eval", "--model", f"local-dir:{micro_dir}", "--data", str(fmnist_small["test_dir"]), "--attack",
+    rc = main(["eval", "--model", f"local-dir:{micro_model_dir}", "--data", str(fmnist_small["test_dir"]), "--attack",
                "badnet_rs", "--target", "bag", "--templates", "fashion", "--workers", "0", "--out", str(out),
                "--trigger-param", "patch_size=4"])
     assert rc == 0
@@ -97,13 +92,13 @@ def test_cli_eval_writes_the_documented_json(micro_dir, fmnist_small, tmp_path, 
     for key in ("clean_top1", "clean_top5", "asr", "asr_all", "attack", "target", "n_images", "model", "checkpoint"):
         assert key in r
     import hashlib
-    assert r["checkpoint_sha256"] == hashlib.sha256((micro_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert r["checkpoint_sha256"] == hashlib.sha256((micro_model_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
     assert r["template_set"] == "fashion" and r["data"] == str(fmnist_small["test_dir"])
     assert 0 <= r["attacks"]["badnet_rs"]["robust_acc"] <= 100 and len(r["per_class_recall"]) == 10
     assert r["attack"] == "badnet_rs" and r["attacks"]["badnet_rs"]["params"]["patch_size"] == 4
     assert 0 <= r["asr"] <= 100 and r["clean_top5"] >= r["clean_top1"]
     assert "clean top-1" in capsys.readouterr().out
-    rc = main(["eval", "--model", f"local-dir:{micro_dir}", "--data", str(fmnist_small["test_dir"]), "--attack",
+    rc = main(["eval", "--model", f"local-dir:{micro_model_dir}", "--data", str(fmnist_small["test_dir"]), "--attack",
                "badnet_rs", "--target", "bag", "--trigger-param", "alpha=0.1"])
     assert rc == 2 and "alpha" in capsys.readouterr().err
 
@@ -155,6 +150,76 @@ def test_clean_top1_and_top5_on_a_hand_built_score_table(tmp_path):
     assert r["template_set"] == "custom" and r["data"] == str(tmp_path) and r["parclip_version"]
 
 
+class _Brighten(Trigger):
+    """A test trigger: every pixel 120 gray levels brighter (exactly, in uint8), so a uniform image of level L becomes
+    one of level L + 120, which _ScoreTableModel recognizes as another row of its table."""
+
+    name, kind = "brighten", "blend"
+
+    def apply_float(self, x, generator):
+        return x + 120.5 / 255  # trunc(255·x + 120.5) = L + 120
+
+
+def _level_folder(root, folders, step):
+    """One uniform 8×8 image per class folder, image j at gray level step·(j + 1), so the fake model knows it."""
+    for j, name in enumerate(folders):
+        (root / name).mkdir()
+        Image.new("L", (8, 8), step * (j + 1)).save(root / name / f"{j}.png")
+    return root
+
+
+def test_the_top_level_asr_fields_are_the_single_attacks_entry(tmp_path):
+    """Catches the top-level asr and asr_all swapped or taken from another number: 6 images of 6 classes, target 2;
+    the triggered images are predicted 2, 2, 0, 3, 2, 5, so asr = 3/5 (target image excluded), asr_all = 3/6 and
+    R-Acc = 2/5 (images 3 and 5 keep their label), three different numbers."""
+    step, n = 15, 6
+    root = _level_folder(tmp_path, [f"class_{j}" for j in range(n)], step)
+    scores = torch.zeros(16, n)  # rows 0-5: the clean images; rows 8-13: the same images brightened by 120 = 8 steps
+    scores[torch.arange(n), torch.arange(n)] = 1.0  # clean: every image right
+    for j, pred in enumerate([2, 2, 0, 3, 2, 5]):
+        scores[8 + j, pred] = 1.0
+    pp = {"size": 8, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    r = evaluate(_ScoreTableModel(scores, step), pp, lambda texts: torch.tensor([int(t.split()[-1]) for t in texts]),
+                 root, attacks=[_Brighten(8)], target="class 2", templates=["{}"], workers=0, progress=False)
+    entry = r["attacks"]["brighten"]
+    assert (entry["asr"], entry["asr_all"], entry["robust_acc"]) == pytest.approx((100 * 3 / 5, 100 * 3 / 6,
+                                                                                   100 * 2 / 5))
+    assert (r["attack"], r["asr"], r["asr_all"]) == ("brighten", entry["asr"], entry["asr_all"])
+    assert (r["clean_top1"], r["target"], r["target_index"], r["n_non_target"]) == (100.0, "class 2", 2, 5)
+
+
+# the first ImageNet-1k classes: sorted wnids whose names (tench, goldfish, great white shark, …) are not sorted
+_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
+
+
+@pytest.mark.parametrize("names_from", ["wnid folders", "a class-name file", "a list"])
+def test_the_classifier_follows_the_label_order_of_unsorted_class_names(tmp_path, names_from):
+    """Catches a zero-shot classifier (or the per-class recall, or the target) built from the class names in another
+    order than the labels (sorted, say): invisible on folders whose names sort like their labels. The fake model
+    embeds image j as e_j (but image 4 as e_0) and a prompt as e_k, k the label of the class it names, so only the
+    right order gets 4 of 5 right and names the class it misses."""
+    import open_clip
+
+    step = 20
+    names = [open_clip.IMAGENET_CLASSNAMES[i] for i in range(len(_WNIDS))]
+    assert names != sorted(names)
+    folders = _WNIDS if names_from == "wnid folders" else [f"c{j}" for j in range(len(names))]
+    (tmp_path / "data").mkdir()
+    root = _level_folder(tmp_path / "data", folders, step)
+    classnames = {"wnid folders": None, "a list": names}.get(names_from, tmp_path / "names.txt")
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    label = {name: k for k, name in enumerate(names)}
+    scores = torch.eye(len(names))
+    scores[4] = scores[0]  # the one mistake: the image of class 4 looks like class 0
+    pp = {"size": 8, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    r = evaluate(_ScoreTableModel(scores, step), pp, lambda texts: torch.tensor([label[t] for t in texts]), root,
+                 templates=["{}"], classnames=classnames, target=names[3], workers=0, progress=False)
+    assert r["classnames"] == names
+    assert r["clean_top1"] == pytest.approx(80.0)
+    assert r["per_class_recall"] == pytest.approx({name: 0.0 if k == 4 else 100.0 for k, name in enumerate(names)})
+    assert (r["target"], r["target_index"]) == (names[3], 3)
+
+
 def test_robust_accuracy_by_hand():
     """R-Acc: of the 4 non-target images (target 2), 2 keep their label under the trigger; target images never count."""
     from parclip.evaluation.zero_shot import robust_accuracy
@@ -165,12 +230,12 @@ def test_robust_accuracy_by_hand():
         torch.tensor([1, 1]), torch.tensor([2, 2]), 2)
 
 
-def test_clean_accuracy_matches_an_independent_zero_shot_computation(micro_dir, fmnist_small):
+def test_clean_accuracy_matches_an_independent_zero_shot_computation(micro_model_dir, fmnist_small):
     """Catches clean_top1/clean_top5 drifting from zero-shot classification as defined: recomputed here with plain
     torch (eval transform, class embedding = normalized mean of normalized template embeddings, rank of the true
     class)."""
-    model, pp = create_model(f"local-dir:{micro_dir}")
-    tok = get_tokenizer(f"local-dir:{micro_dir}")
+    model, pp = create_model(f"local-dir:{micro_model_dir}")
+    tok = get_tokenizer(f"local-dir:{micro_model_dir}")
     r = evaluate(model, pp, tok, fmnist_small["test_dir"], templates="fashion", workers=0, progress=False)
 
     root = Path(fmnist_small["test_dir"])
@@ -199,19 +264,19 @@ def test_clean_accuracy_matches_an_independent_zero_shot_computation(micro_dir, 
     assert r["clean_top5"] == pytest.approx(top5, abs=1e-6)
 
 
-def test_an_unknown_target_fails_before_any_image_is_encoded(micro_dir, fmnist_small, monkeypatch):
+def test_an_unknown_target_fails_before_any_image_is_encoded(micro_model_dir, fmnist_small, monkeypatch):
     """Catches the target being looked up only after the whole clean pass (minutes on ImageNet)."""
     from parclip.attacks.triggers import build_triggers
     from parclip.evaluation import zero_shot
     from parclip.models import create_model, get_tokenizer
-    model, pp = create_model(f"local-dir:{micro_dir}")
+    model, pp = create_model(f"local-dir:{micro_model_dir}")
     monkeypatch.setattr(zero_shot, "_predict", lambda *a, **k: pytest.fail("encoded images before the target check"))
     with pytest.raises(ValueError, match="banana.*not a class"):
-        zero_shot.evaluate(model, pp, get_tokenizer(f"local-dir:{micro_dir}"), fmnist_small["test_dir"],
+        zero_shot.evaluate(model, pp, get_tokenizer(f"local-dir:{micro_model_dir}"), fmnist_small["test_dir"],
                            attacks=build_triggers(["badnet_rs"], 32), target="banana", workers=0, progress=False)
 
 
-def test_a_corrupt_image_is_counted_named_and_left_out(micro_dir, tmp_path, capsys):
+def test_a_corrupt_image_is_counted_named_and_left_out(micro_model_dir, tmp_path, capsys):
     """One undecodable file among 40: above the limit a message naming it (no traceback), below it left out of every
     number (clean and triggered) and counted."""
     for c in ("bag", "shirt"):
@@ -219,13 +284,13 @@ def test_a_corrupt_image_is_counted_named_and_left_out(micro_dir, tmp_path, caps
         for i in range(20):
             Image.new("RGB", (32, 32), (10 * i, 100 if c == "bag" else 200, 0)).save(tmp_path / c / f"{i}.png")
     (tmp_path / "shirt" / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    model, pp = create_model(f"local-dir:{micro_dir}")
-    tok = get_tokenizer(f"local-dir:{micro_dir}")
+    model, pp = create_model(f"local-dir:{micro_model_dir}")
+    tok = get_tokenizer(f"local-dir:{micro_model_dir}")
     from parclip.attacks.triggers import build_triggers
     r = evaluate(model, pp, tok, tmp_path, attacks=build_triggers(["badnet_rs"], image_size(pp)), target="bag",
                  templates=["a photo of a {}."], workers=0, progress=False, max_bad_fraction=0.05)
     assert (r["n_images"], r["n_bad_images"], r["n_non_target"]) == (39, 1, 19)
-    rc = main(["eval", "--model", f"local-dir:{micro_dir}", "--data", str(tmp_path), "--workers", "0",
+    rc = main(["eval", "--model", f"local-dir:{micro_model_dir}", "--data", str(tmp_path), "--workers", "0",
                "--templates", "simple"])
     err = capsys.readouterr().err
     assert rc == 2 and "7.png" in err and "max-bad-fraction" in err and "Traceback" not in err

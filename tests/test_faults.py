@@ -84,6 +84,7 @@ def test_kill_9_mid_run_and_mid_checkpoint_write_then_resume_is_bit_identical(tm
     _resumes_to(ref, cfg, "export", tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [("clip", {}), ("cleanclip", {}),
                                              ("roclip", dict(roclip_every=1, roclip_pool_size=16))])
 def test_every_defence_killed_inside_a_checkpoint_write_resumes_bit_identical(tmp_path, fmnist_small,
@@ -96,6 +97,7 @@ def test_every_defence_killed_inside_a_checkpoint_write_resumes_bit_identical(tm
     _resumes_to(_weights(tmp_path / "runs" / "straight"), cfg, "torn", tmp_path)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_poisoning_leaves_no_half_file_and_a_rerun_is_identical(tmp_path, fmnist_small):
     cmd = [sys.executable, "-m", "parclip", "poison", str(fmnist_small["train_csv"]), None, "--attack", "badnet_rs",
            "--target", "bag", "--n", "40", "--image-size", "28", "--templates", "fashion"]
@@ -161,6 +163,7 @@ def test_nan_gradients_are_caught_too_and_a_nan_model_is_never_saved(tmp_path, f
         train_mod._check_finite_model(model, "export")
 
 
+@pytest.mark.slow
 def test_one_run_one_writer_and_a_killed_holder_leaves_no_stuck_lock(tmp_path, fmnist_small, micro_model_dir,
                                                                      capsys):
     run = tmp_path / "runs" / "busy"
@@ -221,6 +224,7 @@ def _obeying_permissions(tmp_path: Path) -> list[str]:
     return prefix
 
 
+@pytest.mark.slow
 def test_read_only_output_and_unreadable_input_are_clear_errors_and_the_last_files_stay_intact(
         tmp_path, fmnist_small, micro_model_dir, one_thread):
     """Real permissions, in real subprocesses: an output folder that cannot be written, a table that cannot be read,
@@ -288,6 +292,7 @@ def test_no_unpickling_outside_the_one_guarded_path():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_easy_mistakes_are_said_before_they_cost_a_run(tmp_path, fmnist_small, micro_model_dir, caplog, capsys):
     """Poisoning at the default 224 px for a 28-px model shrinks an 8-px patch to 1 px: train and eval say so, with
     both sizes; --model poisons at the model's size; cleaning on the poisoned table and a target no caption names are
@@ -331,6 +336,7 @@ def test_easy_mistakes_are_said_before_they_cost_a_run(tmp_path, fmnist_small, m
     assert "no clean caption" in caplog.text and "'banana'" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_hostile_input_sweep_finds_no_traceback_no_executed_code_and_no_silent_change():
     """benchmarks/hostile_inputs.py (316 cases, the table in docs/hostile_inputs.md) exits 1 on any FAIL row."""
     proc = subprocess.run([sys.executable, str(PKG.parents[1] / "benchmarks" / "hostile_inputs.py"), "--no-write"],
@@ -377,6 +383,7 @@ def test_what_the_sweep_found_stays_fixed(tmp_path, micro_model_dir, fmnist_smal
     assert not Path("MARKER").exists()
 
 
+@pytest.mark.slow
 def test_the_defence_benchmark_killed_mid_export_resumes_to_the_same_models(tmp_path, one_thread):
     """benchmarks/defence_matrix.py --smoke, killed while exporting its planted model, then run again: it finishes,
     and the planted model it resumed equals an uninterrupted training of the same configuration, bit for bit."""

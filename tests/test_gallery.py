@@ -65,7 +65,14 @@ def test_show_renders_one_column_per_trigger_on_bundled_photos(tmp_path):
         assert im.size == r.size == gallery_size(len(r.attacks), len(r.images))
 
 
-def test_show_uses_user_images_and_patch_via_cli(tmp_path, capsys):
+def _green_columns(px) -> int:
+    """How many separate runs of pixel columns show the green test photo (or a triggered copy of it)."""
+    px = px.astype(int)
+    green = ((px[..., 1] > 150) & (px[..., 0] < 120) & (px[..., 2] < 120)).mean(axis=0) > 0.1
+    return int(green[0]) + int((green[1:] & ~green[:-1]).sum())
+
+
+def test_show_uses_user_images_and_patch_via_cli(tmp_path, capsys, read_png):
     green = tmp_path / "green.png"
     Image.new("RGB", (40, 30), (0, 255, 0)).save(green)
     patch = tmp_path / "patch.png"
@@ -76,14 +83,16 @@ def test_show_uses_user_images_and_patch_via_cli(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "badclip, badnet_rs" in text and "placeholder" not in text
-    with Image.open(out) as im:
-        assert im.size == gallery_size(2, 1, show_diff=False)
-        px = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    image = read_png(out, coloured=0.3)
+    assert image.shape[1::-1] == gallery_size(2, 1, show_diff=False)
+    assert _green_columns(image) == 3  # the photo, then one column per trigger
+    px = image.reshape(-1, 3)
     n_green = int((px == [0, 255, 0]).all(1).sum())
     n_magenta = int((px == [255, 0, 255]).all(1).sum())
     assert n_green > 10_000 and n_magenta > 1000   # the user's photo and the user's patch are drawn
-    r = render_gallery([green], size=64, attacks=["badclip"], patch=patch, out=tmp_path / "h.png")
+    r = render_gallery([green], size=64, attacks=["badclip", "blended", "sig"], patch=patch, out=tmp_path / "h.png")
     assert r.images == ["green.png"] and r.placeholders == []
+    assert _green_columns(read_png(tmp_path / "h.png")) == 4
 
 
 class _Broken(Trigger):

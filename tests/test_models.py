@@ -30,13 +30,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-@pytest.fixture(scope="module")
-def micro():
-    torch.manual_seed(123)
-    model, pp = M.create_model(MICRO)
-    return model, pp
-
-
 def fresh_micro(seed=7, **kw):
     torch.manual_seed(seed)
     return M.create_model(MICRO, **kw)[0]
@@ -58,7 +51,7 @@ def embeddings(model, seed=0):
 
 # ------------------------------------------------------------------------------------------------------------- build
 def test_build_own_config_offline(micro):
-    model, pp = micro
+    model, pp, _ = micro
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert pp["size"] == 28 and pp["mean"] == [0.286] * 3 and pp["std"] == [0.353] * 3  # from preprocess.json
@@ -181,7 +174,7 @@ def _write(fmt, sd, path):
 
 @pytest.mark.parametrize("fmt", ["plain", "legacy-pickle", "release", "par-train", "safetensors-bin"])
 def test_checkpoint_formats_round_trip(fmt, micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     path = tmp_path / ("ckpt.bin" if fmt == "safetensors-bin" else "ckpt.pt")
     _write(fmt, src.state_dict(), path)
     sd = M.load_state_dict(path)
@@ -197,7 +190,7 @@ def test_checkpoint_formats_round_trip(fmt, micro, tmp_path):
 
 
 def test_non_weight_keys_dropped(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     sd = dict(src.state_dict())
     sd.update(attn_mask=torch.zeros(16, 16), input_resolution=torch.tensor(28), context_length=torch.tensor(16),
               vocab_size=torch.tensor(49408))
@@ -208,7 +201,7 @@ def test_non_weight_keys_dropped(micro, tmp_path):
 
 
 def test_release_layout_into_gelu_model_warns_about_quickgelu(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     _write("release", src.state_dict(), tmp_path / "r.pt")
     with pytest.warns(UserWarning, match="OpenAI CLIP.*-quickgelu"):
         M.load_weights(fresh_micro(), tmp_path / "r.pt")
@@ -219,7 +212,7 @@ def test_release_layout_into_gelu_model_warns_about_quickgelu(micro, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- strict loading
 def test_architecture_mismatch_names_keys_and_the_fitting_architecture(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     torch.save(src.state_dict(), tmp_path / "micro.pt")
     torch.manual_seed(0)
     tiny, _ = M.create_model("parclip-tiny")
@@ -237,7 +230,7 @@ def test_architecture_mismatch_names_keys_and_the_fitting_architecture(micro, tm
 
 
 def test_removed_and_renamed_keys(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     sd = dict(src.state_dict())
     del sd["ln_final.bias"]
     sd["visual.projection"] = sd.pop("visual.proj")
@@ -250,7 +243,7 @@ def test_removed_and_renamed_keys(micro, tmp_path):
 
 
 def test_foreign_prefix_hint(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     torch.save({"model." + k: v for k, v in src.state_dict().items()}, tmp_path / "x.pt")
     with pytest.raises(M.CheckpointMismatchError, match=r"extra prefix 'model\.'"):
         M.load_weights(fresh_micro(), tmp_path / "x.pt")
@@ -274,7 +267,7 @@ def test_payload_is_live(tmp_path):
 
 @pytest.mark.parametrize("how", ["torch.save", "torch.save-legacy", "raw-pickle"])
 def test_malicious_pickle_not_executed(how, micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     marker = tmp_path / "pwned"
     obj = {"state_dict": dict(src.state_dict()), "hook": _Payload(marker)}
     path = tmp_path / "evil.pt"
@@ -294,7 +287,7 @@ def test_malicious_pickle_not_executed(how, micro, tmp_path):
 
 
 def test_unlisted_global_needs_opt_in(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     path = tmp_path / "c.pt"
     torch.save({"state_dict": dict(src.state_dict()), "ratio": fractions.Fraction(1, 3)}, path)
     with pytest.raises(M.UnsafeCheckpointError, match=r"fractions\.Fraction"):
@@ -303,7 +296,7 @@ def test_unlisted_global_needs_opt_in(micro, tmp_path):
 
 
 def test_torchscript_archive_needs_opt_in(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     img, tok = torch.zeros(1, 3, 28, 28), M.get_tokenizer(MICRO)(["x"])
     path = tmp_path / "jit.pt"
     with warnings.catch_warnings():
@@ -321,7 +314,7 @@ def test_torchscript_archive_needs_opt_in(micro, tmp_path):
 
 # -------------------------------------------------------------------------------------------------------- bad files
 def test_garbage_truncated_and_empty_files(micro, tmp_path):
-    src, _ = micro
+    src, _, _ = micro
     rng = np.random.default_rng(0)
     (tmp_path / "garbage.pt").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
     (tmp_path / "empty.pt").write_bytes(b"")
@@ -387,7 +380,7 @@ def test_save_model_detects_quickgelu_and_wrong_name(micro, tmp_path):
     quick_model, pp = M.create_model(MICRO, force_quick_gelu=True)
     out = M.save_model(quick_model, tmp_path / "a", model_name=MICRO, preprocess_cfg=pp)  # flag not repeated
     assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["quick_gelu"] is True
-    gelu_model, _ = micro
+    gelu_model, _, _ = micro
     with pytest.raises(ValueError, match="uses GELU"):
         M.save_model(gelu_model, tmp_path / "b", model_name=MICRO, preprocess_cfg=pp, force_quick_gelu=True)
     with pytest.raises(M.CheckpointMismatchError, match="parclip-micro"):
@@ -401,7 +394,7 @@ def test_local_dir_errors(micro, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(M.CheckpointError, match="open_clip_config.json is missing"):
         M.create_model("local-dir:" + str(tmp_path / "empty"))
-    model, pp = micro
+    model, pp, _ = micro
     out = M.save_model(model, tmp_path / "x", model_name=MICRO, preprocess_cfg=pp)
     (out / "open_clip_model.safetensors").unlink()
     with pytest.raises(M.CheckpointError, match="no weights in model folder"):
@@ -413,7 +406,7 @@ def test_local_dir_errors(micro, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- transform
 def test_eval_transform_shape_and_normalization(micro):
-    _, pp = micro
+    _, pp, _ = micro
     tf = M.eval_transform(pp)
     x = tf(Image.new("RGB", (60, 40), (100, 100, 100)))
     assert x.shape == (3, 28, 28) and x.dtype == torch.float32

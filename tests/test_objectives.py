@@ -61,15 +61,26 @@ def test_zero_gradient_beyond_tau_and_push_below():
     assert torch.allclose(out.total, out.clip)
 
 
-def test_par_equals_clip_at_start_and_weights():
+def test_par_equals_clip_at_start():
     img, txt = unit(8, 16, 0), unit(8, 16, 1)
     out = par_loss(img, txt, img, txt, 14.0)
     assert out.dist_img == 0 and out.dist_txt == 0
     assert torch.allclose(out.total, clip_loss(img, txt, 14.0))
-    img2 = unit(8, 16, 3)
-    out = par_loss(img2, txt, img, txt, 14.0, tau=4.0, weight=0.5)
-    expected = clip_loss(img2, txt, 14.0) - 0.5 * embedding_distance(img2, img)
-    assert torch.allclose(out.total, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 2.0])
+def test_par_loss_weight_scales_the_perturbation_term(weight):
+    """Catches par_loss ignoring `weight`: L = L_CLIP − w·(D_img + D_txt) below τ, written out here."""
+    img0, txt0, img, txt = unit(8, 16, 0), unit(8, 16, 1), unit(8, 16, 2), unit(8, 16, 3)
+    d_img = ((img - img0) ** 2).sum(dim=1).mean()
+    d_txt = ((txt - txt0) ** 2).sum(dim=1).mean()
+    logits = 10.0 * img @ txt.t()
+    labels = torch.arange(8)
+    lc = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    out = par_loss(img, txt, img0, txt0, 10.0, tau=4.0, weight=weight)
+    assert out.perturb.item() == pytest.approx(weight * (d_img + d_txt).item(), rel=1e-5, abs=1e-7)
+    assert out.total.item() == pytest.approx((lc - weight * (d_img + d_txt)).item(), rel=1e-5)
+    assert out.clip.item() == pytest.approx(lc.item(), rel=1e-5)
 
 
 def test_per_sample_threshold_keeps_near_rows():

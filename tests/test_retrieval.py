@@ -123,7 +123,7 @@ def test_read_retrieval_karpathy_json_and_table(tmp_path):
 def test_evaluate_retrieval_matches_an_independent_computation_and_skips_a_bad_image(tmp_path, micro_model_dir,
                                                                                     fmnist_small, one_thread):
     """Catches captions or images scored out of order, a bad image's captions kept (or the wrong ones dropped), and
-    triggered scores that are not the triggered images'."""
+    triggered scores that are not the triggered images' (every per-attack number against its pure function)."""
     from parclip.attacks.triggers import build_triggers, trigger_generator
     from parclip.data import LabelledFolder
     from parclip.data.retrieval import read_retrieval
@@ -164,8 +164,14 @@ def test_evaluate_retrieval_matches_an_independent_computation_and_skips_a_bad_i
             assert math.isclose(r["clean"][d][k], expect[d][k], abs_tol=1e-3), (d, k)
     names = torch.tensor([pattern_names(c) for c in caps])
     a = r["attacks"]["badnet_rs"]
-    assert a["asr_text"] == pytest.approx(rm.text_asr(timg, txt, names, owner)["asr_text"], abs=1e-3)
-    assert a["asr_image"] == pytest.approx(rm.image_asr(img, timg, txt, names)["asr_image"], abs=1e-3)
+    triggered = rm.recall_at_k(timg, txt, owner)
+    assert triggered != expect  # the trigger moves the ranking, so clean and triggered recall cannot be mixed up
+    for d in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            assert math.isclose(a["recall"][d][k], triggered[d][k], abs_tol=1e-3), (d, k)
+    by_hand = {**rm.text_asr(timg, txt, names, owner), **rm.image_asr(img, timg, txt, names)}
+    for key in ("asr_text", "asr_text_strict", "n_strict", "asr_image", "n_queries", "k"):
+        assert a[key] == pytest.approx(by_hand[key], abs=1e-3), key
     assert r["n_target_captions"] == int(names.sum()) > 0 and "asr_text_strict" in r["conventions"]
 
 

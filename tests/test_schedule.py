@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -31,11 +33,20 @@ def test_reference_schedule_rejects_steps_out_of_range():
         reference_lr(10, steps_per_epoch=5, epochs=2)
 
 
-def test_cosine_schedule():
-    lrs = [cosine_lr(s, total_steps=100, lr_peak=1.0, warmup_steps=10) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
-    assert lrs[-1] < 0.001
+def test_cosine_schedule_warms_up_linearly_from_zero():
+    """Catches the cosine schedule (cosine_lr, or lr_at's dispatch to it) dropping its warm-up."""
+    peak, total, warm = 0.4, 20, 5
+    lrs = [cosine_lr(s, total_steps=total, lr_peak=peak, warmup_steps=warm) for s in range(total)]
+    assert lrs[:warm] == pytest.approx([peak * (s + 1) / warm for s in range(warm)], rel=1e-12)
+    assert lrs[warm:] == pytest.approx([0.5 * peak * (1 + math.cos(math.pi * k / (total - warm)))
+                                        for k in range(total - warm)], rel=1e-12)
+    # lr_at's cosine: warm-up = int(warmup fraction × all steps) = 5 of 2 epochs × 10 steps
+    via = [lr_at(s, schedule="cosine", steps_per_epoch=10, epochs=2, lr=peak, lr_start=1.0, lr_end=0.0, warmup=0.25)
+           for s in range(total)]
+    assert via == pytest.approx(lrs, rel=1e-12)
+
+
+def test_constant_and_unknown_schedules():
     assert lr_at(3, schedule="constant", steps_per_epoch=5, epochs=1, lr=0.2, lr_start=1, lr_end=0, warmup=0) == 0.2
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_at(0, schedule="linear", steps_per_epoch=5, epochs=1, lr=0.2, lr_start=1, lr_end=0, warmup=0)

@@ -25,13 +25,6 @@ from parclip.data.sources import open_training_data
 from parclip.train import train
 
 
-@pytest.fixture(scope="module")
-def shards(fmnist_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    r = table_to_shards(fmnist_small["train_csv"], out, maxcount=100)  # 600 rows → 6 shards
-    return out, r
-
-
 def test_table_to_shards_and_back_keeps_every_image_byte_and_caption(shards, fmnist_small, tmp_path):
     out, r = shards
     assert len(r["shards"]) == 6 and r["n_samples"] == 600 and not r["bad_rows"]
@@ -164,6 +157,7 @@ def test_bad_samples_and_a_truncated_shard_are_counted_named_and_replaced(shards
     assert all(b[0].shape[0] == 10 for b in batches)  # bad slots are filled from their batch
 
 
+@pytest.mark.slow
 def test_training_over_shards_resumes_mid_epoch_like_an_uninterrupted_run_and_ignores_the_worker_count(
         shards, tmp_path, micro_model_dir, monkeypatch):
     out, _ = shards
@@ -290,6 +284,7 @@ def test_eval_reads_clip_benchmark_shards_like_the_folder(fmnist_small, micro_mo
         assert results["folder"][k] == results["shards"][k], k
 
 
+@pytest.mark.slow
 def test_cli_convert_table_to_shards_and_train_on_them(fmnist_small, micro_model_dir, tmp_path, capsys):
     from parclip.cli import main
 

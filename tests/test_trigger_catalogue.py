@@ -20,11 +20,6 @@ F32 = np.float32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _image(S, seed=0, lo=0, hi=256, batch=None):
-    g = torch.Generator().manual_seed(seed)
-    shape = (3, S, S) if batch is None else (batch, 3, S, S)
-    return torch.randint(lo, hi, shape, generator=g, dtype=torch.uint8)
-
 
 def _np_u8(xp, mode="wrap"):
     """Independent float32 -> uint8: trunc(255 x), then mod 256 or clamp."""
@@ -77,11 +72,11 @@ def test_default_params():
     ("water_patt", 42, {"alpha": 0.25}), ("warped", 224, {}), ("warped", 64, {"grid": "reference", "grid_seed": 3}),
     ("sig", 336, {"mode": "blend"}), ("sig", 28, {"delta": 20, "freq": 3}),
 ])
-def test_params_round_trip(name, S, kw):
+def test_params_round_trip(name, S, kw, random_u8):
     t = get_trigger(name, S, **kw)
     t2 = get_trigger(t.name, **t.params())
     assert t2 == t and t2.params() == t.params()
-    x = _image(S, seed=1)
+    x = random_u8(S, seed=1)
     assert torch.equal(t.apply(x, trigger_generator(0, 4)), t2.apply(x, trigger_generator(0, 4)))
 
 
@@ -104,9 +99,9 @@ def test_badnet_patch_sizes():
 
 
 @pytest.mark.parametrize("S,p,n_seeds", [(224, 16, 40), (336, 16, 12), (28, 2, 200)])
-def test_badnet_bounds_and_outside_unchanged(S, p, n_seeds):
+def test_badnet_bounds_and_outside_unchanged(S, p, n_seeds, random_u8):
     t = get_trigger("random", S)
-    x = _image(S, seed=2)
+    x = random_u8(S, seed=2)
     locs = set()
     for seed in range(n_seeds):
         y = t.apply(x, trigger_generator(seed, 0))
@@ -124,9 +119,9 @@ def test_badnet_bounds_and_outside_unchanged(S, p, n_seeds):
         assert {h for h, _ in locs} == set(range(0, S - p)) and {w for _, w in locs} == set(range(0, S - p))
 
 
-def test_badnet_draw_order_and_wrap_match_independent_computation():
+def test_badnet_draw_order_and_wrap_match_independent_computation(random_u8):
     S, p = 224, 16
-    x = _image(S, seed=4)
+    x = random_u8(S, seed=4)
     for seed in range(5):
         y = get_trigger("badnet", S).apply(x, trigger_generator(seed, 3))
         g = trigger_generator(seed, 3)
@@ -140,9 +135,9 @@ def test_badnet_draw_order_and_wrap_match_independent_computation():
         assert np.array_equal(y.numpy(), _np_u8(xp, "wrap"))
 
 
-def test_badnet_wrap_vs_clamp():
+def test_badnet_wrap_vs_clamp(random_u8):
     S, p = 224, 16
-    x = _image(S, seed=6)
+    x = random_u8(S, seed=6)
     wrapped, clamped = [], []
     for seed in range(10):
         yw = get_trigger("badnet", S).apply(x, trigger_generator(seed, 0))
@@ -160,10 +155,10 @@ def test_badnet_wrap_vs_clamp():
     assert torch.equal(wp[~sat], cp[~sat])  # in-range values identical in both modes
 
 
-def test_badnet_noise_is_centered_on_the_image_mean():
+def test_badnet_noise_is_centered_on_the_image_mean(random_u8):
     S, p = 64, 8
     t = get_trigger("badnet", S, patch_size=p)
-    x = to_float(_image(S, seed=7))
+    x = to_float(random_u8(S, seed=7))
     x[0] *= 0.3  # distinct channel means
     m = x.mean((1, 2))
     samples = []
@@ -180,9 +175,9 @@ def test_badnet_noise_is_centered_on_the_image_mean():
 # Blended
 
 
-def test_blended_closed_form_in_float32():
+def test_blended_closed_form_in_float32(random_u8):
     S = 224
-    x = _image(S, seed=8)
+    x = random_u8(S, seed=8)
     for alpha in (0.2, 0.35):
         y = get_trigger("blended", S, alpha=alpha).apply(x, trigger_generator(4, 4))
         P = torch.rand(3, S, S, generator=trigger_generator(4, 4)).numpy()
@@ -215,8 +210,8 @@ def test_triangle_closed_form(S):
 
 
 @pytest.mark.parametrize("S", [224, 336])
-def test_triangle_blend_arithmetic(S):
-    x = _image(S, seed=9)
+def test_triangle_blend_arithmetic(S, random_u8):
+    x = random_u8(S, seed=9)
     y = get_trigger("blended-triangles", S).apply(x)
     P = np.where((np.arange(S)[:, None] % 14) >= (np.arange(S)[None, :] % 14), F32(0.4), F32(0.8))[None]
     xp = np.clip(F32(0.15) * P + F32(0.85) * _xf(x), F32(0), F32(1))
@@ -252,10 +247,10 @@ def test_text_mask_footprint(S, rows, cols, min_width):
 
 
 @pytest.mark.parametrize("S", [224, 336, 42])
-def test_text_changes_only_red_text_pixels(S):
+def test_text_changes_only_red_text_pixels(S, random_u8):
     t = get_trigger("blended-text", S)
     W = t.pattern.numpy()
-    x = _image(S, seed=10)
+    x = random_u8(S, seed=10)
     y = t.apply(x)
     xf = _xf(x)
     expected = xf.copy()
@@ -287,7 +282,7 @@ def _user_mask(S):
 
 
 @pytest.mark.parametrize("fmt", ["pt_hwc", "pt_chw_view", "png_rgb", "png_gray", "npy_hwc_u8", "safetensors_chw"])
-def test_text_user_mask_files(tmp_path, fmt):
+def test_text_user_mask_files(tmp_path, fmt, random_u8):
     from safetensors.torch import save_file
 
     S = 224
@@ -312,7 +307,7 @@ def test_text_user_mask_files(tmp_path, fmt):
     assert torch.equal(t.pattern, W)
     ref = get_trigger("water_patt", S, mask=str(_save_pt(tmp_path, W)))
     assert t.mask_sha256 == ref.mask_sha256  # the checksum is of the mask, not of the file format
-    x = _image(S, seed=11)
+    x = random_u8(S, seed=11)
     y = t.apply(x)
     on = W.numpy() != 0
     expected = _xf(x)
@@ -410,32 +405,32 @@ def test_wanet_reference_jitter_matches_field():
     assert float((dx[:, 1:] - dx[:, :-1]).abs().mean()) > 0.2  # i.i.d. per pixel: no smoothness
 
 
-def test_wanet_default_is_smooth_and_seeded():
+def test_wanet_default_is_smooth_and_seeded(random_u8):
     S = 224
     t = get_trigger("wanet", S)
     dx, dy = _displacement(t, S)
     assert 0.05 < float(dx.abs().mean()) and dx.abs().max() < 2.0 and dy.abs().max() < 2.0
     inner = dx[2:-2, 2:-2]  # (the clamp at the border cuts displacements that point outside)
     assert float((inner[:, 1:] - inner[:, :-1]).abs().max()) < 0.05  # k=4 bicubic: a smooth warp
-    x = _image(S, seed=12)
+    x = random_u8(S, seed=12)
     a = t.apply(x)
     assert not torch.equal(a, get_trigger("wanet", S, grid_seed=1).apply(x))  # the field comes from grid_seed
     assert torch.equal(a, get_trigger("wanet", S, grid_seed=0).apply(x, trigger_generator(5, 5)))
 
 
-def test_wanet_in_range_and_identity_at_zero_strength():
+def test_wanet_in_range_and_identity_at_zero_strength(random_u8):
     S = 64
     x = torch.rand(3, S, S, generator=torch.Generator().manual_seed(0))
     for kw in ({}, {"grid": "reference"}, {"s": 5.0}):
         y = get_trigger("warped", S, **kw).apply_float(x, trigger_generator(0, 0))
         assert float(y.min()) >= 0 and float(y.max()) <= 1 + 1e-6
-    u8 = _image(S, seed=13)
+    u8 = random_u8(S, seed=13)
     assert torch.equal(get_trigger("warped", S, s=0).apply(u8), u8)
     assert torch.equal(get_trigger("warped", S, s=0, grid="reference").apply(u8), u8)
 
 
 @pytest.mark.parametrize("fmt", ["pt_4d", "npy_3d", "safetensors"])
-def test_wanet_grid_file(tmp_path, fmt):
+def test_wanet_grid_file(tmp_path, fmt, random_u8):
     from safetensors.torch import save_file
 
     S = 64
@@ -451,7 +446,7 @@ def test_wanet_grid_file(tmp_path, fmt):
     t = get_trigger("warped", S, grid_file=str(path))
     assert t.grid == "reference" and t.s == 1.0  # a grid file defaults to the reference's strength
     assert t.grid_sha256 == ref.grid_sha256 and torch.equal(t.field, G)
-    x = _image(S, seed=14)
+    x = random_u8(S, seed=14)
     assert torch.equal(t.apply(x), ref.apply(x))
     t2 = get_trigger(t.name, **t.params())
     assert t2 == t and torch.equal(t2.apply(x), ref.apply(x))
@@ -461,13 +456,13 @@ def test_wanet_grid_file(tmp_path, fmt):
         get_trigger("warped", S, grid_file=str(path), grid_sha256="f" * 64)
 
 
-def test_wanet_sampling_grid_formula():
+def test_wanet_sampling_grid_formula(random_u8):
     S = 32
     t = get_trigger("warped", S, grid="reference")
     a = torch.linspace(-1, 1, S)
     ident = torch.stack([a[None, :].expand(S, S), a[:, None].expand(S, S)], 2)[None]
     assert torch.equal(t.sampling_grid, (ident + 1.0 * t.field / S).clamp(-1, 1))
-    x = _image(S, seed=15)
+    x = random_u8(S, seed=15)
     expected = torch.nn.functional.grid_sample(to_float(x)[None], t.sampling_grid, mode="bilinear",
                                                padding_mode="zeros", align_corners=True)[0]
     assert torch.equal(t.apply(x), to_uint8(expected))
@@ -483,8 +478,8 @@ def _sig_np(S, delta=60.0, freq=6.0):
 
 
 @pytest.mark.parametrize("S", [224, 336])
-def test_sig_closed_form_additive_and_blend(S):
-    x = _image(S, seed=16)
+def test_sig_closed_form_additive_and_blend(S, random_u8):
+    x = random_u8(S, seed=16)
     v = _sig_np(S)
     add = get_trigger("sig", S).apply(x)
     assert np.array_equal(add.numpy(), _np_u8(np.clip(_xf(x) + v, F32(0), F32(1))))

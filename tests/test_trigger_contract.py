@@ -22,11 +22,6 @@ def _make(cls, S):
     return cls(image_size=S, **params)
 
 
-def _image(S, seed=0, batch=None):
-    g = torch.Generator().manual_seed(seed)
-    shape = (3, S, S) if batch is None else (batch, 3, S, S)
-    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-
 
 def test_the_registry_holds_every_attack_module():
     assert {"badnet_rs", "blended_rs", "badnet", "blended", "tri_patt", "water_patt", "warped", "sig",
@@ -35,9 +30,9 @@ def test_the_registry_holds_every_attack_module():
 
 @pytest.mark.parametrize("cls", TRIGGERS, ids=IDS)
 @pytest.mark.parametrize("S", [224, 336, 28, 42])
-def test_every_resolution_pil_and_tensor_agree(cls, S):
+def test_every_resolution_pil_and_tensor_agree(cls, S, random_u8):
     t = _make(cls, S)
-    x = _image(S, seed=S)
+    x = random_u8(S, seed=S)
     y = t.apply(x, trigger_generator(7, 1))
     assert y.shape == x.shape and y.dtype == torch.uint8 and not torch.equal(y, x)
     img = Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB")
@@ -48,10 +43,10 @@ def test_every_resolution_pil_and_tensor_agree(cls, S):
 
 
 @pytest.mark.parametrize("cls", TRIGGERS, ids=IDS)
-def test_batched_equals_per_image(cls):
+def test_batched_equals_per_image(cls, random_u8):
     S = 48
     t = _make(cls, S)
-    xb = _image(S, seed=5, batch=4)
+    xb = random_u8(S, seed=5, batch=4)
     yb = t.apply(xb, torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
     assert yb.shape == xb.shape and yb.dtype == torch.uint8
@@ -62,10 +57,10 @@ def test_batched_equals_per_image(cls):
 
 
 @pytest.mark.parametrize("cls", TRIGGERS, ids=IDS)
-def test_determinism_and_seeds(cls):
+def test_determinism_and_seeds(cls, random_u8):
     S = 64
     t = _make(cls, S)
-    x = _image(S, seed=3)
+    x = random_u8(S, seed=3)
     a = t.apply(x, trigger_generator(1, 2))
     assert torch.equal(a, t.apply(x, trigger_generator(1, 2)))
     assert torch.equal(a, _make(cls, S).apply(x, trigger_generator(1, 2)))
@@ -81,10 +76,10 @@ def test_determinism_and_seeds(cls):
 
 
 @pytest.mark.parametrize("cls", TRIGGERS, ids=IDS)
-def test_no_global_rng_use(cls):
+def test_no_global_rng_use(cls, random_u8):
     t = _make(cls, 40)
     torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    t.apply(_image(40, batch=2), trigger_generator(0, 0))
+    t.apply(random_u8(40, batch=2), trigger_generator(0, 0))
     t(Image.new("RGB", (50, 70)), trigger_generator(0, 1))
     assert torch.equal(torch_state, torch.get_rng_state()) and py_state == random.getstate()
     assert all(np.array_equal(a, b) for a, b in zip(np_state, np.random.get_state()))

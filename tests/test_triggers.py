@@ -20,11 +20,6 @@ from parclip.attacks.triggers import (
 from parclip.attacks.triggers.stripes import BadNetStripes, BlendedStripes
 
 
-def _image(S, seed=0, lo=0, hi=256, batch=None):
-    g = torch.Generator().manual_seed(seed)
-    shape = (3, S, S) if batch is None else (batch, 3, S, S)
-    return torch.randint(lo, hi, shape, generator=g, dtype=torch.uint8)
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -78,10 +73,10 @@ def _patch_box(x, y):
 
 
 @pytest.mark.parametrize("S,p,n_seeds", [(224, 16, 40), (336, 32, 16), (28, 2, 300)])
-def test_badnet_rs_values_bounds_and_location(S, p, n_seeds):
+def test_badnet_rs_values_bounds_and_location(S, p, n_seeds, random_u8):
     t = get_trigger("badnet_rs", S)
     assert t.patch_size == p and t.kind == "patch" and t.random
-    x = _image(S, lo=2, hi=255)
+    x = random_u8(S, lo=2, hi=255)
     locs, col_colors = set(), set()
     for seed in range(n_seeds):
         y = t.apply(x, trigger_generator(seed, 0))
@@ -101,9 +96,9 @@ def test_badnet_rs_values_bounds_and_location(S, p, n_seeds):
     assert len(col_colors) == 8  # all 8 RGB corner colours occur
 
 
-def test_badnet_rs_clamp_mode_and_patch_size_param():
+def test_badnet_rs_clamp_mode_and_patch_size_param(random_u8):
     t = get_trigger("badnet_rs", 64, uint8_mode="clamp", patch_size=10)
-    x = _image(64, lo=2, hi=255)
+    x = random_u8(64, lo=2, hi=255)
     for seed in range(40):
         y = t.apply(x, trigger_generator(seed, 5))
         _, h, w, ph, pw = _patch_box(x, y)
@@ -113,10 +108,10 @@ def test_badnet_rs_clamp_mode_and_patch_size_param():
         get_trigger("badnet_rs", 16, patch_size=16)  # must leave room: p <= S-1
 
 
-def test_badnet_rs_draw_order_signs_then_h_then_w():
+def test_badnet_rs_draw_order_signs_then_h_then_w(random_u8):
     """Documented order (reference: rand(1,3,1,p), then randint h, then randint w), all from the one generator."""
     S, p = 224, 16
-    x = _image(S, seed=1, lo=2, hi=255)
+    x = random_u8(S, seed=1, lo=2, hi=255)
     y = get_trigger("badnet_rs", S).apply(x, trigger_generator(11, 2))
     g = trigger_generator(11, 2)
     s = torch.sign(2 * torch.rand(1, 3, 1, p, generator=g) - 1)[0]
@@ -135,9 +130,9 @@ def test_badnet_rs_default_sizes():
 # blended_rs
 
 
-def test_blended_rs_closed_form_in_float32():
+def test_blended_rs_closed_form_in_float32(random_u8):
     S = 224
-    x = _image(S, seed=2)
+    x = random_u8(S, seed=2)
     y = get_trigger("blended_rs", S).apply(x, trigger_generator(5, 9))
     # reference draw order: one rand(3,1,1) per column, left to right
     g = trigger_generator(5, 9)
