@@ -216,8 +216,9 @@ def _resume(resume: str, run_dir: Path, device, m: _Models, optimizer, scaler, t
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} does not fit this run's model or optimiser ({str(e).splitlines()[0]}); "
-                              f"resume it with the configuration that wrote it, or use a new --name") from e
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # names missing keys
+        raise CheckpointError(f"{path} does not fit this run's model or optimiser ({detail[:500]}); resume it with "
+                              f"the configuration that wrote it, or use a new --name") from e
     m.defence.load_state_dict(state.get("defence", {}))
     step = state["step"]
     if state.get("total_steps", total_steps) != total_steps:
