@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from parclip.utils.checks import check_int, check_number
+from parclip.utils.checks import COUNT, NATURAL, POSITIVE
 
 MODEL = "parclip-rn-tiny"  # a small ResNet CLIP at 32 px (tiny ViTs did not learn the patch triggers)
 IMAGE_SIZE = 32
@@ -97,12 +97,11 @@ class Settings:
     val_images: int = VAL_IMAGES
 
     def __post_init__(self):
-        check_int("seed", self.seed, 0, owner="protocol")
-        check_int("workers", self.workers, 0, owner="protocol")
-        check_int("val_images", self.val_images, 1, owner="protocol")
+        NATURAL.check("protocol: seed", self.seed)
+        NATURAL.check("protocol: workers", self.workers)
+        COUNT.check("protocol: val_images", self.val_images)
         for lr in [self.lr, *self.lr_grid]:
-            if check_number("lr", lr, 0, owner="protocol") == 0:
-                raise ValueError("protocol: a cleaning learning rate must be > 0, got 0")
+            POSITIVE.check("protocol: lr", lr)
         if self.smoke:  # a few hundred images, one epoch per stage, small batches: tests the plumbing, says nothing
             self.data = dict(holdout=256, n_train=1024, n_test=300)
             self.foundation.update(epochs=1, batch_size=64)
