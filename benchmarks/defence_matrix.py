@@ -100,9 +100,9 @@ def main(argv=None) -> int:
     n_failed = len(attacks) - len(plants)
     if "C" in args.stages:
         print(f"[C] cleaning: {', '.join(args.defences)} × {', '.join(attacks)} …", flush=True)
-        matrix, failed = matrix_stage(s, attacks, args.defences, foundation, plants, patch, args.jobs, t0)
+        matrix, table, failed = matrix_stage(s, attacks, args.defences, foundation, plants, patch, args.jobs, t0)
         n_failed += failed
-        print((Path(s.out) / "matrix.md").read_text().rstrip("\n"))
+        print(table)
         print(f"wrote {s.out}/matrix.json, matrix.md, matrix.png in {matrix['seconds']:.0f} s"
               + (f"; {failed} cell(s) FAILED, see above (run again to retry them)" if failed else ""))
     if "D" in args.stages and args.curves:

@@ -138,8 +138,8 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
     print(f"[plant] {', '.join(names)} …", flush=True)
     plants = plant_stage(s, names, foundation, split, patch)
     print(f"[clean] {', '.join(LABELS[k] for k in keys[1:])} …", flush=True)
-    matrix, failed = matrix_stage(s, names, keys, foundation, plants, patch, t0=t0)
-    print((Path(s.out) / "matrix.md").read_text().rstrip("\n"))
+    matrix, table, failed = matrix_stage(s, names, keys, foundation, plants, patch, t0=t0)
+    print(table)
     print(f"wrote {Path(s.out) / 'matrix.json'}, matrix.md and matrix.png in {time.time() - t0:.0f} s"
           + (f"; {failed} cell(s) and {len(names) - len(plants)} plant(s) FAILED, see above (run again to retry)"
              if failed or len(plants) < len(names) else ""))

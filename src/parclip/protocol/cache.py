@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from parclip.utils.files import write_json as _write_json
+from parclip.utils.files import write_json
 
 from .settings import NOT_IN_SPEC
 
@@ -27,12 +27,6 @@ def canonical(obj) -> object:
 def key_of(spec) -> str:
     """A short, stable name of a spec: the first 16 hex digits of the SHA-256 of its canonical JSON."""
     return hashlib.sha256(json.dumps(canonical(spec), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json(path, obj) -> None:
-    """parclip's atomic JSON writer, creating the parent folder first."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, obj)
 
 
 def cached(json_path: Path, spec: dict, compute, run_dir: Path | None = None) -> dict:

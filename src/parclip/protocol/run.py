@@ -9,9 +9,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from parclip.utils.files import write_text
+from parclip.utils.files import write_json, write_text
 
-from .cache import write_json
 from .report import curves_table, markdown_table, plot_curves, plot_matrix
 from .settings import LR_SCALE, MAX_VAL_DROP, MODEL, Settings
 from .stages import (export_data, point_config, split_train, stage_badclip_patch, stage_cell, stage_foundation,
@@ -73,8 +72,9 @@ def plant_stage(s: Settings, attacks: list[str], foundation: dict, split: dict, 
 
 
 def matrix_stage(s: Settings, attacks: list[str], defences: list[str], foundation: dict, plants: dict,
-                 patch: str | None, jobs: int = 1, t0: float | None = None) -> tuple[dict, int]:
-    """Stage C: every (defence, attack) cell; writes OUT/matrix.json, .md and .png; returns (matrix, failed cells)."""
+                 patch: str | None, jobs: int = 1, t0: float | None = None) -> tuple[dict, str, int]:
+    """Stage C: every (defence, attack) cell; writes OUT/matrix.json, .md and .png; returns (matrix, its Markdown
+    table, failed cells)."""
     t0 = time.time() if t0 is None else t0
     # attack by attack, so that whatever is finished when a long run is stopped is whole columns
     calls = [(stage_cell, s, d, a, plants[a], patch) for a in attacks if a in plants for d in defences]
@@ -87,9 +87,10 @@ def matrix_stage(s: Settings, attacks: list[str], defences: list[str], foundatio
     for c in cells:
         matrix["cells"][c["defence"]][c["attack"]] = {**c["test"], "lr": c.get("lr"), "grid": c.get("grid")}
     write_json(Path(s.out) / "matrix.json", matrix)
-    write_text(Path(s.out) / "matrix.md", markdown_table(matrix, attacks) + "\n")
+    table = markdown_table(matrix, attacks)
+    write_text(Path(s.out) / "matrix.md", table + "\n")
     plot_matrix(Path(s.out) / "matrix.png", matrix, attacks)
-    return matrix, len(calls) - len(cells)
+    return matrix, table, len(calls) - len(cells)
 
 
 def curves_stage(s: Settings, curves: list[str], curve_attacks: list[str], plants: dict, patch: str | None,

@@ -21,7 +21,9 @@ import shutil
 import time
 from pathlib import Path
 
-from .cache import cached, config_spec, write_json
+from parclip.utils.files import write_json
+
+from .cache import cached, config_spec
 from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, TEMPLATES, Settings
 
 # ------------------------------------------------------------------------------------------------ building blocks
