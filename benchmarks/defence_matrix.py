@@ -48,7 +48,7 @@ from pathlib import Path
 
 from parclip.protocol import CURVES, DEFENCES, Settings
 from parclip.protocol.run import curves_stage, foundation_stage, matrix_stage, plant_stage
-from parclip.protocol.settings import BASE_LR
+from parclip.protocol.settings import BASE_LR, SELECTION_RULES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=BASE_LR, help="cleaning lr (× LR_SCALE[defence]) without --lr-grid")
     ap.add_argument("--lr-grid", type=float, nargs="+", help="choose the cleaning lr per cell on the validation "
                     "split among these (× LR_SCALE[defence])")
+    ap.add_argument("--select", default="trigger", choices=list(SELECTION_RULES),
+                    help="with --lr-grid, how a cell's rate is chosen on the validation split: trigger = the lowest "
+                    "ASR within the clean budget (knows the trigger: the best case), defender = the highest rate "
+                    "within the clean budget (needs no trigger)")
     ap.add_argument("--jobs", type=int, default=1, help="processes for stages B and C (1 torch thread each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch per stage")
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     try:
         s = Settings(out=str(Path(args.out).absolute()), cache=str(Path(args.cache or args.out).absolute()),
                      seed=args.seed, smoke=args.smoke, lr=args.lr, lr_grid=list(args.lr_grid or []),
-                     workers=0 if args.jobs > 1 else 1)
+                     select=args.select, workers=0 if args.jobs > 1 else 1)
     except ValueError as e:
         ap.error(str(e))
     t0 = time.time()

@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from parclip.protocol import select_lr, stages
+from parclip.protocol.stages import select_defender
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,3 +134,41 @@ def test_grid_choice_is_the_lowest_validation_asr_within_the_clean_budget():
     assert select_lr(near, {"clean_top1": 89.0})["lr"] == 1e-4  # is still the lower one, 88: 86.5 >= 86 passes
     tie = [g(3e-5, 88.0, 5.0), g(1e-4, 88.5, 5.0)]
     assert select_lr(tie, {"clean_top1": 89.0})["lr"] == 1e-4  # equal ASR: the higher clean top-1
+
+
+def test_select_defender_pushes_as_hard_as_the_clean_budget_allows_and_never_reads_asr():
+    """select_defender: the highest rate whose val clean top-1 is within MAX_VAL_DROP of the planted model's; none
+    within: the lowest rate. Catches a rule that reads the ASR (the defender does not know the trigger)."""
+    g = lambda lr, top1, asr: {"lr": lr, "val": {"clean_top1": top1, "asr": asr}}  # noqa: E731
+    grid = [g(1e-4, 89.0, 60.0), g(3e-4, 87.0, 10.0), g(1e-3, 86.5, 1.0)]
+    assert select_defender(grid, {"clean_top1": 89.0})["lr"] == 3e-4  # 87.0 is exactly 2 below: allowed, 86.5 not
+    assert select_defender(grid, {"clean_top1": 88.5})["lr"] == 1e-3
+    assert select_defender(grid[::-1], {"clean_top1": 89.0})["lr"] == 3e-4  # order does not matter
+    asr_blind = [dict(c, val=dict(c["val"], asr=100.0 - c["val"]["asr"])) for c in grid]
+    assert select_defender(asr_blind, {"clean_top1": 89.0})["lr"] == 3e-4
+    assert select_defender([g(1e-4, 80.0, 5.0), g(3e-4, 70.0, 0.0)], {"clean_top1": 89.0})["lr"] == 1e-4
+
+
+@pytest.mark.slow
+def test_par_recovery_smoke_traces_every_variant(tmp_path, capsys, one_thread, read_png):
+    """Catches a traced run that logs no validation or distances, a variant whose settings do not reach its run, or
+    a report that is not the runs' numbers."""
+    spec = importlib.util.spec_from_file_location("par_recovery", ROOT / "benchmarks" / "par_recovery.py")
+    pr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pr)
+    out = tmp_path / "bench"
+    assert pr.main(["--smoke", "--out", str(out), "--variants", "latch-3e-4", "clip_aug-3e-4"]) == 0
+    report = json.loads((out / "recovery" / "badnet_rs.json").read_text())
+    latch, aug = report["runs"]
+    assert latch["label"] == "latch-3e-4" and latch["variant"]["par_latch"] is True
+    cfg = yaml.safe_load((Path(latch["model"]).parent / "config.yaml").read_text())
+    assert cfg["par_latch"] is True and cfg["lr"] == 3e-4 and cfg["val_trigger_param"] == "patch_size=8"
+    steps = latch["trace"]["steps"]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))  # every step logged
+    assert all(0 <= r["dist_img"] <= 4 and r["on_img"] in (0.0, 1.0) for r in steps)
+    assert latch["trace"]["val"][-1]["step"] == len(steps) and "val_asr" in latch["trace"]["val"][-1]
+    assert "dist_img" not in aug["trace"]["final"]  # no frozen copy, no distance
+    md = (out / "recovery" / "badnet_rs.md").read_text()
+    t = latch["test"]
+    assert f"| latch-3e-4 | {t['clean_top1']:.1f} / {t['asr']:.1f} |" in md and md.strip() in capsys.readouterr().out
+    read_png(out / "recovery" / "badnet_rs.png", coloured=0.002)

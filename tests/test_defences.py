@@ -111,7 +111,9 @@ def test_each_defence_loss_is_its_pure_function_on_the_same_embeddings():
         ref = par_loss(img, txt, img0, txt0, s, tau=3.0, weight=1.3, per_sample=per_sample)
         assert loss.item() == pytest.approx(ref.total.item(), rel=1e-6)
         assert parts == pytest.approx(dict(clip_loss=ref.clip.item(), perturb=ref.perturb.item(),
-                                           dist_img=ref.dist_img.item(), dist_txt=ref.dist_txt.item()), rel=1e-6)
+                                           dist_img=ref.dist_img.item(), dist_txt=ref.dist_txt.item(),
+                                           on_img=float(ref.dist_img.item() <= 3.0),
+                                           on_txt=float(ref.dist_txt.item() <= 3.0)), rel=1e-6)
     # the thresholds differ on this batch: τ = 3 keeps the batch mean but drops the rows beyond it
     assert par_loss(img, txt, img0, txt0, s, tau=3.0, per_sample=True).perturb != pytest.approx(
         par_loss(img, txt, img0, txt0, s, tau=3.0).perturb.item(), rel=1e-3)
@@ -201,3 +203,39 @@ def test_cli_lists_defences_and_presets(capsys):
     assert "roclip" in capsys.readouterr().out
     assert main(["train", "--objective", "nope", "--train-data", "x.csv"]) == 2
     assert "known: " in capsys.readouterr().err
+
+
+def test_par_latch_switches_each_term_off_for_good_and_survives_a_resume():
+    """Catches the latch not switching a term off once its distance exceeded τ, switching it back on when the
+    distance falls again, latching both towers together, or losing its state across a resume."""
+    s = torch.tensor(10.0)
+    d = get_defence(_cfg(objective="par", tau=0.5, tau_text=3.0, par_latch=True))
+    assert d.stateful
+    far = Embeddings(img=[A], txt=[B], img0=-A, txt0=B2)  # image distance 4 > 0.5, text distance small < 3
+    _, parts = d.loss(far, s, epoch=0)
+    assert parts["on_img"] == 0 and parts["on_txt"] == 1 and d.latched == {"img": True, "txt": False}
+    near = Embeddings(img=[A], txt=[B], img0=A2, txt0=B2)  # both distances now within their τ
+    loss, parts = d.loss(near, s, epoch=0)
+    d_txt = ((B - B2) ** 2).sum(1).mean().item()
+    assert parts["on_img"] == 0 and parts["on_txt"] == 1  # the image term stays off, the text term pushes
+    assert loss.item() == pytest.approx(clip_loss(A, B, s).item() - 0.5 * d_txt, rel=1e-5)
+    resumed = get_defence(_cfg(objective="par", tau=0.5, tau_text=3.0, par_latch=True))
+    resumed.load_state_dict(d.state_dict())
+    assert resumed.latched == {"img": True, "txt": False}
+    unlatched = get_defence(_cfg(objective="par", tau=0.5))
+    assert not unlatched.stateful and unlatched.state_dict() == {}
+    _, parts = unlatched.loss(far, s, epoch=0)
+    _, parts = unlatched.loss(near, s, epoch=0)
+    assert parts["on_img"] == 1  # without the latch the term comes back below τ (the reference)
+    with pytest.raises(ValueError, match="latch"):
+        unlatched.load_state_dict(d.state_dict())
+
+
+def test_par_perturb_epochs_leaves_the_clip_loss_alone_afterwards():
+    s = torch.tensor(10.0)
+    d = get_defence(_cfg(objective="par", tau=4.0, perturb_epochs=1))
+    near = Embeddings(img=[A], txt=[B], img0=A2, txt0=B2)
+    first, parts0 = d.loss(near, s, epoch=0)
+    later, parts1 = d.loss(near, s, epoch=1)
+    assert parts0["on_img"] == 1 and parts1["on_img"] == 0 and parts1["on_txt"] == 0
+    assert later.item() == pytest.approx(clip_loss(A, B, s).item(), rel=1e-6) and first.item() < later.item()

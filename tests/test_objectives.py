@@ -108,3 +108,18 @@ def test_triplet_loss_by_hand():
     assert loss.item() == pytest.approx((0.0 + 1.0) / 2)
     (g,) = torch.autograd.grad(loss, a)
     assert torch.isfinite(g).all() and torch.count_nonzero(g[0]) == 0 and torch.count_nonzero(g[1]) > 0
+
+
+def test_par_loss_text_term_has_its_own_threshold_and_weight():
+    """Catches tau_txt / weight_txt being ignored or applied to the image term:
+    L = L_CLIP − w_img·thr_τimg(D_img) − w_txt·thr_τtxt(D_txt), written out."""
+    img0, txt0, img, txt = unit(8, 16, 0), unit(8, 16, 1), unit(8, 16, 2), unit(8, 16, 3)
+    d_img = ((img - img0) ** 2).sum(dim=1).mean().item()
+    d_txt = ((txt - txt0) ** 2).sum(dim=1).mean().item()
+    below, above = d_txt + 0.1, d_txt - 0.1  # thresholds just above / below the text distance
+    keep = par_loss(img, txt, img0, txt0, 10.0, tau=4.0, weight=0.5, tau_txt=below, weight_txt=2.0)
+    assert keep.perturb.item() == pytest.approx(0.5 * d_img + 2.0 * d_txt, rel=1e-5)
+    off = par_loss(img, txt, img0, txt0, 10.0, tau=4.0, weight=0.5, tau_txt=above)
+    assert off.perturb.item() == pytest.approx(0.5 * d_img, rel=1e-5)  # text term beyond its τ, image term kept
+    no_img = par_loss(img, txt, img0, txt0, 10.0, tau=4.0, weight=0.0, weight_txt=0.5)
+    assert no_img.perturb.item() == pytest.approx(0.5 * d_txt, rel=1e-5)

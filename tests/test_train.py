@@ -269,6 +269,8 @@ def test_accum_freq_must_be_a_positive_integer_and_fit_the_data(tmp_path, fmnist
 @pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [
     ("par", dict(tau=1.0, augment="par")),
+    # PAR's latch is state: once a distance passed τ its term stays off, so the resumed run must know it
+    ("par", dict(tau=1e-3, tau_text=4.0, augment="par", par_latch=True)),
     # RoCLIP's pool is state: filled in epoch 1 (prefill), used in epoch 2; the checkpoint at step 3 must carry it
     ("roclip", dict(roclip_every=2, roclip_pool_size=12, roclip_prefill=True, schedule="cosine", warmup_steps=2)),
 ])
@@ -290,7 +292,10 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, fmnist_small, 
     with pytest.raises(KeyboardInterrupt):
         train(make_config(name="interrupted", **common))
     monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
-    assert torch.load(tmp_path / "interrupted/checkpoints/latest.pt", weights_only=True)["step"] == 3
+    saved = torch.load(tmp_path / "interrupted/checkpoints/latest.pt", weights_only=True)
+    assert saved["step"] == 3
+    if extra.get("par_latch"):  # the image distance passed τ in step 1: the latch is in the checkpoint
+        assert saved["defence"] == {"latched": {"img": True, "txt": False}}
     resumed = train(make_config(name="interrupted", **common))
 
     a, b = weights(straight), weights(resumed)
@@ -503,14 +508,19 @@ def test_validation_during_training_logs_clean_accuracy_and_asr_and_changes_noth
                   epochs=2, batch_size=16, train_num_samples=32, workers=0, output_dir=str(tmp_path),
                   progress=False, log_every=1)
     plain = train(make_config(name="plain", **common))
-    run = train(make_config(name="val", val_data=str(fmnist_small["test_dir"]), val_attack="badnet_rs",
-                            val_target="bag", val_templates="fashion", **common))
+    cfg = make_config(name="val", val_data=str(fmnist_small["test_dir"]), val_attack="badnet_rs", val_target="bag",
+                      val_templates="fashion", val_trigger_param="patch_size=12, uint8_mode=clamp", **common)
+    model, pp = create_model(f"local-dir:{micro_model_dir}")
+    (trigger,) = train_mod._Validator(cfg, pp, None, "cpu").triggers  # --val-trigger-param reaches the trigger
+    assert trigger.params()["patch_size"] == 12 and trigger.params()["uint8_mode"] == "clamp"
+    run = train(cfg)
     assert all(torch.equal(weights(plain)[k], v) for k, v in weights(run).items())
     val = [m for m in metrics(run) if "val_clean_top1" in m]
     assert [m["step"] for m in val] == [2, 4] and all(0 <= m["val_asr"] <= 100 for m in val)
     model, pp = create_model(f"local-dir:{run / 'model'}")
     r = evaluate(model, pp, get_tokenizer(f"local-dir:{run / 'model'}"), fmnist_small["test_dir"],
-                 attacks=build_triggers(["badnet_rs"], 32), target="bag", templates="fashion", workers=0,
+                 attacks=build_triggers(["badnet_rs"], 32, {"patch_size": 12, "uint8_mode": "clamp"}), target="bag",
+                 templates="fashion", workers=0,
                  progress=False)
     assert val[-1]["val_clean_top1"] == pytest.approx(r["clean_top1"]) and val[-1]["val_asr"] == pytest.approx(r["asr"])
     with pytest.raises(ValueError, match="--val-target"):

@@ -66,6 +66,8 @@ class TrainConfig:
     val_data: str | None = _f(None, "labelled folder ROOT/<class>/* to measure clean zero-shot accuracy on during "
                               "training (open_clip's --imagenet-val)", aliases=("--imagenet-val",))
     val_attack: str | None = _f(None, "trigger whose ASR is measured on --val-data too (needs --val-target)")
+    val_trigger_param: str = _f("", "parameters of --val-attack as KEY=VALUE[,KEY=VALUE...] (as `eval "
+                                "--trigger-param`), e.g. patch_size=8")
     val_target: str | None = _f(None, "target class of --val-attack")
     val_templates: str = _f("openai", "prompt templates for validation: openai, simple, fashion or a file")
     val_every: int = _f(0, "validate every N steps (0: at the end of every epoch); the final step always validates",
@@ -81,6 +83,14 @@ class TrainConfig:
     par_weight: float = _f(0.5, "weight w of each distance term", domain=NONNEGATIVE)
     per_sample_threshold: bool = _f(False, "threshold each sample's distance instead of the batch mean (not in "
                                     "the reference)")
+    tau_text: float | None = _f(None, "PAR: τ of the text term alone (default --tau); the image term keeps --tau",
+                                domain=TAU)
+    par_latch: bool = _f(False, "PAR: switch each tower's term off for the rest of the run once its batch-mean "
+                         "distance has exceeded its τ, so the run perturbs, then recovers with the CLIP loss alone "
+                         "(not in the reference)")
+    perturb_epochs: int | None = _f(None, "PAR: apply the perturbation term in the first N epochs only, the rest is "
+                                    "recovery with the CLIP loss alone (default: every epoch, the reference)",
+                                    domain=COUNT)
     logit_scale: str = _f("auto", "auto: the defence's (frozen for par as the reference, learned for the others)",
                           ["auto", "frozen", "learned"])
     augment: str = _f("auto", "augmentation of the plain image view; auto: the defence's (par: noise+CutOut, "

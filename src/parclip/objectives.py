@@ -78,6 +78,8 @@ def par_loss(
     tau: float = 2.15,
     weight: float = 0.5,
     per_sample: bool = False,
+    tau_txt: float | None = None,
+    weight_txt: float | None = None,
 ) -> PARLoss:
     """L_PAR = L_CLIP(f, g; s) − w · [ thr_τ(D_img) + thr_τ(D_txt) ]   (minimised).
 
@@ -87,16 +89,24 @@ def par_loss(
     The threshold acts on the batch-mean distance (the reference's semantics): once D > τ the whole term is 0.
     With `per_sample=True` (not in the reference) each row's distance is thresholded before the mean, so rows that
     are already far from the poisoned model stop being pushed while the others still are.
+    `tau_txt`, `weight_txt` (not in the reference; default τ and w) give the text term its own threshold and weight,
+
+        L = L_CLIP − w_img · thr_τimg(D_img) − w_txt · thr_τtxt(D_txt),
+
+    so a tower can be pushed less or, with weight 0, not at all (the latch of :class:`parclip.defences.par` sets a
+    weight to 0 for the rest of a run).
 
     Minimising −w·D *maximises* the distance to the poisoned embeddings (the "perturb" part) while the CLIP term
     keeps image and text aligned (the "recover" part).
     """
+    tau_txt = tau if tau_txt is None else tau_txt
+    weight_txt = weight if weight_txt is None else weight_txt
     lc = clip_loss(img, txt, logit_scale)
     d_img = embedding_distance(img, img0.detach(), per_sample=per_sample)
     d_txt = embedding_distance(txt, txt0.detach(), per_sample=per_sample)
-    pert = threshold(d_img, tau).mean() + threshold(d_txt, tau).mean()
-    total = lc - weight * pert
-    return PARLoss(total, lc, weight * pert, d_img.mean().detach(), d_txt.mean().detach())
+    pert = weight * threshold(d_img, tau).mean() + weight_txt * threshold(d_txt, tau_txt).mean()
+    total = lc - pert
+    return PARLoss(total, lc, pert, d_img.mean().detach(), d_txt.mean().detach())
 
 
 def inmodal_loss(a: torch.Tensor, a_aug: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:

@@ -491,13 +491,14 @@ class _Validator:
     ranks wait. The folder is read once; the trigger is built at the model's resolution."""
 
     def __init__(self, cfg: TrainConfig, preprocess, tokenizer, device):
-        from .attacks.triggers import build_triggers
+        from .attacks.triggers import build_triggers, parse_trigger_params
         from .data.sources import open_labelled
         from .models import eval_transform
 
         # a bad path fails now, not after the first epoch
         self.folder = open_labelled(cfg.val_data, transform=eval_transform(preprocess))
-        self.triggers = build_triggers([cfg.val_attack], image_size(preprocess)) if cfg.val_attack else []
+        params = parse_trigger_params(p for p in cfg.val_trigger_param.split(",") if p.strip())
+        self.triggers = build_triggers([cfg.val_attack], image_size(preprocess), params) if cfg.val_attack else []
         self.target, self.templates, self.seed = cfg.val_target, cfg.val_templates, cfg.seed
         self.preprocess, self.tokenizer, self.device = preprocess, tokenizer, device
 

@@ -29,7 +29,8 @@ def markdown_table(matrix: dict, attacks: list[str]) -> str:
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines.append(f"\nclean top-1 % / ASR % on the {matrix['protocol']['data']['n_test'] or 10000} test images "
                  f"(target '{target}'); `none` is the planted model; the foundation row is the trigger's natural ASR"
-                 + ("; (x) = the learning rate chosen on the validation split." if matrix["protocol"]["lr"].get("grid")
+                 + (f"; (x) = the learning rate chosen on the validation split by the rule "
+                    f"\"{matrix['protocol']['lr']['select']}\"." if matrix["protocol"]["lr"].get("grid")
                     else f"; every defence at lr {fmt(matrix['protocol']['lr']['fixed'])}."))
     return "\n".join(lines)
 
@@ -107,4 +108,39 @@ def plot_curves(curve_settings: dict, path: Path, curves: dict, plants: dict, ta
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def plot_traces(path: Path, records: list[dict], target: str) -> None:
+    """The course of traced cleaning runs (:mod:`parclip.protocol.traces`), one line per run, against the optimiser
+    step: the distances to the planted model (image solid, text dashed), the share of the last 10 steps in which
+    PAR's image term pushed, clean validation top-1, and validation ASR."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4), constrained_layout=True)
+    for i, r in enumerate(records):
+        colour, label = f"C{i % 10}", r["label"]
+        steps = r["trace"]["steps"]
+        xs = [q["step"] for q in steps]
+        if steps and "dist_img" in steps[0]:
+            axes[0].plot(xs, [q["dist_img"] for q in steps], "-", color=colour, label=label, lw=1)
+            axes[0].plot(xs, [q["dist_txt"] for q in steps], "--", color=colour, lw=1)
+            on = [q["on_img"] for q in steps]
+            axes[1].plot(xs, [sum(on[max(0, j - 9):j + 1]) / len(on[max(0, j - 9):j + 1]) for j in range(len(on))],
+                         color=colour, label=label, lw=1)
+        val = r["trace"]["val"]
+        axes[2].plot([q["step"] for q in val], [q["val_clean_top1"] for q in val], "o-", color=colour, ms=3,
+                     label=label)
+        if val and "val_asr" in val[0]:
+            axes[3].plot([q["step"] for q in val], [q["val_asr"] for q in val], "o-", color=colour, ms=3,
+                         label=label)
+    titles = ("distance to the planted model (image —, text - -)", "share of steps the image term pushes (last 10)",
+              "validation clean top-1 %", f"validation ASR % → '{target}'")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[3].legend(fontsize=7)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -12,7 +12,7 @@ from pathlib import Path
 from parclip.utils.files import write_json, write_text
 
 from .report import curves_table, markdown_table, plot_curves, plot_matrix
-from .settings import LR_SCALE, MAX_VAL_DROP, MODEL, Settings
+from .settings import LR_SCALE, MODEL, SELECTION_RULES, Settings
 from .stages import (export_data, point_config, split_train, stage_badclip_patch, stage_cell, stage_foundation,
                      stage_plant, stage_point)
 
@@ -142,7 +142,6 @@ def protocol_record(s: Settings, attacks: list[str], defences: list[str]) -> dic
     return {"model": MODEL, "target": s.target, "seed": s.seed, "smoke": s.smoke, "data": s.data,
             "foundation": s.foundation, "plant": s.plant, "trigger_params": s.trigger_params, "clean": s.clean,
             "defences": {d: s.defences[d] for d in defences},
-            "lr": {"grid": s.lr_grid, "select": f"val: min ASR s.t. clean top-1 >= min(planted, best of grid) - "
-                   f"{MAX_VAL_DROP}",
+            "lr": {"grid": s.lr_grid, "select": SELECTION_RULES[s.select], "rule": s.select,
                    "val_images": s.val_images} if s.lr_grid else {"fixed": s.lr, "scale": LR_SCALE},
             "badclip_patch": s.patch if "badclip" in attacks else None}

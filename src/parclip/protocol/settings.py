@@ -64,6 +64,13 @@ CURVES: dict[str, dict] = {
 }
 VAL_IMAGES = 2000
 MAX_VAL_DROP = 2.0
+# How a grid picks a cell's rate on the validation split (docs/defence_matrix.md, "Choosing the learning rate"):
+SELECTION_RULES = {
+    # knows the trigger: each defence's best case
+    "trigger": f"val: the lowest ASR among the rates with clean top-1 >= min(planted, best of grid) - {MAX_VAL_DROP:g}",
+    # knows no trigger: push as hard as the clean-accuracy budget allows
+    "defender": f"val: the highest rate with clean top-1 >= planted - {MAX_VAL_DROP:g} (none: the lowest rate)",
+}
 EVAL = dict(templates=TEMPLATES, target=TARGET, batch_size=500, trigger_after_crop=False)
 # Fields that do not change what is computed: left out of the specs that decide whether a stage is reused.
 NOT_IN_SPEC = {"output_dir", "name", "workers", "progress", "log_every", "save_every", "resume", "device"}
@@ -75,7 +82,8 @@ class Settings:
 
     `out` holds the cleaning runs and the cells, `cache` the stages every matrix shares (data, foundation, planted
     models). `lr_grid` empty: every defence cleans at `lr` × LR_SCALE; else the rate is chosen per cell on the
-    validation split. `defences` and `trigger_params` start as DEFENCES and TRIGGER_PARAMS (the demo's `--tau` and
+    validation split by the rule SELECTION_RULES[`select`] ("trigger": the defence's best case; "defender": a rule
+    that needs no trigger). `defences` and `trigger_params` start as DEFENCES and TRIGGER_PARAMS (the demo's `--tau` and
     `--trigger-param` change them; a changed value changes the stage's spec, so the stage is recomputed)."""
     out: str
     cache: str
@@ -83,6 +91,7 @@ class Settings:
     smoke: bool = False
     lr: float = BASE_LR
     lr_grid: list[float] = field(default_factory=list)
+    select: str = "trigger"
     workers: int = 1
     progress: bool = False
     target: str = TARGET
@@ -102,6 +111,8 @@ class Settings:
         COUNT.check("protocol: val_images", self.val_images)
         for lr in [self.lr, *self.lr_grid]:
             POSITIVE.check("protocol: lr", lr)
+        if self.select not in SELECTION_RULES:
+            raise ValueError(f"protocol: select {self.select!r}; choose one of {', '.join(SELECTION_RULES)}")
         if self.smoke:  # a few hundred images, one epoch per stage, small batches: tests the plumbing, says nothing
             self.data = dict(holdout=256, n_train=1024, n_test=300)
             self.foundation.update(epochs=1, batch_size=64)

@@ -24,7 +24,7 @@ from pathlib import Path
 from parclip.utils.files import write_json
 
 from .cache import cached, config_spec
-from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, TEMPLATES, Settings
+from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, SELECTION_RULES, TEMPLATES, Settings
 
 # ------------------------------------------------------------------------------------------------ building blocks
 
@@ -32,8 +32,8 @@ from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, TEMPLATES, Settings
 def train_config(s: Settings, run_dir: Path, **values):
     """The TrainConfig of the run in `run_dir` (its parent is the output folder, its name the run's name)."""
     from parclip.config import make_config
-    return make_config(output_dir=str(run_dir.parent), name=run_dir.name, workers=s.workers, progress=s.progress,
-                       log_every=20, **values)
+    return make_config(**{"output_dir": str(run_dir.parent), "name": run_dir.name, "workers": s.workers,
+                          "progress": s.progress, "log_every": 20, **values})
 
 
 def run_training(cfg) -> Path:
@@ -232,12 +232,11 @@ def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str |
                                            "val": plant.get("val")})
     runs = [clean_config(s, defence, plant, lr) for lr in cell_lrs(s, defence)]
     spec = {"plant": plant["key"], "defence": defence, "train": [config_spec(cfg) for _, cfg in runs],
-            "select": {"on": "val", "max_drop": MAX_VAL_DROP, "reference": "min(planted, best of grid)"}
-            if s.lr_grid else None, "eval": s.eval_spec()}
+            "select": _select_spec(s) if s.lr_grid else None, "eval": s.eval_spec()}
 
     def compute():
         grid = [train_run(s, run, cfg, plant, trigger, attack) for run, cfg in runs]  # each its own cached stage
-        chosen = select_lr(grid, plant.get("val")) if s.lr_grid else grid[0]
+        chosen = SELECT[s.select](grid, plant.get("val")) if s.lr_grid else grid[0]
         test = flat(evaluate_model(Path(chosen["model"]), test_dir(s), [trigger], s), attack)
         return {"defence": defence, "attack": attack, "lr": chosen["lr"], "test": test, "model": chosen["model"],
                 "grid": [{"lr": g["lr"], "val": g["val"], "minutes": round(g["seconds"] / 60, 2)} for g in grid]
@@ -253,6 +252,25 @@ def select_lr(grid: list[dict], planted_val: dict) -> dict:
     reference = min(planted_val["clean_top1"], max(g["val"]["clean_top1"] for g in grid))
     ok = [g for g in grid if g["val"]["clean_top1"] >= reference - MAX_VAL_DROP]
     return min(ok, key=lambda g: (g["val"]["asr"], -g["val"]["clean_top1"]))
+
+
+def select_defender(grid: list[dict], planted_val: dict) -> dict:
+    """The defender's rule, which needs no trigger: the highest rate whose validation clean top-1 is within
+    MAX_VAL_DROP points of the planted model's (more movement removes more of an unknown backdoor, the clean budget
+    bounds it); when none is, the lowest rate."""
+    ok = [g for g in grid if g["val"]["clean_top1"] >= planted_val["clean_top1"] - MAX_VAL_DROP]
+    return max(ok, key=lambda g: g["lr"]) if ok else min(grid, key=lambda g: g["lr"])
+
+
+SELECT = {"trigger": select_lr, "defender": select_defender}  # the rules of SELECTION_RULES
+
+
+def _select_spec(s: Settings) -> dict:
+    """How a grid cell chooses its rate, as recorded in its spec (the trigger rule's spec is unchanged from before
+    the defender's rule existed, so its cached cells stay valid)."""
+    if s.select == "trigger":
+        return {"on": "val", "max_drop": MAX_VAL_DROP, "reference": "min(planted, best of grid)"}
+    return {"on": "val", "rule": SELECTION_RULES[s.select]}
 
 
 # ------------------------------------------------------------------------------------------------ stage D
