@@ -48,7 +48,7 @@ from pathlib import Path
 
 from parclip.protocol import CURVES, DEFENCES, Settings
 from parclip.protocol.run import curves_stage, foundation_stage, matrix_stage, plant_stage
-from parclip.protocol.settings import BASE_LR, SELECTION_RULES
+from parclip.protocol.settings import BASE_LR, IMAGE_SIZE, PATCH_SIDE, SELECTION_RULES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
                     help="with --lr-grid, how a cell's rate is chosen on the validation split: trigger = the lowest "
                     "ASR within the clean budget (knows the trigger: the best case), defender = the highest rate "
                     "within the clean budget (needs no trigger)")
+    ap.add_argument("--badclip-side", type=int, default=PATCH_SIDE,
+                    help=f"side in pixels of the optimised BadCLIP patch at {IMAGE_SIZE} px (default {PATCH_SIDE}; "
+                    "the BadCLIP paper's 16 px at 224 is 0.5 %% of the image, 2-3 px here)")
     ap.add_argument("--jobs", type=int, default=1, help="processes for stages B and C (1 torch thread each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch per stage")
@@ -93,6 +96,10 @@ def main(argv=None) -> int:
                      select=args.select, workers=0 if args.jobs > 1 else 1)
     except ValueError as e:
         ap.error(str(e))
+    if not 1 <= args.badclip_side < IMAGE_SIZE:
+        ap.error(f"--badclip-side {args.badclip_side}: a patch side in pixels, 1 to {IMAGE_SIZE - 1}")
+    s.patch["patch_size"] = args.badclip_side
+    s.trigger_params["badclip"] = dict(s.trigger_params["badclip"], patch_size=args.badclip_side)
     t0 = time.time()
 
     print("[A] data and foundation …", flush=True)

@@ -172,3 +172,35 @@ def test_par_recovery_smoke_traces_every_variant(tmp_path, capsys, one_thread, r
     t = latch["test"]
     assert f"| latch-3e-4 | {t['clean_top1']:.1f} / {t['asr']:.1f} |" in md and md.strip() in capsys.readouterr().out
     read_png(out / "recovery" / "badnet_rs.png", coloured=0.002)
+
+
+def test_a_badclip_patch_of_another_side_has_its_own_folders(tmp_path):
+    """Catches a --badclip-side run that would overwrite the protocol's 8-px patch and planted model in a shared
+    cache (their folders are named by stored_name)."""
+    from parclip.protocol import Settings
+    from parclip.protocol.stages import stored_name
+    s = Settings(out=str(tmp_path), cache=str(tmp_path))
+    assert stored_name(s, "badclip") == "badclip" and stored_name(s, "badnet") == "badnet"
+    s.patch["patch_size"] = 3
+    assert stored_name(s, "badclip") == "badclip-3px" and stored_name(s, "badnet") == "badnet"
+
+
+@pytest.mark.slow
+def test_defence_matrix_defender_rule_trains_from_the_highest_rate_down(dm, tmp_path, one_thread):
+    """Catches a defender's-rule cell that trains rates it cannot choose, that is not select_defender's choice
+    over what it trained, or that is recorded under the trigger rule."""
+    out = tmp_path / "bench"
+    assert dm.main(["--smoke", "--out", str(out), "--attacks", "badnet_rs", "--defences", "none", "clip", "par",
+                    "--lr-grid", "1e-4", "3e-4", "1e-3", "--select", "defender"]) == 0
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["protocol"]["lr"]["rule"] == "defender"
+    planted = json.loads((out / "runs" / "plant-badnet_rs.json").read_text())["val"]
+    for d in ("clip", "par"):
+        cell = matrix["cells"][d]["badnet_rs"]
+        lrs = [g["lr"] for g in cell["grid"]]
+        assert lrs == sorted(lrs, reverse=True) and lrs[0] == 1e-3
+        within = [g["val"]["clean_top1"] >= planted["clean_top1"] - 2.0 for g in cell["grid"]]
+        assert not any(within[:-1]) and (within[-1] or len(lrs) == 3)  # stops at the first rate within the budget
+        assert cell["lr"] == select_defender(cell["grid"], planted)["lr"]
+        trained = {p.name for p in (out / "runs").glob(f"{d}-badnet_rs-lr*")}
+        assert trained == {f"{d}-badnet_rs-lr{lr:g}" for lr in lrs}

@@ -24,7 +24,7 @@ from pathlib import Path
 from parclip.utils.files import write_json
 
 from .cache import cached, config_spec
-from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, SELECTION_RULES, TEMPLATES, Settings
+from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, PATCH_SIDE, SELECTION_RULES, TEMPLATES, Settings
 
 # ------------------------------------------------------------------------------------------------ building blocks
 
@@ -54,6 +54,14 @@ def make_trigger(s: Settings, attack: str, patch: str | None = None):
         params.setdefault("patch", patch)
     (trigger,) = build_triggers([attack], IMAGE_SIZE, params)
     return trigger
+
+
+def stored_name(s: Settings, attack: str) -> str:
+    """The name of `attack`'s folders in the cache (its patch, poisoned pairs and planted model): the attack's name,
+    with the side for a BadCLIP patch of another size than the protocol's (`--badclip-side`), so the two can share a
+    cache."""
+    side = s.patch["patch_size"]
+    return f"{attack}-{side}px" if attack == "badclip" and side != PATCH_SIDE else attack
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, triggers: list, s: Settings) -> dict:
@@ -138,7 +146,7 @@ def stage_foundation(s: Settings, data: dict) -> dict:
 def stage_badclip_patch(s: Settings, foundation: dict, split: dict) -> dict:
     """Optimise a BadCLIP patch against the clean foundation on the planting pairs (their clean versions)."""
     from parclip.attacks.patch_config import PatchConfig
-    out = Path(s.cache) / "badclip"
+    out = Path(s.cache) / stored_name(s, "badclip")
     cfg = PatchConfig(data=split["plant_csv"], target=s.target, out=str(out / "patch.png"), templates=TEMPLATES,
                       seed=s.seed, image_size=IMAGE_SIZE, device="cpu", workers=s.workers, **s.patch)
     spec = {"foundation": foundation["key"], "patch": config_spec(cfg)}
@@ -160,8 +168,8 @@ def stage_plant(s: Settings, attack: str, foundation: dict, split: dict, patch: 
     """Poison the planting pairs with `attack` and fine-tune the foundation on them; evaluate on test/ and val."""
     from parclip.attacks.poison import poison_csv
     trigger = make_trigger(s, attack, patch)
-    run = Path(s.cache) / "runs" / f"plant-{attack}"
-    poisoned = Path(s.cache) / "poisoned" / attack
+    run = Path(s.cache) / "runs" / f"plant-{stored_name(s, attack)}"
+    poisoned = Path(s.cache) / "poisoned" / stored_name(s, attack)
     cfg = train_config(s, run, model=f"local-dir:{foundation['model']}", train_data=str(poisoned / "poisoned.csv"),
                        seed=s.seed, **{**s.plant["train"], **s.plant.get("by_attack", {}).get(attack, {})})
     spec = {"foundation": foundation["key"], "split": split["key"], "attack": attack, "trigger": trigger.params(),
@@ -181,8 +189,8 @@ def stage_plant(s: Settings, attack: str, foundation: dict, split: dict, patch: 
                 "minutes": {"poison": round((t1 - t0) / 60, 2), "train": round((t2 - t1) / 60, 2),
                             "eval": round((time.time() - t2) / 60, 2)}}
 
-    return with_val(s, cached(run.parent / f"plant-{attack}.json", spec, compute, run),
-                    run.parent / f"plant-{attack}.json", trigger, attack)
+    return with_val(s, cached(run.parent / f"{run.name}.json", spec, compute, run), run.parent / f"{run.name}.json",
+                    trigger, attack)
 
 
 # ------------------------------------------------------------------------------------------------ stage C
@@ -235,7 +243,7 @@ def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str |
             "select": _select_spec(s) if s.lr_grid else None, "eval": s.eval_spec()}
 
     def compute():
-        grid = [train_run(s, run, cfg, plant, trigger, attack) for run, cfg in runs]  # each its own cached stage
+        grid = train_grid(s, runs, plant, trigger, attack)
         chosen = SELECT[s.select](grid, plant.get("val")) if s.lr_grid else grid[0]
         test = flat(evaluate_model(Path(chosen["model"]), test_dir(s), [trigger], s), attack)
         return {"defence": defence, "attack": attack, "lr": chosen["lr"], "test": test, "model": chosen["model"],
@@ -243,6 +251,20 @@ def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str |
                 if s.lr_grid else None}
 
     return cached(path, spec, compute)
+
+
+def train_grid(s: Settings, runs: list, plant: dict, trigger, attack: str) -> list[dict]:
+    """The cleaning runs of a cell (each its own cached stage). Under the defender's rule, from the highest rate down,
+    stopping at the first whose validation clean top-1 is within the budget: the rule would choose it whatever the
+    lower rates gave, so they are not trained."""
+    if not (s.lr_grid and s.select == "defender"):
+        return [train_run(s, run, cfg, plant, trigger, attack) for run, cfg in runs]
+    grid = []
+    for run, cfg in sorted(runs, key=lambda rc: -rc[1].lr):
+        grid.append(train_run(s, run, cfg, plant, trigger, attack))
+        if grid[-1]["val"]["clean_top1"] >= plant["val"]["clean_top1"] - MAX_VAL_DROP:
+            break
+    return grid
 
 
 def select_lr(grid: list[dict], planted_val: dict) -> dict:
