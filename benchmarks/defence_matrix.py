@@ -48,7 +48,7 @@ from pathlib import Path
 
 from parclip.protocol import CURVES, DEFENCES, Settings
 from parclip.protocol.run import curves_stage, foundation_stage, matrix_stage, plant_stage
-from parclip.protocol.settings import BASE_LR, IMAGE_SIZE, PATCH_SIDE, SELECTION_RULES
+from parclip.protocol.settings import BASE_LR, IMAGE_SIZE, PATCH_SIDE
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,10 +60,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=BASE_LR, help="cleaning lr (× LR_SCALE[defence]) without --lr-grid")
     ap.add_argument("--lr-grid", type=float, nargs="+", help="choose the cleaning lr per cell on the validation "
                     "split among these (× LR_SCALE[defence])")
-    ap.add_argument("--select", default="trigger", choices=list(SELECTION_RULES),
-                    help="with --lr-grid, how a cell's rate is chosen on the validation split: trigger = the lowest "
-                    "ASR within the clean budget (knows the trigger: the best case), defender = the highest rate "
-                    "within the clean budget (needs no trigger)")
+    ap.add_argument("--defender", action="store_true",
+                    help="the defender's protocol (DEFENDER in parclip.protocol.settings): every rate chosen without "
+                    "the trigger, on validation pairs held out of the clean pairs, with a 4-epoch budget, over the "
+                    "grid DEFENDER['lr_grid'] unless --lr-grid is given (docs/par_recovery.md)")
     ap.add_argument("--badclip-side", type=int, default=PATCH_SIDE,
                     help=f"side in pixels of the optimised BadCLIP patch at {IMAGE_SIZE} px (default {PATCH_SIDE}; "
                     "the BadCLIP paper's 16 px at 224 is 0.5 %% of the image, 2-3 px here)")
@@ -91,9 +91,10 @@ def main(argv=None) -> int:
     if not set(curve_attacks) <= set(attacks):
         ap.error(f"--curve-attacks must be among --attacks ({', '.join(attacks)})")
     try:
-        s = Settings(out=str(Path(args.out).absolute()), cache=str(Path(args.cache or args.out).absolute()),
-                     seed=args.seed, smoke=args.smoke, lr=args.lr, lr_grid=list(args.lr_grid or []),
-                     select=args.select, workers=0 if args.jobs > 1 else 1)
+        common = dict(out=str(Path(args.out).absolute()), cache=str(Path(args.cache or args.out).absolute()),
+                      seed=args.seed, smoke=args.smoke, lr=args.lr, workers=0 if args.jobs > 1 else 1)
+        grid = {"lr_grid": list(args.lr_grid)} if args.lr_grid else {}
+        s = Settings.defender(**common, **grid) if args.defender else Settings(**common, **grid)
     except ValueError as e:
         ap.error(str(e))
     if not 1 <= args.badclip_side < IMAGE_SIZE:

@@ -191,10 +191,17 @@ def test_defence_matrix_defender_rule_trains_from_the_highest_rate_down(dm, tmp_
     over what it trained, or that is recorded under the trigger rule."""
     out = tmp_path / "bench"
     assert dm.main(["--smoke", "--out", str(out), "--attacks", "badnet_rs", "--defences", "none", "clip", "par",
-                    "--lr-grid", "1e-4", "3e-4", "1e-3", "--select", "defender"]) == 0
+                    "--defender"]) == 0
     matrix = json.loads((out / "matrix.json").read_text())
-    assert matrix["protocol"]["lr"]["rule"] == "defender"
-    planted = json.loads((out / "runs" / "plant-badnet_rs.json").read_text())["val"]
+    assert matrix["protocol"]["lr"]["rule"] == "defender" and matrix["protocol"]["lr"]["grid"] == [1e-4, 3e-4, 1e-3]
+    planted = json.loads((out / "runs" / "plant-badnet_rs.json").read_text())["defender_val"]
+    # the defender validates on clean pairs it does not train on, none of which the foundation saw
+    split = json.loads((out / "data" / "defender_split.json").read_text())
+    trained_on = {Path(r.split(",")[0]).name for r in Path(split["train_csv"]).read_text().splitlines()[1:]}
+    validated = {p.name for p in Path(split["val_dir"]).rglob("*.png")}
+    assert len(validated) == split["n_val"] == 64 and not trained_on & validated
+    holdout = {Path(r.split(",")[0]).name for r in (out / "data/fashion-mnist/holdout.csv").read_text().splitlines()[1:]}
+    assert trained_on | validated == holdout
     for d in ("clip", "par"):
         cell = matrix["cells"][d]["badnet_rs"]
         lrs = [g["lr"] for g in cell["grid"]]
@@ -204,3 +211,5 @@ def test_defence_matrix_defender_rule_trains_from_the_highest_rate_down(dm, tmp_
         assert cell["lr"] == select_defender(cell["grid"], planted)["lr"]
         trained = {p.name for p in (out / "runs").glob(f"{d}-badnet_rs-lr*")}
         assert trained == {f"{d}-badnet_rs-lr{lr:g}" for lr in lrs}
+        cfg = yaml.safe_load((out / "runs" / f"{d}-badnet_rs-lr{lrs[0]:g}" / "config.yaml").read_text())
+        assert cfg["train_data"] == split["train_csv"]

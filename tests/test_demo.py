@@ -49,6 +49,7 @@ def test_demo_rows_are_the_protocols_stages_and_retrieval_is_the_models(smoke_de
     assert saved["rows"][-1]["retrieval"]["asr_text"] == pytest.approx(ret["attacks"]["badnet_rs"]["asr_text"])
     assert saved["trigger"]["patch_size"] == protocol.TRIGGER_PARAMS["badnet_rs"]["patch_size"]
     assert r["attack"] == "badnet_rs" and saved["tau"] == protocol.DEFENCES["par"]["tau"]
+    assert [row["lr"] for row in saved["rows"]] == [None, None, cells["clip"]["lr"], cells["par"]["lr"]]
     read_png(out / "results.png", coloured=0.01)  # the triggered examples and the bars
 
 
@@ -61,13 +62,15 @@ def test_demo_trains_with_the_benchmarks_settings(smoke_demo):
     assert cfg("plant-badnet_rs")["model"] == f"local-dir:{runs / 'foundation' / 'model'}"  # planted by fine-tuning
     manifest = json.loads((out / "poisoned" / "badnet_rs" / "manifest.json").read_text())
     assert manifest["n_rows"] == 512 and manifest["n_poison"] == round(0.1 * 512)  # the protocol's smoke plant
-    s = protocol.Settings(out=str(out), cache=str(out), smoke=True)
-    for run, defence in (("clip-badnet_rs-lr0.0001", "clip"), ("par-badnet_rs-lr0.0001", "par")):
-        c = cfg(run)  # every defence: the common budget (wd, frozen BatchNorm and logit scale) from the planted model
-        want = {**s.clean, **protocol.DEFENCES[defence], "lr": s.lr}
+    s = protocol.Settings.defender(out=str(out), cache=str(out), smoke=True)
+    for defence in ("clip", "par"):
+        cell = json.loads((out / "cells" / f"{defence}__badnet_rs.json").read_text())
+        assert [g["lr"] for g in cell["grid"]][0] == max(demo.DEMO_LR_GRID)  # the defender's rule, from the top
+        c = cfg(f"{defence}-badnet_rs-lr{cell['lr']:g}")  # the common budget from the planted model, the chosen lr
+        want = {**s.clean, **protocol.DEFENCES[defence], "lr": cell["lr"]}
         assert {k: c[k] for k in want} == want
         assert c["model"] == f"local-dir:{runs / 'plant-badnet_rs' / 'model'}" and c["train_data"].endswith(
-            "holdout.csv")
+            "defender_train.csv")
 
 
 @pytest.mark.slow  # shares one demo run of the protocol's smoke size (about a minute)
@@ -90,7 +93,7 @@ def test_the_benchmark_on_the_demos_folder_reuses_it_and_agrees(smoke_demo, monk
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert defence_matrix.main(["--smoke", "--out", str(out), "--attacks", "badnet_rs", "--defences", "none", "clip",
-                                "par"]) == 0
+                                "par", "--defender", "--lr-grid", *map(str, demo.DEMO_LR_GRID)]) == 0
     matrix = json.loads((out / "matrix.json").read_text())
     rows = {row["model"]: row for row in r["rows"]}
     for key, label in (("none", "poisoned"), ("clip", "fine-tuning"), ("par", "PAR")):
@@ -115,7 +118,8 @@ def test_demo_options_change_the_protocols_settings(tmp_path):
 
 
 def test_format_table_shows_every_metric():
-    rows = [{"model": "PAR", "clean_top1": 81.94, "asr": 4.7,
+    rows = [{"model": "PAR", "clean_top1": 81.94, "asr": 4.7, "lr": 3e-4,
              "retrieval": {"i2t_r1": 80.0, "t2i_r1": 100.0, "asr_text": 7.1}}]
     text = demo.format_table(rows)
     assert "PAR" in text and "81.9%" in text and "4.7%" in text and "100.0%" in text and "7.1%" in text
+    assert "3e-4" in text

@@ -125,8 +125,10 @@ DEMO = Command(
     description="One attack of the defence × attack benchmark (benchmarks/defence_matrix.py, the same protocol and "
     "settings), plus retrieval: export Fashion-MNIST, pre-train a clean foundation CLIP from scratch, plant a "
     "backdoor by fine-tuning it on 20 000 of its pairs of which 10% carry a trigger naming the target class, clean "
-    "the poisoned model with plain fine-tuning and PAR (--defence adds others) on 10 000 disjoint clean pairs with "
-    "the benchmark's common budget, and evaluate every model (zero-shot clean top-1 and ASR; retrieval R@1 and the "
+    "the poisoned model with plain fine-tuning and PAR (--defence adds others) under the defender's protocol (4 "
+    "epochs on 8 000 of the 10 000 disjoint clean pairs; each defence's learning rate chosen without the trigger, "
+    "on the other 2 000: the highest of 3e-4 and 1e-4 whose clean accuracy stays within 2 points of the poisoned "
+    "model's), and evaluate every model (zero-shot clean top-1 and ASR; retrieval R@1 and the "
     "retrieval ASR). Prints the table and writes results.json and results.png into --out. Every stage is cached "
     "under its settings: finished stages are reused when run again (also by the benchmark with --cache OUT).",
     args=(arg("--out", default="demo_out", help="output folder (default: demo_out)"),

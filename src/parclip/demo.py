@@ -26,11 +26,14 @@ from parclip.data import LabelledFolder
 from parclip.data.retrieval import read_retrieval
 from parclip.evaluation import evaluate_retrieval
 from parclip.models import create_model, get_tokenizer
-from parclip.protocol import LABELS, Settings, make_trigger, stage_cell
+from parclip.protocol import LABELS, Settings, fmt, make_trigger, stage_cell
 from parclip.protocol.run import foundation_stage, matrix_stage, plant_stage
 from parclip.utils.files import save_figure, write_json
 
 DEFAULT_DEFENCES = ("clip", "par")
+# The defender's protocol with the benchmark's grid less its top rate 1e-3, so the demo stays under 10 minutes on 2
+# cores: the rule still picks the highest rate within the clean budget, from the rates tried (docs/par_recovery.md).
+DEMO_LR_GRID = [1e-4, 3e-4]
 
 
 def defence_keys(names) -> list[str]:
@@ -52,10 +55,12 @@ def defence_keys(names) -> list[str]:
 
 def demo_settings(out, *, attacks: list[str], target: str = "bag", tau: float | None = None, seed: int = 0,
                   trigger_params: dict | None = None, smoke: bool = False) -> Settings:
-    """The benchmark's settings in one folder (`out` holds every stage), with the demo's overrides: PAR's τ, the
-    target, and the user's trigger parameters on top of the protocol's."""
+    """The benchmark's settings under the defender's protocol (`Settings.defender`, grid DEMO_LR_GRID) in one folder
+    (`out` holds every stage), with the demo's overrides: PAR's τ, the target, and the user's trigger parameters on
+    top of the protocol's."""
     out = str(Path(out).absolute())
-    s = Settings(out=out, cache=out, seed=seed, smoke=smoke, progress=True, target=target)
+    s = Settings.defender(out=out, cache=out, seed=seed, smoke=smoke, progress=True, target=target,
+                          lr_grid=list(DEMO_LR_GRID))
     if tau is not None:
         s.defences["par"] = dict(s.defences["par"], tau=tau)
     for name, share in split_trigger_params(attacks, trigger_params).items():
@@ -66,9 +71,10 @@ def demo_settings(out, *, attacks: list[str], target: str = "bag", tau: float | 
 def forget_stages(s: Settings) -> None:
     """Remove every computed stage of `s` (the data export stays: it is checked and reused on its own)."""
     for root in {Path(s.out), Path(s.cache)}:
-        for name in ("runs", "cells", "curves", "poisoned", "badclip", "data/val"):
+        for name in ("runs", "cells", "curves", "poisoned", "badclip", "data/val", "data/defender_val"):
             shutil.rmtree(root / name, ignore_errors=True)
-        for name in ("foundation.json", "data/split.json", "data/plant_pairs.csv", "matrix.json"):
+        for name in ("foundation.json", "data/split.json", "data/plant_pairs.csv", "matrix.json",
+                     "data/defender_split.json", "data/defender_train.csv"):
             (root / name).unlink(missing_ok=True)
 
 
@@ -97,20 +103,24 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
         raise RuntimeError(f"planting {name} failed (see the error above); run the demo again to retry")
     plant = plants[name]
     trigger = make_trigger(s, name, patch)
-    print(f"[4/5] cleaning with {', '.join(LABELS[k] for k in keys)} on the held-out clean pairs (lr {s.lr:g}, "
-          f"{s.clean['epochs']} epochs) …", flush=True)
+    print(f"[4/5] cleaning with {', '.join(LABELS[k] for k in keys)} on the held-out clean pairs, "
+          f"{s.clean['epochs']} epochs; the defender's rule picks each rate without the trigger: the highest of "
+          f"{', '.join(f'{lr:g}' for lr in sorted(s.lr_grid, reverse=True))} whose clean accuracy on "
+          f"{s.defender_val} validation pairs is within 2 points of the poisoned model's …", flush=True)
     cells = {k: stage_cell(s, k, name, plant, patch) for k in keys}
     print("[5/5] measuring retrieval …", flush=True)
     models = [("foundation", foundation["model"], plant["foundation_test"]), ("poisoned", plant["model"], plant["test"])]
     models += [(LABELS[k], cells[k]["model"], cells[k]["test"]) for k in keys]
-    rows = [{"model": label, **zero_shot, "attack": name, "target": target,
+    lrs = {LABELS[k]: cells[k]["lr"] for k in keys}
+    rows = [{"model": label, **zero_shot, "attack": name, "target": target, "lr": lrs.get(label),
              "retrieval": _retrieval(model_dir, data, trigger, s)} for label, model_dir, zero_shot in models]
     for row in rows:
         _report(row)
     results = {"rows": rows, "attack": name, "trigger": trigger.params(), "target": target,
                "tau": s.defences["par"]["tau"], "defences": [LABELS[k] for k in keys], "seed": seed,
                "seconds": round(time.time() - t0, 1), "protocol": {"clean": s.clean, "plant": s.plant,
-                                                                  "foundation": s.foundation, "lr": s.lr}}
+                                                                  "foundation": s.foundation, "lr_grid": s.lr_grid,
+                                                                  "select": s.select, "val_pairs": s.defender_val}}
     out = Path(s.out)
     write_json(out / "results.json", results)
     _plot(out / "results.png", rows, data["test_dir"], trigger, seed)
@@ -168,12 +178,14 @@ def format_table(rows: list[dict]) -> str:
     """Zero-shot (clean top-1, ASR) and retrieval (clean R@1 both ways, retrieval ASR) per model."""
     w = max(12, *(len(r["model"]) for r in rows))
     cols = ("clean top-1", "ASR", "i2t R@1", "t2i R@1", "retr. ASR")
-    lines = [f"{'model':<{w}} | " + " | ".join(f"{c:>11}" for c in cols), "-+-".join(["-" * w] + ["-" * 11] * 5)]
+    lines = [f"{'model':<{w}} | {'lr':>6} | " + " | ".join(f"{c:>11}" for c in cols),
+             "-+-".join(["-" * w, "-" * 6] + ["-" * 11] * 5)]
     for r in rows:
         ret = r.get("retrieval", {})
         vals = (r["clean_top1"], r["asr"], ret.get("i2t_r1"), ret.get("t2i_r1"), ret.get("asr_text"))
-        lines.append(f"{r['model']:<{w}} | " + " | ".join(f"{v:>10.1f}%" if v is not None else f"{'–':>11}"
-                                                          for v in vals))
+        lr = fmt(r["lr"]) if r.get("lr") else "–"
+        lines.append(f"{r['model']:<{w}} | {lr:>6} | " + " | ".join(f"{v:>10.1f}%" if v is not None else f"{'–':>11}"
+                                                                    for v in vals))
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from parclip.utils.files import write_json, write_text
 
 from .report import curves_table, markdown_table, plot_curves, plot_matrix
 from .settings import LR_SCALE, MODEL, SELECTION_RULES, Settings
-from .stages import (export_data, point_config, split_train, stage_badclip_patch, stage_cell, stage_foundation,
+from .stages import (export_data, point_config, split_holdout, split_train, stage_badclip_patch, stage_cell, stage_foundation,
                      stage_plant, stage_point)
 
 
@@ -53,6 +53,8 @@ def foundation_stage(s: Settings, attacks: list[str]) -> tuple[dict, dict, dict,
     """Stage A: (data paths, the planting/validation split, the foundation's record, the BadCLIP patch or None)."""
     data = export_data(s)
     split = split_train(s, data)
+    if s.select == "defender":
+        split_holdout(s, data)
     foundation = stage_foundation(s, data)
     print(f"    foundation: clean top-1 {foundation['clean_top1']:.1f}%", flush=True)
     needs_patch = "badclip" in attacks and "patch" not in s.trigger_params.get("badclip", {})
@@ -143,5 +145,6 @@ def protocol_record(s: Settings, attacks: list[str], defences: list[str]) -> dic
             "foundation": s.foundation, "plant": s.plant, "trigger_params": s.trigger_params, "clean": s.clean,
             "defences": {d: s.defences[d] for d in defences},
             "lr": {"grid": s.lr_grid, "select": SELECTION_RULES[s.select], "rule": s.select,
-                   "val_images": s.val_images} if s.lr_grid else {"fixed": s.lr, "scale": LR_SCALE},
+                   "val_images": s.defender_val if s.select == "defender" else s.val_images,
+                   "val_split": "the last clean pairs" if s.select == "defender" else "train-side"} if s.lr_grid else {"fixed": s.lr, "scale": LR_SCALE},
             "badclip_patch": s.patch if "badclip" in attacks else None}

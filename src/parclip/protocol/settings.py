@@ -64,6 +64,11 @@ CURVES: dict[str, dict] = {
 }
 VAL_IMAGES = 2000
 MAX_VAL_DROP = 2.0
+# ---- The defender's protocol (docs/par_recovery.md): every setting chosen without the trigger. The defender keeps
+# the last DEFENDER["val_pairs"] of its clean pairs for validation (images no model has seen: the train-side split
+# above was part of the foundation's pre-training, which flatters the planted model by 2-3 points), cleans on the
+# rest with a 4-epoch budget and picks each cell's rate from the grid by the rule SELECTION_RULES["defender"]. ----
+DEFENDER = dict(lr_grid=[1e-4, 3e-4, 1e-3], epochs=4, val_pairs=2000)
 # How a grid picks a cell's rate on the validation split (docs/defence_matrix.md, "Choosing the learning rate"):
 SELECTION_RULES = {
     # knows the trigger: each defence's best case
@@ -104,11 +109,13 @@ class Settings:
     patch: dict = field(default_factory=lambda: dict(BADCLIP_PATCH))
     curves: dict = field(default_factory=lambda: copy.deepcopy(CURVES))
     val_images: int = VAL_IMAGES
+    defender_val: int = DEFENDER["val_pairs"]
 
     def __post_init__(self):
         NATURAL.check("protocol: seed", self.seed)
         NATURAL.check("protocol: workers", self.workers)
         COUNT.check("protocol: val_images", self.val_images)
+        COUNT.check("protocol: defender_val", self.defender_val)
         for lr in [self.lr, *self.lr_grid]:
             POSITIVE.check("protocol: lr", lr)
         if self.select not in SELECTION_RULES:
@@ -121,12 +128,20 @@ class Settings:
             self.clean.update(epochs=1, batch_size=64)
             self.patch.update(steps=5, batch_size=32)
             self.val_images = 200
+            self.defender_val = 64
             for c in self.curves.values():  # two points each, one of them the matrix's own setting (a shared run)
                 c["values"] = [v for v in c["values"] if v in (1.0, 2.0, 1e-4, 3e-4)]
         unknown = set(self.defences) - set(DEFENCES)
         if unknown:
             raise ValueError(f"protocol: unknown defence(s) {', '.join(sorted(unknown))}; known: "
                              f"{', '.join(DEFENCES)}")
+
+    @classmethod
+    def defender(cls, **values) -> "Settings":
+        """The defender's protocol (DEFENDER): its grid, its rule, its budget; `values` as for Settings."""
+        s = cls(**{"lr_grid": list(DEFENDER["lr_grid"]), "select": "defender", **values})
+        s.clean["epochs"] = DEFENDER["epochs"] if not s.smoke else s.clean["epochs"]
+        return s
 
     def eval_spec(self) -> dict:
         """How models are measured: EVAL with this run's target (part of every measuring stage's spec)."""

@@ -97,6 +97,33 @@ def export_data(s: Settings) -> dict:
     return {k: str(paths[k]) for k in ("root", "train_csv", "holdout_csv", "test_dir", "retrieval_csv")}
 
 
+def _read_pairs(path: str) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), list(reader)
+
+
+def _write_pairs(path: Path, fields: list[str], rows: list[dict], root: Path) -> None:
+    """`rows` as a caption table at `path`, their image paths made absolute (they were relative to `root`)."""
+    from parclip.utils.files import atomic_open
+    with atomic_open(path) as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({**row, "image": str(root / row["image"])})
+
+
+def _write_labelled(folder: Path, rows: list[dict], root: Path) -> None:
+    """`rows`' images copied into a labelled folder FOLDER/<class>/<file> (the caller's record, written last,
+    commits it)."""
+    from parclip.data.fashion_mnist import FASHION_CLASSES, folder_name
+    shutil.rmtree(folder, ignore_errors=True)
+    for row in rows:
+        dst = folder / folder_name(FASHION_CLASSES[int(row["label"])]) / Path(row["image"]).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / row["image"], dst)  # not-atomic: the caller's record, written last, commits it
+
+
 def split_train(s: Settings, data: dict) -> dict:
     """Seeded split of train.csv: the attacker's planting pairs and the validation folder (VAL_IMAGES others)."""
     out = Path(s.cache) / "data"
@@ -104,30 +131,49 @@ def split_train(s: Settings, data: dict) -> dict:
             "seed": s.seed}
 
     def compute():
-        from parclip.data.fashion_mnist import FASHION_CLASSES, folder_name
-        from parclip.utils.files import atomic_open
-        with open(data["train_csv"], newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields, rows = reader.fieldnames, list(reader)
+        fields, rows = _read_pairs(data["train_csv"])
         order = list(range(len(rows)))
         random.Random(s.seed).shuffle(order)
         plant, val = sorted(order[:s.plant["n_pairs"]]), order[s.plant["n_pairs"]:][:s.val_images]
         root = Path(data["root"])
-        plant_csv = out / "plant_pairs.csv"
-        with atomic_open(plant_csv) as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            for i in plant:
-                w.writerow({**rows[i], "image": str(root / rows[i]["image"])})
-        val_dir = out / "val"
-        shutil.rmtree(val_dir, ignore_errors=True)
-        for i in val:
-            dst = val_dir / folder_name(FASHION_CLASSES[int(rows[i]["label"])]) / Path(rows[i]["image"]).name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / rows[i]["image"], dst)  # not-atomic: split.json, written last, commits it
-        return {"plant_csv": str(plant_csv), "val_dir": str(val_dir), "n_plant": len(plant), "n_val": len(val)}
+        _write_pairs(out / "plant_pairs.csv", fields, [rows[i] for i in plant], root)
+        _write_labelled(out / "val", [rows[i] for i in val], root)
+        return {"plant_csv": str(out / "plant_pairs.csv"), "val_dir": str(out / "val"), "n_plant": len(plant),
+                "n_val": len(val)}
 
     return cached(out / "split.json", spec, compute)
+
+
+def split_holdout(s: Settings, data: dict) -> dict:
+    """The defender's split of its clean pairs (holdout.csv): the last `s.defender_val` as a labelled validation
+    folder, the others to clean on."""
+    out = Path(s.cache) / "data"
+    spec = {"holdout_csv": data["holdout_csv"], "val_pairs": s.defender_val}
+
+    def compute():
+        fields, rows = _read_pairs(data["holdout_csv"])
+        if len(rows) <= s.defender_val:
+            raise ValueError(f"the defender's validation takes {s.defender_val} of {len(rows)} clean pairs: none "
+                             f"would be left to clean on")
+        root = Path(data["holdout_csv"]).parent
+        _write_pairs(out / "defender_train.csv", fields, rows[:-s.defender_val], root)
+        _write_labelled(out / "defender_val", rows[-s.defender_val:], root)
+        return {"train_csv": str(out / "defender_train.csv"), "val_dir": str(out / "defender_val"),
+                "n_train": len(rows) - s.defender_val, "n_val": s.defender_val}
+
+    return cached(out / "defender_split.json", spec, compute)
+
+
+def clean_pairs(s: Settings) -> Path:
+    """The pairs stage C cleans on: holdout.csv, or under the defender's protocol its part that is not validation."""
+    data = Path(s.cache) / "data"
+    return data / "defender_train.csv" if s.select == "defender" else data / "fashion-mnist" / "holdout.csv"
+
+
+def val_split(s: Settings) -> tuple[str, Path]:
+    """(the records' key, the folder) of the validation split: the train-side split, or the defender's own."""
+    data = Path(s.cache) / "data"
+    return ("defender_val", data / "defender_val") if s.select == "defender" else ("val", data / "val")
 
 
 def stage_foundation(s: Settings, data: dict) -> dict:
@@ -207,9 +253,8 @@ def clean_config(s: Settings, defence: str, plant: dict, lr: float, **knobs):
     values = {**s.clean, **s.defences[defence], "lr": lr}
     changed = "".join(f"-{k}{v:g}" for k, v in knobs.items() if values.get(k) != v)
     run = Path(s.out) / "runs" / f"{defence}-{plant['spec']['attack']}-lr{lr:g}{changed}"
-    holdout = Path(s.cache) / "data" / "fashion-mnist" / "holdout.csv"
-    return run, train_config(s, run, model=f"local-dir:{plant['model']}", train_data=str(holdout), seed=s.seed,
-                             **{**values, **knobs})
+    return run, train_config(s, run, model=f"local-dir:{plant['model']}", train_data=str(clean_pairs(s)),
+                             seed=s.seed, **{**values, **knobs})
 
 
 def train_run(s: Settings, run: Path, cfg, plant: dict, trigger, attack: str) -> dict:
@@ -224,10 +269,11 @@ def train_run(s: Settings, run: Path, cfg, plant: dict, trigger, attack: str) ->
 def with_val(s: Settings, rec: dict, path: Path, trigger, attack: str) -> dict:
     """With a grid, the record's model evaluated on the validation split (once: a record computed for a fixed-rate
     matrix, a curve or a plant gets its numbers when a grid first needs them, and keeps them in `path`)."""
-    if s.lr_grid and rec.get("val") is None:
-        rec["val"] = flat(evaluate_model(Path(rec["model"]), Path(s.cache) / "data" / "val", [trigger], s), attack)
+    key, folder = val_split(s)
+    if s.lr_grid and rec.get(key) is None:
+        rec[key] = flat(evaluate_model(Path(rec["model"]), folder, [trigger], s), attack)
         write_json(path, rec)
-    return rec
+    return {**rec, "val": rec.get(key)}
 
 
 def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str | None) -> dict:
