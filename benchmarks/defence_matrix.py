@@ -47,7 +47,9 @@ import time
 from pathlib import Path
 
 from parclip.protocol import CURVES, DEFENCES, Settings
+from parclip.protocol.report import goal_table
 from parclip.protocol.run import curves_stage, foundation_stage, matrix_stage, plant_stage
+from parclip.utils.files import write_text
 from parclip.protocol.settings import BASE_LR, IMAGE_SIZE, PATCH_SIDE
 
 
@@ -115,6 +117,10 @@ def main(argv=None) -> int:
         matrix, table, failed = matrix_stage(s, attacks, args.defences, foundation, plants, patch, args.jobs, t0)
         n_failed += failed
         print(table)
+        if "par" in args.defences and "none" in args.defences:
+            goals = goal_table(matrix, attacks)
+            write_text(Path(s.out) / "goal.md", goals + "\n")
+            print(goals)
         print(f"wrote {s.out}/matrix.json, matrix.md, matrix.png in {matrix['seconds']:.0f} s"
               + (f"; {failed} cell(s) FAILED, see above (run again to retry them)" if failed else ""))
     if "D" in args.stages and args.curves:

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="stages A and B (default --out)")
     ap.add_argument("--attack", default="badnet_rs")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--plot", nargs="+", choices=list(VARIANTS), help="draw only these variants (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="processes (1 torch thread each)")
     ap.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch per stage")
     args = ap.parse_args(argv)
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
                                              "seconds": round(time.time() - t0, 1)})
     md = table(records, plant)
     write_text(out / f"{args.attack}.md", md + "\n")
-    plot_traces(out / f"{args.attack}.png", records, s.target)
+    plot_traces(out / f"{args.attack}.png", [r for r in records if r["label"] in (args.plot or variants)], s.target)
     print(md)
     return 0 if len(records) == len(variants) else 1
 

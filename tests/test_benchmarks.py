@@ -213,3 +213,17 @@ def test_defence_matrix_defender_rule_trains_from_the_highest_rate_down(dm, tmp_
         assert trained == {f"{d}-badnet_rs-lr{lr:g}" for lr in lrs}
         cfg = yaml.safe_load((out / "runs" / f"{d}-badnet_rs-lr{lrs[0]:g}" / "config.yaml").read_text())
         assert cfg["train_data"] == split["train_csv"]
+
+
+def test_goal_table_checks_each_part_of_the_goal():
+    """Catches a goal check that compares with the wrong row (the planted model for clean accuracy, the best other
+    cleaning defence for ASR) or passes an attack that misses one part."""
+    from parclip.protocol.report import goal_table
+    c = lambda top1, asr: {"clean_top1": top1, "asr": asr}  # noqa: E731
+    matrix = {"cells": {"none": {"a": c(90.0, 95.0), "b": c(90.0, 95.0), "d": c(90.0, 95.0)},
+                        "clip": {"a": c(90.0, 80.0), "b": c(90.0, 6.0), "d": c(90.0, 90.0)},
+                        "par": {"a": c(88.0, 5.0), "b": c(88.5, 4.0), "d": c(87.9, 1.0)}}}
+    rows = {line.split(" | ")[0].strip("| `"): line for line in goal_table(matrix, ["a", "b", "d"]).splitlines()[2:]}
+    assert rows["a"].endswith("| yes | yes | yes | **reached** |")  # 88.0 = 90 − 2; 5.0 ≤ 5; 5 ≤ 80 / 2
+    assert rows["b"].endswith("| yes | yes | **no** | not reached |") and "clip (6.0)" in rows["b"]  # 4 > 6 / 2
+    assert rows["d"].endswith("| yes | **no** | yes | not reached |")  # 87.9 < 88

@@ -120,7 +120,7 @@ def plot_traces(path: Path, records: list[dict], target: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.4), constrained_layout=True)
     for i, r in enumerate(records):
-        colour, label = f"C{i % 10}", r["label"]
+        colour, label = plt.cm.tab10(i % 10) if len(records) <= 10 else plt.cm.tab20(i % 20), r["label"]
         steps = r["trace"]["steps"]
         xs = [q["step"] for q in steps]
         if steps and "dist_img" in steps[0]:
@@ -144,3 +144,26 @@ def plot_traces(path: Path, records: list[dict], target: str) -> None:
     axes[3].legend(fontsize=7)
     save_figure(fig, path, dpi=100)
     plt.close(fig)
+
+
+def goal_table(matrix: dict, attacks: list[str], *, defence: str = "par", max_asr: float = 5.0,
+               max_drop: float = 2.0) -> str:
+    """Per attack, whether `defence` reaches the goal of docs/par_recovery.md: ASR ≤ `max_asr` at clean top-1 ≥ the
+    planted model's − `max_drop`, and at most half the ASR of the best other cleaning defence (the lowest ASR among
+    them, planted model excluded)."""
+    lines = [f"| attack | planted | {defence} | best other (ASR) | ASR ≤ {max_asr:g} | clean ≥ planted − {max_drop:g} "
+             f"| ≤ ½ best other | goal |", "|---|---|---|---|---|---|---|---|"]
+    cells = matrix["cells"]
+    for a in attacks:
+        if a not in cells.get(defence, {}) or a not in cells.get("none", {}):
+            continue
+        p, d = cells["none"][a], cells[defence][a]
+        others = {k: row[a] for k, row in cells.items() if k not in ("none", defence) and a in row}
+        best = min(others, key=lambda k: others[k]["asr"]) if others else None
+        ok = (d["asr"] <= max_asr, d["clean_top1"] >= p["clean_top1"] - max_drop,
+              best is None or d["asr"] <= others[best]["asr"] / 2)
+        marks = ["yes" if x else "**no**" for x in ok]
+        lines.append(f"| `{a}` | {p['clean_top1']:.1f} / {p['asr']:.1f} | {d['clean_top1']:.1f} / {d['asr']:.1f} | "
+                     + (f"{best} ({others[best]['asr']:.1f})" if best else "–") + f" | {' | '.join(marks)} | "
+                     + ("**reached**" if all(ok) else "not reached") + " |")
+    return "\n".join(lines)
