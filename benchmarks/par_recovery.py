@@ -36,6 +36,8 @@ VARIANTS: dict[str, dict] = {
     "perturb1-3e-4-4ep": dict(defence="par", lr=3e-4, epochs=4, perturb_epochs=1),
     "tautext1-3e-4": dict(defence="par", lr=3e-4, tau_text=1.0),
     "tau1.5-3e-4": dict(defence="par", lr=3e-4, tau=1.5),
+    "textoff-3e-4-4ep": dict(defence="par", lr=3e-4, epochs=4, tau_text=0.0),  # thr_0: the text term never acts
+    "par-3e-4-6ep": dict(defence="par", lr=3e-4, epochs=6),
     "persample-3e-4": dict(defence="par", lr=3e-4, per_sample_threshold=True),
     "reference-3e-4": dict(defence="par", lr=3e-5, lr_start=3e-4, schedule="reference", warmup=0.5, lr_end=0.0),
     "clip_aug-3e-4": dict(defence="clip_aug", lr=3e-4),

@@ -138,7 +138,7 @@ def test_grid_choice_is_the_lowest_validation_asr_within_the_clean_budget():
 
 def test_select_defender_pushes_as_hard_as_the_clean_budget_allows_and_never_reads_asr():
     """select_defender: the highest rate whose val clean top-1 is within MAX_VAL_DROP of the planted model's; none
-    within: the lowest rate. Catches a rule that reads the ASR (the defender does not know the trigger)."""
+    within: the best val clean top-1. Catches a rule that reads the ASR (the defender does not know the trigger)."""
     g = lambda lr, top1, asr: {"lr": lr, "val": {"clean_top1": top1, "asr": asr}}  # noqa: E731
     grid = [g(1e-4, 89.0, 60.0), g(3e-4, 87.0, 10.0), g(1e-3, 86.5, 1.0)]
     assert select_defender(grid, {"clean_top1": 89.0})["lr"] == 3e-4  # 87.0 is exactly 2 below: allowed, 86.5 not
@@ -146,7 +146,10 @@ def test_select_defender_pushes_as_hard_as_the_clean_budget_allows_and_never_rea
     assert select_defender(grid[::-1], {"clean_top1": 89.0})["lr"] == 3e-4  # order does not matter
     asr_blind = [dict(c, val=dict(c["val"], asr=100.0 - c["val"]["asr"])) for c in grid]
     assert select_defender(asr_blind, {"clean_top1": 89.0})["lr"] == 3e-4
+    # none within the budget: the least clean cost, whichever rate it is
     assert select_defender([g(1e-4, 80.0, 5.0), g(3e-4, 70.0, 0.0)], {"clean_top1": 89.0})["lr"] == 1e-4
+    assert select_defender([g(1e-4, 85.0, 5.0), g(3e-4, 86.0, 0.0), g(1e-3, 84.0, 0.0)],
+                           {"clean_top1": 89.0})["lr"] == 3e-4
 
 
 @pytest.mark.slow

@@ -74,7 +74,8 @@ SELECTION_RULES = {
     # knows the trigger: each defence's best case
     "trigger": f"val: the lowest ASR among the rates with clean top-1 >= min(planted, best of grid) - {MAX_VAL_DROP:g}",
     # knows no trigger: push as hard as the clean-accuracy budget allows
-    "defender": f"val: the highest rate with clean top-1 >= planted - {MAX_VAL_DROP:g} (none: the lowest rate)",
+    "defender": f"val: the highest rate with clean top-1 >= planted - {MAX_VAL_DROP:g} (none: the rate with the best "
+                "clean top-1)",
 }
 EVAL = dict(templates=TEMPLATES, target=TARGET, batch_size=500, trigger_after_crop=False)
 # Fields that do not change what is computed: left out of the specs that decide whether a stage is reused.

@@ -325,9 +325,11 @@ def select_lr(grid: list[dict], planted_val: dict) -> dict:
 def select_defender(grid: list[dict], planted_val: dict) -> dict:
     """The defender's rule, which needs no trigger: the highest rate whose validation clean top-1 is within
     MAX_VAL_DROP points of the planted model's (more movement removes more of an unknown backdoor, the clean budget
-    bounds it); when none is, the lowest rate."""
+    bounds it); when none is, the rate with the best validation clean top-1 (the least clean cost)."""
     ok = [g for g in grid if g["val"]["clean_top1"] >= planted_val["clean_top1"] - MAX_VAL_DROP]
-    return max(ok, key=lambda g: g["lr"]) if ok else min(grid, key=lambda g: g["lr"])
+    if ok:
+        return max(ok, key=lambda g: g["lr"])
+    return max(grid, key=lambda g: g["val"]["clean_top1"])
 
 
 SELECT = {"trigger": select_lr, "defender": select_defender}  # the rules of SELECTION_RULES
