@@ -230,3 +230,16 @@ def test_goal_table_checks_each_part_of_the_goal():
     assert rows["a"].endswith("| yes | yes | yes | **reached** |")  # 88.0 = 90 − 2; 5.0 ≤ 5; 5 ≤ 80 / 2
     assert rows["b"].endswith("| yes | yes | **no** | not reached |") and "clip (6.0)" in rows["b"]  # 4 > 6 / 2
     assert rows["d"].endswith("| yes | **no** | yes | not reached |")  # 87.9 < 88
+
+
+@pytest.mark.slow
+def test_badclip_side_optimises_a_patch_of_that_side_in_its_own_folder(dm, tmp_path, capsys, one_thread):
+    out = tmp_path / "bench"
+    assert dm.main(["--smoke", "--out", str(out), "--attacks", "badclip", "--stages", "A", "--badclip-side", "3"]) == 0
+    from PIL import Image
+    with Image.open(out / "badclip-3px" / "patch.png") as patch:
+        assert patch.size == (3, 3)
+    assert not (out / "badclip").exists()  # the protocol's 8-px patch would live there
+    with pytest.raises(SystemExit):
+        dm.main(["--smoke", "--out", str(out), "--badclip-side", "32"])
+    assert "--badclip-side 32" in capsys.readouterr().err
