@@ -83,14 +83,16 @@ class TrainConfig:
     par_weight: float = _f(0.5, "weight w of each distance term", domain=NONNEGATIVE)
     per_sample_threshold: bool = _f(False, "threshold each sample's distance instead of the batch mean (not in "
                                     "the reference)")
-    tau_text: float | None = _f(None, "PAR: τ of the text term alone (default --tau); the image term keeps --tau",
-                                domain=TAU)
+    tau_text: float | None = _f(None, "PAR: τ of the text term alone (default --tau; 0 switches the text term "
+                                "off); the image term keeps --tau. Not in the reference; measured in "
+                                "docs/par_recovery.md", domain=TAU)
     par_latch: bool = _f(False, "PAR: switch each tower's term off for the rest of the run once its batch-mean "
-                         "distance has exceeded its τ, so the run perturbs, then recovers with the CLIP loss alone "
-                         "(not in the reference)")
+                         "distance has exceeded its τ, so the run perturbs, then recovers with the CLIP loss alone. "
+                         "Not in the reference; helps at low learning rates, where the distance hovers at τ "
+                         "(docs/par_recovery.md)")
     perturb_epochs: int | None = _f(None, "PAR: apply the perturbation term in the first N epochs only, the rest is "
-                                    "recovery with the CLIP loss alone (default: every epoch, the reference)",
-                                    domain=COUNT)
+                                    "recovery with the CLIP loss alone (default: every epoch, the reference). Not "
+                                    "in the reference; measured in docs/par_recovery.md", domain=COUNT)
     logit_scale: str = _f("auto", "auto: the defence's (frozen for par as the reference, learned for the others)",
                           ["auto", "frozen", "learned"])
     augment: str = _f("auto", "augmentation of the plain image view; auto: the defence's (par: noise+CutOut, "
