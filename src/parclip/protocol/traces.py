@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .cache import cached, config_spec
 from .settings import TEMPLATES, Settings
-from .stages import evaluate_model, flat, make_trigger, run_training, test_dir, train_config
+from .stages import (clean_pairs, evaluate_model, flat, make_trigger, run_training, test_dir, train_config,
+                     val_split)
 
 VAL_EVERY = 10  # optimiser steps between two validations of a traced run (78 steps per epoch at 10 000 pairs)
 
@@ -32,10 +33,9 @@ def trace_config(s: Settings, variant: dict, attack: str, plant: dict, *, val_ev
     defence = v.pop("defence")
     run = Path(s.out) / "traces" / f"{variant_label(variant)}-{attack}"
     params = s.trigger_params.get(attack, {})
-    holdout = Path(s.cache) / "data" / "fashion-mnist" / "holdout.csv"
     values = {**s.clean, **s.defences[defence], "lr": s.lr, **v}
-    return run, train_config(s, run, model=f"local-dir:{plant['model']}", train_data=str(holdout), seed=s.seed,
-                             val_data=str(Path(s.cache) / "data" / "val"), val_attack=attack if attack != "badclip"
+    return run, train_config(s, run, model=f"local-dir:{plant['model']}", train_data=str(clean_pairs(s)),
+                             seed=s.seed, val_data=str(val_split(s)[1]), val_attack=attack if attack != "badclip"
                              else None, val_target=s.target if attack != "badclip" else None,
                              val_trigger_param=",".join(f"{k}={val}" for k, val in params.items()),
                              val_templates=TEMPLATES, val_every=val_every, **{**values, "log_every": 1})
@@ -54,7 +54,7 @@ def stage_trace(s: Settings, variant: dict, attack: str, plant: dict, patch: str
         model = run_training(cfg)
         trace = read_trace(run)
         if attack == "badclip":  # the optimised patch is a file, not a --val-attack name: measure val at the end
-            val = flat(evaluate_model(model, Path(s.cache) / "data" / "val", [trigger], s), attack)
+            val = flat(evaluate_model(model, val_split(s)[1], [trigger], s), attack)
             trace["val"][-1]["val_asr"] = val["asr"]
         return {"variant": variant, "attack": attack, "model": str(model),
                 "test": flat(evaluate_model(model, test_dir(s), [trigger], s), attack), "trace": trace}
