@@ -62,7 +62,8 @@ class PerturbAndRecover(Defence):
         out = par_loss(batch.img[0], batch.txt[0], batch.img0, batch.txt0, logit_scale, tau=tau_img,
                        weight=w_img, tau_txt=tau_txt, weight_txt=w_txt, per_sample=self.cfg.per_sample_threshold)
         d_img, d_txt = out.dist_img.item(), out.dist_txt.item()
-        # "on": the term pushed in this step (weight > 0 and distance within τ)
+        # "on": the term pushed in this step (weight > 0 and the batch-mean distance within τ; with the per-sample
+        # threshold some rows may still push when the mean is beyond τ)
         parts = dict(clip_loss=out.clip.item(), perturb=out.perturb.item(), dist_img=d_img, dist_txt=d_txt,
                      on_img=float(w_img > 0 and d_img <= tau_img), on_txt=float(w_txt > 0 and d_txt <= tau_txt))
         if self.cfg.par_latch:
