@@ -2,7 +2,8 @@
 fine-tuning on poisoned pairs, then cleaning at a fine-tuning learning rate on disjoint clean pairs.
 
     .venv/bin/python benchmarks/defence_matrix.py --out bench_def [--attacks badnet_rs sig] \\
-        [--defences none clip clip_aug par] [--jobs 2] [--lr 1e-4 | --lr-grid 3e-5 1e-4 3e-4] [--smoke]
+        [--defences none clip clip_aug par] [--jobs 2] [--lr 1e-4 | --lr-grid 3e-5 1e-4 3e-4 | --defender] \
+        [--badclip-side 3] [--smoke]
 
 The protocol lives in parclip.protocol (settings, stages, caching); `parclip demo` runs one attack of it.
 Protocol (Fashion-MNIST as image–caption pairs, parclip-rn-tiny at 32 px, target class 'bag', seed 0):
@@ -26,6 +27,11 @@ C  Clean, per (defence, attack). Fine-tune the planted model on holdout.csv with
    within MAX_VAL_DROP points of a reference: the lower of the planted model's and the defence's own best over the
    grid (so a defence whose augmentation costs accuracy at every rate is still judged on its removal).
    This selection knows the trigger: it is the defence's best case, not something a defender could do.
+   With --defender (the defender's protocol, docs/par_recovery.md) nothing is chosen with the trigger: the last
+   DEFENDER["val_pairs"] clean pairs are the validation folder and are not trained on, every defence cleans for
+   DEFENDER["epochs"] epochs, and each cell takes the highest rate of DEFENDER["lr_grid"] (or --lr-grid) whose
+   validation clean top-1 is within MAX_VAL_DROP of the planted model's (none: the most accurate), trying rates from
+   the highest down; with `par` and `none` among the defences goal.md says per attack whether PAR reaches the goal.
 Metrics, on test/: clean zero-shot top-1 (fashion templates) and ASR = % of triggered non-'bag' images classified
 as 'bag'; `asr_all` (all images) is kept in the JSON.
 
