@@ -55,8 +55,8 @@ from pathlib import Path
 from parclip.protocol import CURVES, DEFENCES, Settings
 from parclip.protocol.report import goal_table
 from parclip.protocol.run import curves_stage, foundation_stage, matrix_stage, plant_stage
-from parclip.utils.files import write_text
 from parclip.protocol.settings import BASE_LR, IMAGE_SIZE, PATCH_SIDE
+from parclip.utils.files import write_text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,15 +100,12 @@ def main(argv=None) -> int:
         ap.error(f"--curve-attacks must be among --attacks ({', '.join(attacks)})")
     try:
         common = dict(out=str(Path(args.out).absolute()), cache=str(Path(args.cache or args.out).absolute()),
-                      seed=args.seed, smoke=args.smoke, lr=args.lr, workers=0 if args.jobs > 1 else 1)
+                      seed=args.seed, smoke=args.smoke, lr=args.lr, workers=0 if args.jobs > 1 else 1,
+                      badclip_side=args.badclip_side)
         grid = {"lr_grid": list(args.lr_grid)} if args.lr_grid else {}
         s = Settings.defender(**common, **grid) if args.defender else Settings(**common, **grid)
     except ValueError as e:
         ap.error(str(e))
-    if not 1 <= args.badclip_side < IMAGE_SIZE:
-        ap.error(f"--badclip-side {args.badclip_side}: a patch side in pixels, 1 to {IMAGE_SIZE - 1}")
-    s.patch["patch_size"] = args.badclip_side
-    s.trigger_params["badclip"] = dict(s.trigger_params["badclip"], patch_size=args.badclip_side)
     t0 = time.time()
 
     print("[A] data and foundation …", flush=True)

@@ -184,8 +184,9 @@ def test_a_badclip_patch_of_another_side_has_its_own_folders(tmp_path):
     from parclip.protocol.stages import stored_name
     s = Settings(out=str(tmp_path), cache=str(tmp_path))
     assert stored_name(s, "badclip") == "badclip" and stored_name(s, "badnet") == "badnet"
-    s.patch["patch_size"] = 3
+    s = Settings(out=str(tmp_path), cache=str(tmp_path), badclip_side=3)
     assert stored_name(s, "badclip") == "badclip-3px" and stored_name(s, "badnet") == "badnet"
+    assert s.patch["patch_size"] == s.trigger_params["badclip"]["patch_size"] == 3  # one side for both
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ from parclip.utils.files import write_json, write_text
 
 from .report import curves_table, markdown_table, plot_curves, plot_matrix
 from .settings import LR_SCALE, MODEL, SELECTION_RULES, Settings
-from .stages import (export_data, point_config, split_holdout, split_train, stage_badclip_patch, stage_cell, stage_foundation,
-                     stage_plant, stage_point)
+from .stages import (export_data, point_config, split_holdout, split_train, stage_badclip_patch, stage_cell,
+                     stage_foundation, stage_plant, stage_point)
 
 
 def _init_worker() -> None:
@@ -146,5 +146,6 @@ def protocol_record(s: Settings, attacks: list[str], defences: list[str]) -> dic
             "defences": {d: s.defences[d] for d in defences},
             "lr": {"grid": s.lr_grid, "select": SELECTION_RULES[s.select], "rule": s.select,
                    "val_images": s.defender_val if s.select == "defender" else s.val_images,
-                   "val_split": "the last clean pairs" if s.select == "defender" else "train-side"} if s.lr_grid else {"fixed": s.lr, "scale": LR_SCALE},
+                   "val_split": "the last clean pairs" if s.select == "defender" else "train-side"}
+            if s.lr_grid else {"fixed": s.lr, "scale": LR_SCALE},
             "badclip_patch": s.patch if "badclip" in attacks else None}

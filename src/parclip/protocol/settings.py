@@ -69,7 +69,7 @@ MAX_VAL_DROP = 2.0
 # above was part of the foundation's pre-training, which flatters the planted model by 2-3 points), cleans on the
 # rest with a 4-epoch budget and picks each cell's rate from the grid by the rule SELECTION_RULES["defender"]. ----
 DEFENDER = dict(lr_grid=[1e-4, 3e-4, 1e-3], epochs=4, val_pairs=2000)
-# How a grid picks a cell's rate on the validation split (docs/defence_matrix.md, "Choosing the learning rate"):
+# How a grid picks a cell's rate on the validation split (docs/defence_matrix.md and docs/par_recovery.md § 2):
 SELECTION_RULES = {
     # knows the trigger: each defence's best case
     "trigger": f"val: the lowest ASR among the rates with clean top-1 >= min(planted, best of grid) - {MAX_VAL_DROP:g}",
@@ -111,6 +111,7 @@ class Settings:
     curves: dict = field(default_factory=lambda: copy.deepcopy(CURVES))
     val_images: int = VAL_IMAGES
     defender_val: int = DEFENDER["val_pairs"]
+    badclip_side: int = PATCH_SIDE
 
     def __post_init__(self):
         NATURAL.check("protocol: seed", self.seed)
@@ -121,6 +122,12 @@ class Settings:
             POSITIVE.check("protocol: lr", lr)
         if self.select not in SELECTION_RULES:
             raise ValueError(f"protocol: select {self.select!r}; choose one of {', '.join(SELECTION_RULES)}")
+        if not (isinstance(self.badclip_side, int) and 1 <= self.badclip_side < IMAGE_SIZE):
+            raise ValueError(f"--badclip-side {self.badclip_side}: a patch side in pixels, 1 to {IMAGE_SIZE - 1} "
+                             f"(protocol: badclip_side)")
+        # the optimised patch and the trigger that pastes it have one side
+        self.patch["patch_size"] = self.badclip_side
+        self.trigger_params["badclip"] = dict(self.trigger_params.get("badclip", {}), patch_size=self.badclip_side)
         if self.smoke:  # a few hundred images, one epoch per stage, small batches: tests the plumbing, says nothing
             self.data = dict(holdout=256, n_train=1024, n_test=300)
             self.foundation.update(epochs=1, batch_size=64)
@@ -141,7 +148,8 @@ class Settings:
     def defender(cls, **values) -> "Settings":
         """The defender's protocol (DEFENDER): its grid, its rule, its budget; `values` as for Settings."""
         s = cls(**{"lr_grid": list(DEFENDER["lr_grid"]), "select": "defender", **values})
-        s.clean["epochs"] = DEFENDER["epochs"] if not s.smoke else s.clean["epochs"]
+        if not s.smoke:  # the smoke size keeps its one epoch
+            s.clean["epochs"] = DEFENDER["epochs"]
         return s
 
     def eval_spec(self) -> dict:

@@ -58,9 +58,9 @@ def make_trigger(s: Settings, attack: str, patch: str | None = None):
 
 def stored_name(s: Settings, attack: str) -> str:
     """The name of `attack`'s folders in the cache (its patch, poisoned pairs and planted model): the attack's name,
-    with the side for a BadCLIP patch of another size than the protocol's (`--badclip-side`), so the two can share a
-    cache."""
-    side = s.patch["patch_size"]
+    with the side for a BadCLIP patch of another size than the protocol's (`Settings.badclip_side`), so the two can
+    share a cache."""
+    side = s.badclip_side
     return f"{attack}-{side}px" if attack == "badclip" and side != PATCH_SIDE else attack
 
 
@@ -308,7 +308,7 @@ def train_grid(s: Settings, runs: list, plant: dict, trigger, attack: str) -> li
     grid = []
     for run, cfg in sorted(runs, key=lambda rc: -rc[1].lr):
         grid.append(train_run(s, run, cfg, plant, trigger, attack))
-        if grid[-1]["val"]["clean_top1"] >= plant["val"]["clean_top1"] - MAX_VAL_DROP:
+        if within_budget(grid[-1], plant["val"]):
             break
     return grid
 
@@ -322,11 +322,16 @@ def select_lr(grid: list[dict], planted_val: dict) -> dict:
     return min(ok, key=lambda g: (g["val"]["asr"], -g["val"]["clean_top1"]))
 
 
+def within_budget(run: dict, planted_val: dict) -> bool:
+    """Whether a cleaning run's validation clean top-1 is within MAX_VAL_DROP points of the planted model's."""
+    return run["val"]["clean_top1"] >= planted_val["clean_top1"] - MAX_VAL_DROP
+
+
 def select_defender(grid: list[dict], planted_val: dict) -> dict:
     """The defender's rule, which needs no trigger: the highest rate whose validation clean top-1 is within
     MAX_VAL_DROP points of the planted model's (more movement removes more of an unknown backdoor, the clean budget
     bounds it); when none is, the rate with the best validation clean top-1 (the least clean cost)."""
-    ok = [g for g in grid if g["val"]["clean_top1"] >= planted_val["clean_top1"] - MAX_VAL_DROP]
+    ok = [g for g in grid if within_budget(g, planted_val)]
     if ok:
         return max(ok, key=lambda g: g["lr"])
     return max(grid, key=lambda g: g["val"]["clean_top1"])

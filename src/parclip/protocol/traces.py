@@ -33,12 +33,13 @@ def trace_config(s: Settings, variant: dict, attack: str, plant: dict, *, val_ev
     defence = v.pop("defence")
     run = Path(s.out) / "traces" / f"{variant_label(variant)}-{attack}"
     params = s.trigger_params.get(attack, {})
+    # the optimised BadCLIP patch is a file, not a --val-attack name: stage_trace measures its ASR at the end
+    asr = {} if attack == "badclip" else dict(val_attack=attack, val_target=s.target, val_trigger_param=",".join(
+        f"{k}={val}" for k, val in params.items()))
     values = {**s.clean, **s.defences[defence], "lr": s.lr, **v}
     return run, train_config(s, run, model=f"local-dir:{plant['model']}", train_data=str(clean_pairs(s)),
-                             seed=s.seed, val_data=str(val_split(s)[1]), val_attack=attack if attack != "badclip"
-                             else None, val_target=s.target if attack != "badclip" else None,
-                             val_trigger_param=",".join(f"{k}={val}" for k, val in params.items()),
-                             val_templates=TEMPLATES, val_every=val_every, **{**values, "log_every": 1})
+                             seed=s.seed, val_data=str(val_split(s)[1]), val_templates=TEMPLATES,
+                             val_every=val_every, **asr, **{**values, "log_every": 1})
 
 
 def stage_trace(s: Settings, variant: dict, attack: str, plant: dict, patch: str | None) -> dict:
