@@ -39,7 +39,8 @@ VARIANTS: dict[str, dict] = {
     "textoff-3e-4-4ep": dict(defence="par", lr=3e-4, epochs=4, tau_text=0.0),  # thr_0: the text term never acts
     "par-3e-4-6ep": dict(defence="par", lr=3e-4, epochs=6),
     "persample-3e-4": dict(defence="par", lr=3e-4, per_sample_threshold=True),
-    "reference-3e-4": dict(defence="par", lr=3e-5, lr_start=3e-4, schedule="reference", warmup=0.5, lr_end=0.0),
+    "reference-3e-4": dict(defence="par", lr=3e-4, lr_decay_ratio=0.1, schedule="reference", warmup_fraction=0.5,
+                           lr_end=0.0),
     "clip_aug-3e-4": dict(defence="clip_aug", lr=3e-4),
     "clip_aug-3e-4-4ep": dict(defence="clip_aug", lr=3e-4, epochs=4),
     "clip-3e-4-4ep": dict(defence="clip", lr=3e-4, epochs=4),

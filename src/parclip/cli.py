@@ -62,16 +62,21 @@ MODEL_ARGS = (
     arg("--allow-unsafe-load", action="store_true",
         help="allow pickled code (TorchScript/JIT archives); only for checkpoints you trust"),
 )
-IMG_KEY = arg("--csv-img-key", default="image", help="column (or Karpathy JSON key) with image paths (default: image)")
-CAPTION_KEY = arg("--csv-caption-key", default="caption",
-                  help="column (or Karpathy JSON key) with captions (default: caption)")
+IMG_KEY = arg("--csv-img-key", default=None, help="table column (default: filepath, open_clip_train's) or Karpathy "
+              "JSON key (default: image) with image paths")
+CAPTION_KEY = arg("--csv-caption-key", default=None, help="table column (default: title, open_clip_train's) or "
+                  "Karpathy JSON key (default: caption) with captions")
+TABLE_IMG_KEY = arg("--csv-img-key", default="filepath", help="column with image paths (default: filepath, "
+                    "open_clip_train's)")
+TABLE_CAPTION_KEY = arg("--csv-caption-key", default="title", help="column with captions (default: title, "
+                        "open_clip_train's)")
 DATA_ROOT = arg("--data-root", default=None,
                 help="folder image paths are relative to (default: the table's, or the JSON file's, folder)")
 MAX_BAD_FRACTION = arg("--max-bad-fraction", type=float, default=0.01, domain=FRACTION,
                        help="missing, undecodable or empty rows/images are counted, named and left out (retrieval: "
                        "with their captions) up to this share; more stops the command (default: 0.01)")
-TABLE_ARGS = (IMG_KEY, CAPTION_KEY,
-              arg("--csv-separator", default=None, help="separator (default: tab for .tsv, comma otherwise)"),
+TABLE_ARGS = (TABLE_IMG_KEY, TABLE_CAPTION_KEY,
+              arg("--csv-separator", default="\t", help="separator (default: tab, open_clip_train's, also for a .csv)"),
               DATA_ROOT, MAX_BAD_FRACTION)
 TRIGGER_PARAM_ARG = arg("--trigger-param", action="append", default=[], metavar="KEY=VALUE",
                         help="trigger parameter, repeatable, e.g. patch_size=32, alpha=0.05, uint8_mode=clamp, "
@@ -193,7 +198,8 @@ def _data_convert(args) -> int:
 DATA = Command("data", "prepare data: Fashion-MNIST export, table checks", actions=(
     Command("fashion-mnist", "export Debian's dataset-fashion-mnist as PNGs + captions CSV + test folder",
             run=_data_fashion_mnist,
-            description="Writes OUT/train.csv and OUT/holdout.csv (image,caption,label; paths relative to OUT), "
+            description="Writes OUT/train.csv and OUT/holdout.csv (tab-separated filepath, title, label, the default table "
+            "layout; paths relative to OUT), "
             "OUT/images/train/*.png and a labelled test folder OUT/test/<class>/*.png.",
             args=(OUT_DIR,
                   arg("--holdout", type=int, default=10000, domain=NATURAL, help="last N train images kept "
@@ -294,7 +300,11 @@ TRAIN = Command(
     "Options come from defaults < the defence's recipe < --preset < --config YAML < flags (YAML\n"
     "keys are the flag names). The defaults are PAR's reference settings; --objective cleanclip,\n"
     "roclip and clip bring their own recipes (`parclip defences list` prints them).\n"
-    "Multi-GPU / multi-node: launch with torchrun or srun. Re-running with the same --name resumes.",
+    "Multi-GPU / multi-node: launch with torchrun or srun. Re-running with the same --name resumes.\n\n"
+    "A flag that open_clip_train also has means what it means there (--lr the peak rate, --warmup\n"
+    "whole steps, tables tab-separated with columns filepath and title, --val-data image-caption\n"
+    "pairs); open_clip_train's flags that parclip does not support are refused with the reason\n"
+    "(README: Coming from open_clip_train).",
     epilog="""examples:
   # PAR on one GPU or CPU
   parclip train --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv --name par1

@@ -3,7 +3,8 @@
 A run directory (`<output_dir>/<name>/`) holds `config.yaml` (the resolved configuration), `run.json` (how it was
 started: parclip and torch versions, the git commit of the source tree when it is a checkout, the command line, the
 world size, the host), `metrics.jsonl` (one JSON object per logged step, validation rows included), `tensorboard/`
-with `--report-to tensorboard`, `checkpoints/` and, when finished, `model/`.
+with `--report-to tensorboard` (and `wandb/` with `--report-to wandb`, unless $WANDB_DIR says elsewhere),
+`checkpoints/` and, when finished, `model/`.
 """
 from __future__ import annotations
 
@@ -62,14 +63,23 @@ class RunLock:
 
 
 class RunLog:
-    """Appends metric rows to metrics.jsonl and, with "tensorboard" in `report_to`, writes them as scalars (every
-    number of the row but "step", at the row's step) to `<run>/tensorboard`. Only the main process writes."""
+    """Appends metric rows to metrics.jsonl and, with "tensorboard" / "wandb" in `report_to` (comma-separated), logs
+    them as scalars (every number of the row but "step", at the row's step) to `<run>/tensorboard` / a wandb run.
+    A scalar's name is ``section/key`` for a row written with a section, else ``val/<key without val_>`` for a
+    "val_…" key and ``train/<key>`` for the others. Only the main process writes.
 
-    def __init__(self, run_dir: Path, report_to: str = "", enabled: bool = True):
+    `wandb`: the run's wandb settings, {"project", "notes", "config"}; the wandb run is named and identified by the
+    run directory's name (a resumed run continues it) and written under $WANDB_DIR, or the run directory. Offline
+    (WANDB_MODE=offline) it needs no network."""
+
+    def __init__(self, run_dir: Path, report_to: str = "", enabled: bool = True, wandb: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self.tb = None
-        if enabled and "tensorboard" in report_to.split(","):
+        self.tb = self.wandb = None
+        targets = report_to.split(",")
+        if enabled and "wandb" in targets:
+            self.wandb = _wandb_run(Path(run_dir), **(wandb or {}))
+        if enabled and "tensorboard" in targets:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # tensorboard is a dependency; a broken install says how to fix it
@@ -77,22 +87,50 @@ class RunLog:
                                    f"pip install tensorboard") from e
             self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict, section: str | None = None) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
+        with open(self.path, "a") as fh:  # not-atomic: an append-only log, one line per row (a cut line is skipped)
             fh.write(json.dumps(row) + "\n")
+        scalars = {_tag(key, section): value for key, value in row.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}", value,
-                                       row["step"])
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, row["step"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _tag(key: str, section: str | None) -> str:
+    if section:
+        return f"{section}/{key}"
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+def _wandb_run(run_dir: Path, project: str = "parclip", notes: str = "", config: dict | None = None):
+    """A wandb run for `run_dir` (see :class:`RunLog`); a clear error when wandb is not installed."""
+    import os
+    import re
+
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError(f"--report-to wandb needs the wandb package ({e}): pip install 'parclip[wandb]' (or pip "
+                           f"install wandb); WANDB_MODE=offline logs without a network or an account") from e
+    where = os.environ.get("WANDB_DIR") or str(run_dir)
+    Path(where).mkdir(parents=True, exist_ok=True)
+    run_id = re.sub(r"[^A-Za-z0-9_.-]", "-", run_dir.name)[:120]
+    return wandb.init(project=project, name=run_dir.name, id=run_id, notes=notes or None, config=config or {},
+                      dir=where, resume="allow")
 
 
 def git_commit(path: Path | None = None) -> dict | None:
@@ -138,7 +176,7 @@ def _last_rows(path: Path) -> tuple[dict, dict]:
             except ValueError:
                 continue  # a line cut by a kill
             if any(k.startswith("val_") for k in row):
-                val = row
+                val = {**val, **row}  # the last value of every validation metric (zero-shot and --val-data rows)
             elif "loss" in row:
                 train = row
     return train, val

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from parclip.attacks.poison import manifest_beside, poisoned_overlap, poisoning_warnings, trained_on
 from parclip.config import TrainConfig
 from parclip.data import DataError
+from parclip.data.shards import is_shard_spec
 from parclip.data.sources import TrainingData, open_training_data
 from parclip.defences import Defence, Embeddings, get_defence
 from parclip.defences.augment import train_transform
@@ -70,7 +71,8 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> None:
     """The run, top to bottom: models, data, optimiser and precision, resume, the loop, the export."""
     _setup_logging(run_dir, info.is_main)
-    runlog = RunLog(run_dir, cfg.report_to, enabled=info.is_main)  # metrics.jsonl (+ TensorBoard)
+    runlog = RunLog(run_dir, cfg.report_to, enabled=info.is_main,  # metrics.jsonl (+ TensorBoard, wandb)
+                    wandb=dict(project=cfg.wandb_project_name, notes=cfg.wandb_notes, config=dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
     m = _models(cfg, info.device)
     data = _data(cfg, info, m)
@@ -83,7 +85,7 @@ def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> None:
     if info.is_main:
         _announce(cfg, info, len(data), plan, prec.name)
     progress = _Progress(step, plan, show=cfg.progress and info.is_main, desc=cfg.objective)
-    validator = _Validator(cfg, m.preprocess, m.tokenizer, info.device) if cfg.val_data else None
+    checks = _validators(cfg, m, info.device, prec)
 
     while step < plan.total_steps:
         epoch, first = divmod(step, plan.steps_per_epoch)
@@ -99,8 +101,8 @@ def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> None:
                 progress.check_bad_rows(data, cfg.max_bad_fraction, cfg.train_data)
                 runlog.write(progress.metrics(step, epoch, lr, loss, parts, m.model))
             progress.show(loss, lr)
-            if validator and (step % (cfg.val_every or plan.steps_per_epoch) == 0 or step == plan.total_steps):
-                validator(m.model, step, epoch, runlog, info)
+            for check in [c for c in checks if c.due(step, plan, cfg)]:
+                check(m.model, step, epoch, runlog, info)
                 _train_mode(m.model, cfg.bn_mode, m.defence)
             if cfg.save_every and step % cfg.save_every == 0 and step < plan.total_steps:
                 _save_checkpoint(run_dir, m.model, optimizer, prec.scaler, step, plan.total_steps, m.defence, cfg,
@@ -160,7 +162,8 @@ def _data(cfg: TrainConfig, info: pdist.DistInfo, m: _Models) -> TrainingData:
     data = open_training_data(
         cfg.train_data, dataset_type=cfg.dataset_type, transform=_Views(plain, *extra) if extra else plain,
         tokenizer=m.tokenizer, caption_views=m.defence.prepare_captions if own_captions else None,
-        num_samples=cfg.train_num_samples, batch_size=cfg.batch_size, world_size=info.world_size, rank=info.rank,
+        num_samples=cfg.train_num_samples if _is_shards(cfg) else cfg.train_rows, batch_size=cfg.batch_size,
+        world_size=info.world_size, rank=info.rank,
         seed=cfg.seed, workers=cfg.workers, pin_memory=info.device.type == "cuda", shuffle_buffer=cfg.shuffle_buffer,
         img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key, sep=cfg.csv_separator, root=cfg.data_root,
         max_bad_fraction=cfg.max_bad_fraction)
@@ -196,7 +199,8 @@ class _Precision(NamedTuple):
 
 
 def _precision(precision: str, device: torch.device) -> _Precision:
-    """--precision: "auto" is fp16 autocast on CUDA, fp32 elsewhere; bf16 needs no loss scaling."""
+    """--precision: "auto" is fp16 autocast on CUDA, fp32 elsewhere; bf16 needs no loss scaling. (TrainConfig has
+    already refused open_clip's half-precision weights and spelt amp_bfloat16 as amp_bf16.)"""
     name = precision if precision != "auto" else ("amp" if device.type == "cuda" else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.float16 if name == "amp" else torch.bfloat16)
                 if name in ("amp", "amp_bf16") else nullcontext())
@@ -229,10 +233,16 @@ def _resume(resume: str, run_dir: Path, device, m: _Models, optimizer, scaler, t
 
 
 def _resume_path(resume: str, run_dir: Path) -> Path | None:
+    """--resume: none, auto (the run's latest checkpoint if there is one), latest (the same, an error without one, as
+    open_clip_train's --resume latest), or a checkpoint path."""
     if resume == "none":
         return None
-    if resume == "auto":
+    if resume in ("auto", "latest"):
         p = run_dir / "checkpoints" / "latest.pt"
+        if resume == "latest" and not p.is_file():
+            raise FileNotFoundError(f"--resume latest: run {run_dir} has no checkpoint (checkpoints/latest.pt) to "
+                                    f"resume from; pass the --name of an earlier run, or --resume auto to start "
+                                    f"fresh when there is none")
         return p if p.is_file() else None
     p = Path(resume)
     if not p.is_file():
@@ -269,7 +279,8 @@ def _training_state(path: Path, device) -> dict:
 def _set_lr(optimizer, step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     """Set (and return) the learning rate of `step` from the run's schedule."""
     lr = lr_at(step, schedule=cfg.schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, lr=cfg.lr,
-               lr_start=cfg.lr_start, lr_end=cfg.lr_end, warmup=cfg.warmup, warmup_steps=cfg.warmup_steps)
+               lr_decay_ratio=cfg.lr_decay_ratio, lr_end=cfg.lr_end, warmup=cfg.warmup,
+               warmup_fraction=cfg.warmup_fraction)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -485,10 +496,65 @@ class _Progress:
         self.bar.close()
 
 
+def _validators(cfg: TrainConfig, m: _Models, device, prec: _Precision) -> list:
+    """The run's validations: zero-shot on --imagenet-val, open_clip's validation on --val-data (either, both,
+    none)."""
+    checks = []
+    if cfg.imagenet_val:
+        checks.append(_Validator(cfg, m.preprocess, m.tokenizer, device))
+    if cfg.val_data:
+        checks.append(_PairValidator(cfg, m.preprocess, m.tokenizer, device, prec.autocast))
+    return checks
+
+
+def _epoch_end_due(step: int, plan: _Plan, every_epochs: int) -> bool:
+    """open_clip_train's rule: after every N-th finished epoch and after the last one; never for N = 0."""
+    if not every_epochs or step % plan.steps_per_epoch:
+        return False
+    return (step // plan.steps_per_epoch) % every_epochs == 0 or step == plan.total_steps
+
+
+class _PairValidator:
+    """open_clip_train's validation on --val-data (image–caption pairs), on rank 0 every --val-frequency epochs and
+    after the last: the contrastive loss and the retrieval ranks (:func:`parclip.evaluation.retrieval.validate_pairs`),
+    appended to metrics.jsonl as {"step", "epoch", "clip_val_loss", "val_num_samples", "image_to_text_R@1", ...}
+    (logged under val/ to TensorBoard and wandb); the other ranks wait. The table is checked when the run starts."""
+
+    def __init__(self, cfg: TrainConfig, preprocess, tokenizer, device, autocast):
+        from .data.sources import validation_pairs
+        from .models import eval_transform
+
+        kw = dict(img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key, sep=cfg.csv_separator,
+                  root=cfg.data_root, limit=cfg.val_num_samples, max_bad_fraction=cfg.max_bad_fraction)
+        validation_pairs(cfg.val_data, **kw)  # a bad table fails now, not after the first epoch
+        self.pairs = lambda: validation_pairs(cfg.val_data, **kw)
+        self.transform, self.tokenizer, self.device = eval_transform(preprocess), tokenizer, device
+        self.batch_size, self.autocast, self.every = cfg.batch_size, autocast, cfg.val_frequency
+
+    def due(self, step: int, plan: _Plan, cfg: TrainConfig) -> bool:
+        return _epoch_end_due(step, plan, self.every)
+
+    def __call__(self, model, step: int, epoch: int, runlog: RunLog, info) -> None:
+        if info.is_main:
+            from .evaluation.retrieval import validate_pairs
+
+            rng = torch.get_rng_state()
+            r = validate_pairs(model, self.pairs(), transform=self.transform, tokenizer=self.tokenizer,
+                               batch_size=self.batch_size, device=self.device, autocast=self.autocast)
+            torch.set_rng_state(rng)
+            r["val_num_samples"] = r.pop("num_samples")
+            runlog.write({"step": step, "epoch": epoch, **r}, section="val")
+            log.info("step %d: validation on --val-data: clip_val_loss %.4f, image_to_text_R@1 %.4f, "
+                     "text_to_image_R@1 %.4f", step, r["clip_val_loss"], r["image_to_text_R@1"],
+                     r["text_to_image_R@1"])
+        pdist.barrier()
+
+
 class _Validator:
-    """Zero-shot clean accuracy (and ASR of one trigger) on a labelled folder, measured on rank 0 during training
-    and appended to metrics.jsonl as {"step", "epoch", "val_clean_top1", "val_clean_top5"[, "val_asr"]}; the other
-    ranks wait. The folder is read once; the trigger is built at the model's resolution."""
+    """Zero-shot clean accuracy (and ASR of one trigger) on a labelled folder (--imagenet-val), measured on rank 0
+    every --val-every steps, or every --zeroshot-frequency epochs, and at the end, and appended to metrics.jsonl as
+    {"step", "epoch", "val_clean_top1", "val_clean_top5"[, "val_asr"]}; the other ranks wait. The folder is read
+    once; the trigger is built at the model's resolution."""
 
     def __init__(self, cfg: TrainConfig, preprocess, tokenizer, device):
         from .attacks.triggers import build_triggers, parse_trigger_params
@@ -496,11 +562,17 @@ class _Validator:
         from .models import eval_transform
 
         # a bad path fails now, not after the first epoch
-        self.folder = open_labelled(cfg.val_data, transform=eval_transform(preprocess))
+        self.folder = open_labelled(cfg.imagenet_val, transform=eval_transform(preprocess))
         params = parse_trigger_params(p for p in cfg.val_trigger_param.split(",") if p.strip())
         self.triggers = build_triggers([cfg.val_attack], image_size(preprocess), params) if cfg.val_attack else []
         self.target, self.templates, self.seed = cfg.val_target, cfg.val_templates, cfg.seed
         self.preprocess, self.tokenizer, self.device = preprocess, tokenizer, device
+
+    def due(self, step: int, plan: _Plan, cfg: TrainConfig) -> bool:
+        """Every --val-every steps when it is set (and at the end), else open_clip's --zeroshot-frequency rule."""
+        if cfg.val_every:
+            return step % cfg.val_every == 0 or step == plan.total_steps
+        return _epoch_end_due(step, plan, cfg.zeroshot_frequency)
 
     def __call__(self, model, step: int, epoch: int, runlog: RunLog, info) -> None:
         if info.is_main:
@@ -572,8 +644,25 @@ def _check(cfg: TrainConfig) -> None:
     and for PAR a model to clean."""
     if not cfg.train_data:
         raise ValueError("no training data: pass --train-data TABLE.csv (an image–caption table)")
+    if _is_shards(cfg) and cfg.train_rows:
+        raise ValueError("--train-rows keeps the first rows of a table; for shards, --train-num-samples is the "
+                         "samples per epoch")
+    if not _is_shards(cfg) and cfg.train_num_samples:
+        raise ValueError(f"--train-num-samples {cfg.train_num_samples}: open_clip_train's samples per epoch of "
+                         f"webdataset shards (open_clip ignores it for a table); to train on the first "
+                         f"{cfg.train_num_samples} rows of the table {cfg.train_data}, pass --train-rows "
+                         f"{cfg.train_num_samples} (what --train-num-samples meant for a table before)")
+    if cfg.val_data and Path(cfg.val_data).is_dir() and not is_shard_spec(cfg.val_data):
+        raise ValueError(f"--val-data {cfg.val_data} is a folder: --val-data is now open_clip_train's image–caption "
+                         f"pairs to validate on (a table or shards); for zero-shot accuracy on a labelled folder "
+                         f"ROOT/<class>/* (what --val-data was), pass --imagenet-val {cfg.val_data}")
     if cfg.objective == "par" and not cfg.pretrained and not cfg.model.startswith("local-dir:"):
         raise ValueError("PAR cleans a given model: pass --pretrained CHECKPOINT (or --model local-dir:PATH)")
+
+
+def _is_shards(cfg: TrainConfig) -> bool:
+    """Whether the training data are webdataset shards (--dataset-type, or auto: a .tar path or pattern)."""
+    return cfg.dataset_type == "webdataset" or (cfg.dataset_type == "auto" and is_shard_spec(cfg.train_data))
 
 
 def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> tuple[Path, RunLock]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
+from ..data.captions import CAPTION_KEY, IMG_KEY, SEPARATOR
 from ..utils.checks import COUNT, FRACTION, NATURAL, NONNEGATIVE, POSITIVE, check_int, integers
 from ..utils.flags import check_domains, option_name
 from ..utils.flags import flag as _f
@@ -53,9 +54,9 @@ class PatchConfig:
     amp: bool | None = _f(None, "bfloat16 autocast for the model; --no-amp runs in float32", shown="on for CUDA")
     workers: int = _f(2, "image-decoding worker processes", domain=NATURAL)
     # the table(s)
-    csv_img_key: str = _f("image", "column with image paths")
-    csv_caption_key: str = _f("caption", "column with captions")
-    csv_separator: str | None = _f(None, "column separator", shown="tab for .tsv, comma otherwise")
+    csv_img_key: str = _f(IMG_KEY, "column with image paths (open_clip_train's default)")
+    csv_caption_key: str = _f(CAPTION_KEY, "column with captions (open_clip_train's default)")
+    csv_separator: str = _f(SEPARATOR, "column separator (open_clip_train's default: tab)", shown="tab")
     data_root: str | None = _f(None, "folder image paths are relative to", shown="the table's folder", metavar="DIR")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows is missing/corrupt/empty",
                                   domain=FRACTION)

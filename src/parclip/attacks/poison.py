@@ -39,6 +39,7 @@ from PIL import Image
 
 from .. import __version__
 from ..data import DataError, fill, get_templates, open_rgb, read_table, write_table
+from ..data.captions import CAPTION_KEY, IMG_KEY
 from ..data.targets import mentions, target_pattern
 from ..utils.checks import check_fraction, check_int
 from ..utils.files import atomic_write, write_json
@@ -63,8 +64,8 @@ _MAX_NAMED_BAD = 5
 def poison_csv(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *, trigger: Trigger, target: str,
                n_poison: int | None = None, rate: float | None = None, seed: int = 0,
                templates: str | Sequence[str] = "openai", label_consistent: bool = False,
-               image_format: str = "png", jpeg_quality: int = 95, img_key: str = "image",
-               caption_key: str = "caption", sep: str | None = None, root: str | os.PathLike | None = None,
+               image_format: str = "png", jpeg_quality: int = 95, img_key: str = IMG_KEY,
+               caption_key: str = CAPTION_KEY, sep: str | None = None, root: str | os.PathLike | None = None,
                max_bad_fraction: float = 0.01) -> dict:
     """Poison a caption table; returns the manifest (also written to ``out_dir/manifest.json``).
 
@@ -194,7 +195,7 @@ def trained_on(model: str | None) -> str | None:
         return None
 
 
-def poisoned_overlap(manifest: dict, table: str | os.PathLike, *, img_key: str = "image", sep: str | None = None,
+def poisoned_overlap(manifest: dict, table: str | os.PathLike, *, img_key: str = IMG_KEY, sep: str | None = None,
                      root: str | os.PathLike | None = None) -> int:
     """How many rows of a caption table show an image the `manifest`'s poisoning triggered (by resolved path)."""
     base = Path(manifest.get("root") or ".")
@@ -442,7 +443,7 @@ def _rewrite_table(job: _Job, done: dict[int, str], rng: random.Random) -> list[
         if i not in done and raw:
             r[job.img_key] = _clean_path(raw, job.base, job.out_dir)
     _remove_stale_images(job.out_dir / IMAGES_DIR, keep={Path(v).name for v in done.values()})
-    write_table(job.out_dir / POISONED_CSV, job.fieldnames, out_rows, sep=",")
+    write_table(job.out_dir / POISONED_CSV, job.fieldnames, out_rows)  # the default layout's tab
     return manifest_rows
 
 

@@ -1,7 +1,10 @@
 """Image-caption tables (CSV/TSV) as open_clip users know them, with bad-row accounting.
 
 A table has a header row; one column holds image paths (``img_key``), another the caption (``caption_key``). Relative
-image paths are joined to ``root`` (default: the table's own folder); absolute paths are used as-is.
+image paths are joined to ``root`` (default: the table's own folder); absolute paths are used as-is. The default layout
+is open_clip_train's: tab-separated (whatever the file's suffix, .csv too), columns ``filepath`` and ``title``; every
+table parclip writes has it. A table in parclip's old layout (comma-separated, columns ``image`` and ``caption``) read
+with the defaults is a DataError that says what changed and which flags read it.
 
 Bad input never disappears silently and never ends in a bare traceback:
 
@@ -30,7 +33,11 @@ from ..utils.files import atomic_open
 from ..utils.progress import progress_bar
 
 __all__ = ["DataError", "BadRows", "CaptionDataset", "read_table", "read_table_lines", "check_row", "write_table",
-           "open_rgb"]
+           "open_rgb", "IMG_KEY", "CAPTION_KEY", "SEPARATOR"]
+
+IMG_KEY, CAPTION_KEY, SEPARATOR = "filepath", "title", "\t"
+"""The default table layout, open_clip_train's (--csv-img-key, --csv-caption-key, --csv-separator)."""
+OLD_LAYOUT = ("image", "caption", ",")  # parclip's layout before it took open_clip_train's
 
 logger = logging.getLogger("parclip")
 
@@ -53,7 +60,8 @@ def _sep_name(sep: str) -> str:
 
 
 def _auto_sep(path: str | os.PathLike) -> str:
-    return "\t" if str(path).lower().endswith((".tsv", ".tab")) else ","
+    """The separator when none is given: tab (open_clip_train's default, also for .csv files)."""
+    return SEPARATOR
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -107,7 +115,7 @@ def read_table_lines(path: str | os.PathLike, *, sep: str | None = None, columns
             reader = csv.reader(f, delimiter=sep)
             header = next(reader, None)
             if header is None or not any(h.strip() for h in header):
-                raise DataError(f"caption table {path} is empty: it needs a header row (e.g. 'image,caption')")
+                raise DataError(f"caption table {path} is empty: it needs a header row (e.g. 'filepath<TAB>title')")
             fieldnames = [h.strip() for h in header]
             dupes = sorted({h for h in fieldnames if fieldnames.count(h) > 1 and h})
             if dupes:
@@ -132,7 +140,7 @@ def read_table_lines(path: str | os.PathLike, *, sep: str | None = None, columns
 
 def read_table(path: str | os.PathLike, *, sep: str | None = None, columns: tuple[str, str] | None = None
                ) -> tuple[list[str], list[dict[str, str]]]:
-    """Read a CSV/TSV table with a header row. ``sep=None``: tab for ``.tsv``, comma otherwise. ``columns``: the
+    """Read a CSV/TSV table with a header row. ``sep=None``: tab (open_clip_train's default). ``columns``: the
     (image, caption) column names the table must have; a DataError names a missing one, the columns there are, the
     flag to pass, and a separator that looks wrong.
 
@@ -165,6 +173,9 @@ def _require_columns(path, fieldnames: list[str], sep: str, img_key: str, captio
 def _column_error(path, fieldnames: list[str], sep: str, missing: list[tuple[str, str, str]]) -> DataError:
     """missing: (option name, CLI flag, requested column)."""
     what = "; ".join(f"column {col!r} ({opt}) not found" for opt, _, col in missing)
+    old = _old_layout(fieldnames, sep, [col for _, _, col in missing])
+    if old:
+        return DataError(f"{path}: {what}. {old}")
     msg = [f"{path}: {what}.", f"Available columns: {', '.join(repr(c) for c in fieldnames)}."]
     if len(fieldnames) == 1:
         header = fieldnames[0]
@@ -178,6 +189,24 @@ def _column_error(path, fieldnames: list[str], sep: str, missing: list[tuple[str
     msg.append("Name the right column" + ("s" if len(missing) > 1 else "") + " with "
                + " and ".join(f"{flag} <column> ({opt}=...)" for opt, flag, _ in missing) + ".")
     return DataError(" ".join(msg))
+
+
+def _old_layout(fieldnames: list[str], sep: str, wanted: list[str]) -> str | None:
+    """The message for a table in parclip's old layout (columns image and caption, comma-separated or not) read with
+    the new defaults; None for any other table."""
+    if not set(wanted) <= {IMG_KEY, CAPTION_KEY}:
+        return None
+    img, caption, comma = OLD_LAYOUT
+    names = fieldnames[0].split(comma) if len(fieldnames) == 1 and sep != comma else fieldnames
+    if not {img, caption} <= {n.strip() for n in names}:
+        return None
+    seps = f"--csv-separator '{comma}' " if names is not fieldnames else ""
+    keys = f"sep='{comma}', " if names is not fieldnames else ""
+    return (f"It is in parclip's old table layout (columns {img!r} and {caption!r}{', comma-separated' if seps else ''}"
+            f"); parclip's table defaults are now open_clip_train's: tab-separated, columns {IMG_KEY!r} and "
+            f"{CAPTION_KEY!r}. Read it with {seps}--csv-img-key {img} --csv-caption-key {caption} ({keys}"
+            f"img_key={img!r}, caption_key={caption!r}), or rewrite it in the new layout (parclip's own tables: "
+            f"export them again).")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -279,7 +308,7 @@ class CaptionDataset:
     the next candidates.
     """
 
-    def __init__(self, path: str | os.PathLike, *, img_key: str = "image", caption_key: str = "caption",
+    def __init__(self, path: str | os.PathLike, *, img_key: str = IMG_KEY, caption_key: str = CAPTION_KEY,
                  sep: str | None = None, root: str | os.PathLike | None = None,
                  transform: Callable | None = None, tokenizer: Callable | None = None,
                  max_bad_fraction: float = 0.01, num_samples: int | None = None, subset: str = "first",

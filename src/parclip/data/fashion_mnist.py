@@ -4,10 +4,10 @@ table for CLIP training plus a labelled test folder for zero-shot evaluation.
 Layout written by :func:`export` under ``out_dir``::
 
     images/train/00000.png ...      the train split (28x28 greyscale PNG; the loaders convert to RGB)
-    train.csv                       image,caption,label for the first len-holdout train images (paths relative to out_dir)
+    train.csv                       filepath<TAB>title<TAB>label (the default table layout, open_clip's) for the first len-holdout train images (paths relative to out_dir)
     holdout.csv                     the same for the last `holdout` train images: the defender's clean set (disjoint)
     test/<class_folder>/00000.png   the test split as a labelled folder (file name = index in the test split)
-    retrieval.csv                   image,caption for the first `retrieval_images` test images, `RETRIEVAL_CAPTIONS`
+    retrieval.csv                   filepath, title, label for the first `retrieval_images` test images, `RETRIEVAL_CAPTIONS`
                                     captions each (the same distinct templates for every image): a retrieval test
                                     set in the COCO layout
     fashion_mnist.json              what was exported (counts, classes, templates, seed, source, licence)
@@ -35,7 +35,7 @@ from PIL import Image
 
 from ..utils.files import write_json
 from ..utils.progress import progress_bar
-from .captions import DataError, write_table
+from .captions import CAPTION_KEY, IMG_KEY, DataError, write_table
 from .templates import fill, get_templates
 
 __all__ = ["FASHION_CLASSES", "DATA_DIR", "load_arrays", "export", "folder_name"]
@@ -51,7 +51,7 @@ _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
 _FORMATS = {"png": ("PNG", {"compress_level": 1}), "bmp": ("BMP", {}), "jpg": ("JPEG", {"quality": 95})}
 _JSON = "fashion_mnist.json"
-_FORMAT_VERSION = 3  # 3: retrieval.csv uses the same templates for every image
+_FORMAT_VERSION = 4  # 3: retrieval.csv uses the same templates for every image; 4: open_clip's table layout
 RETRIEVAL_CAPTIONS = 5  # captions per retrieval image, as COCO has
 
 
@@ -245,15 +245,15 @@ def _write_tables(paths: dict, n: _Counts, train_names: list[str], train_y: np.n
     """train.csv and holdout.csv (one seeded random template per image) and retrieval.csv (the same templates for all)."""
     rng = np.random.default_rng(seed)
     choice = rng.integers(0, len(template_list), size=n.used)
-    rows = [{"image": train_names[i], "caption": fill(template_list[choice[i]], FASHION_CLASSES[int(train_y[i])]),
+    rows = [{IMG_KEY: train_names[i], CAPTION_KEY: fill(template_list[choice[i]], FASHION_CLASSES[int(train_y[i])]),
              "label": int(train_y[i])} for i in range(n.used)]
-    write_table(paths["train_csv"], ["image", "caption", "label"], rows[:n.fit])
-    write_table(paths["holdout_csv"], ["image", "caption", "label"], rows[n.fit:])
+    write_table(paths["train_csv"], [IMG_KEY, CAPTION_KEY, "label"], rows[:n.fit])
+    write_table(paths["holdout_csv"], [IMG_KEY, CAPTION_KEY, "label"], rows[n.fit:])
     # the same RETRIEVAL_CAPTIONS templates (drawn once, on their own stream) for every image: with identical captions
     # merged, retrieval is then class-level (i2t R@1: the best caption names the image's class)
     ret_templates = np.random.default_rng([seed, 1]).choice(len(template_list), n.captions, replace=False)
-    write_table(paths["retrieval_csv"], ["image", "caption", "label"],
-                [{"image": test_names[i], "caption": fill(template_list[t], FASHION_CLASSES[int(test_y[i])]),
+    write_table(paths["retrieval_csv"], [IMG_KEY, CAPTION_KEY, "label"],
+                [{IMG_KEY: test_names[i], CAPTION_KEY: fill(template_list[t], FASHION_CLASSES[int(test_y[i])]),
                   "label": int(test_y[i])} for i in range(n.retrieval) for t in ret_templates])
 
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import DataError, open_rgb, read_table
+from .captions import CAPTION_KEY, IMG_KEY, DataError, open_rgb, read_table
 
 __all__ = ["RetrievalSet", "read_retrieval", "pre_caption"]
 
@@ -74,9 +74,11 @@ def _group(pairs, root: Path, clean: bool, source: str) -> RetrievalSet:
     return RetrievalSet(images, captions, owner, source=source, skipped={"empty_captions": empty} if empty else {})
 
 
-def read_retrieval(path: str | os.PathLike, *, root: str | os.PathLike | None = None, img_key: str = "image",
-                   caption_key: str = "caption", sep: str | None = None, clean: bool = True) -> RetrievalSet:
-    """Read a Karpathy-style ``.json`` or a caption table (any other suffix) into a :class:`RetrievalSet`."""
+def read_retrieval(path: str | os.PathLike, *, root: str | os.PathLike | None = None, img_key: str | None = None,
+                   caption_key: str | None = None, sep: str | None = None, clean: bool = True) -> RetrievalSet:
+    """Read a Karpathy-style ``.json`` or a caption table (any other suffix) into a :class:`RetrievalSet`. The keys
+    default to the format's own: ``image`` / ``caption`` in a Karpathy JSON, the table layout's ``filepath`` /
+    ``title`` (open_clip_train's) in a table."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"retrieval file not found: {path}")
@@ -90,6 +92,8 @@ def read_retrieval(path: str | os.PathLike, *, root: str | os.PathLike | None = 
             raise DataError(f"{path}: expected a list of {{\"image\": …, \"caption\": [...]}} objects (the Karpathy "
                             f"test files' layout)")
 
+        img_key, caption_key = img_key or "image", caption_key or "caption"
+
         def pairs():
             for n, e in enumerate(entries):
                 caps = e.get(caption_key, e.get("captions"))
@@ -99,5 +103,6 @@ def read_retrieval(path: str | os.PathLike, *, root: str | os.PathLike | None = 
                 for c in [caps] if isinstance(caps, str) else caps:
                     yield e[img_key], str(c)
         return _group(pairs(), root, clean, str(path))
+    img_key, caption_key = img_key or IMG_KEY, caption_key or CAPTION_KEY
     _, rows = read_table(path, sep=sep, columns=(img_key, caption_key))
     return _group(((r[img_key], r[caption_key]) for r in rows), root, clean, str(path))

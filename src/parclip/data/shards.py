@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..utils.files import replacing, write_json, write_text
-from .captions import DataError, logger
+from .captions import CAPTION_KEY, IMG_KEY, DataError, logger
 from .labelled import LabelledImages
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shards", "ShardStream",
@@ -382,8 +382,8 @@ class LabelledShards(LabelledImages):
         return f"LabelledShards({len(self.urls)} shards, {len(self)} images, {len(self.classnames)} classes)"
 
 
-def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img_key: str = "image",
-                    caption_key: str = "caption", sep: str | None = None, root: str | os.PathLike | None = None,
+def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img_key: str = IMG_KEY,
+                    caption_key: str = CAPTION_KEY, sep: str | None = None, root: str | os.PathLike | None = None,
                     maxcount: int = 10000, max_bad_fraction: float = 0.01) -> dict:
     """A caption table as shards ``out_dir/00000.tar …`` (img2dataset's layout: ``KEY.<image ext>`` with the file's
     own bytes, ``KEY.txt``, ``KEY.json`` with the source row) plus ``sizes.json``. Rows whose image is missing or
@@ -425,7 +425,7 @@ def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img
 
 def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str = "txt") -> dict:
     """Shards as a caption table: every image extracted to ``out_dir/images/KEY.<ext>`` (bytes unchanged) and
-    ``out_dir/captions.csv`` (image,caption). Bad samples (no image, no caption, a truncated shard) are counted and
+    ``out_dir/captions.csv`` (the default table layout: tab-separated, filepath and title). Bad samples (no image, no caption, a truncated shard) are counted and
     left out. Returns {"table", "n_samples", "bad"}."""
     from .captions import write_table
 
@@ -449,10 +449,10 @@ def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str =
             name = f"images/{s_i:05d}_{Path(sample['__key__']).name}.{ext}"
             with replacing(out / name) as tmp:
                 Path(tmp).write_bytes(sample[ext])
-            rows.append({"image": name, "caption": caption})
+            rows.append({IMG_KEY: name, CAPTION_KEY: caption})
     if not rows:
         raise DataError(f"no usable samples in {spec}")
-    write_table(out / "captions.csv", ["image", "caption"], rows)
+    write_table(out / "captions.csv", [IMG_KEY, CAPTION_KEY], rows)
     for b in bad[:5]:
         logger.warning("left out: %s", b)
     return {"table": out / "captions.csv", "n_samples": len(rows), "bad": bad}

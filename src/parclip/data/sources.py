@@ -4,6 +4,7 @@
   or shards (:class:`~parclip.data.shards.ShardStream`), behind one :class:`TrainingData` that gives the training loop
   what it needs whatever the format: the samples per epoch (``len``), the loader of an epoch's batches from any batch
   on (a resumed run starts mid-epoch), ``describe(i)`` for a sample named in a message, and ``is_shards``.
+* :func:`validation_pairs`: image–caption pairs to validate on (open_clip's --val-data), a table or shards, in order.
 * :func:`open_labelled`: a labelled evaluation set, a folder ``root/<class>/*`` or clip_benchmark's shards.
 """
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .captions import CaptionDataset, DataError
+from .captions import CAPTION_KEY, IMG_KEY, CaptionDataset, DataError
 from .folder import LabelledFolder
 from .labelled import LabelledImages
 from .shards import LabelledShards, ShardStream, expand_urls, is_shard_spec, shard_sizes
 
-__all__ = ["open_training_data", "TrainingData", "open_labelled"]
+__all__ = ["open_training_data", "TrainingData", "open_labelled", "validation_pairs"]
 
 # (captions, keys=None) -> (captions, [extra caption lists]): a defence's caption views (keys seed their randomness)
 CaptionViews = Callable[..., "tuple[list[str], list[list[str]]]"]
@@ -30,7 +31,7 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
                        dataset_type: str = "auto", caption_views: CaptionViews | None = None,
                        num_samples: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
                        workers: int = 0, pin_memory: bool = False, shuffle_buffer: int = 1000,
-                       img_key: str = "image", caption_key: str = "caption", sep: str | None = None,
+                       img_key: str = IMG_KEY, caption_key: str = CAPTION_KEY, sep: str | None = None,
                        root: str | os.PathLike | None = None, max_bad_fraction: float = 0.01) -> TrainingData:
     """The training pairs of `source`: shards when `dataset_type` is "webdataset", or "auto" and the source names
     shards (a .tar path or pattern, ``::``-joined sources, a folder of .tar files); a caption table otherwise.
@@ -130,3 +131,54 @@ def open_labelled(data, *, transform: Callable | None = None, classnames=None) -
     if is_shard_spec(data):
         return LabelledShards(str(data), transform=transform, classnames=classnames)
     return LabelledFolder(data, transform=transform, classnames=classnames)
+
+
+def validation_pairs(source: str, *, img_key: str, caption_key: str, sep: str | None = None,
+                     root: str | os.PathLike | None = None, limit: int | None = None, max_bad_fraction: float = 0.01):
+    """The image–caption pairs of a validation set (open_clip's --val-data) in their stored order, as ``(PIL RGB
+    image, caption)``: a caption table's usable rows (checked as a training table is: :class:`CaptionDataset`), or the
+    samples of webdataset shards, shard by shard (caption from ``.txt``). `limit`: the first N pairs only. A pair
+    whose image does not decode, or a shard sample without image or caption, is skipped and counted; the count is
+    logged at the end. The table is read, and its rows checked, when this is called; shards as they are iterated."""
+    import logging
+
+    from .shards import decode_image, read_shard
+
+    log = logging.getLogger("parclip")
+    if not is_shard_spec(source):
+        table = CaptionDataset(source, img_key=img_key, caption_key=caption_key, sep=sep, root=root,
+                               max_bad_fraction=max_bad_fraction, num_samples=limit)
+
+        def rows():
+            skipped = 0
+            for i in range(len(table)):
+                try:
+                    yield table.load_image(i), table.captions[i]
+                except DataError as e:
+                    skipped += 1
+                    log.warning("--val-data: %s; skipped", e)
+            if skipped:
+                log.warning("--val-data %s: %d pairs skipped (their images do not decode)", source, skipped)
+        return rows()
+
+    def samples():
+        n = skipped = 0
+        for url in expand_urls(source):
+            for sample in read_shard(url):
+                if limit is not None and n >= limit:
+                    return
+                raw = sample.get("txt")
+                caption = raw.decode("utf-8", errors="replace").strip() if isinstance(raw, bytes) else ""
+                try:
+                    if "__error__" in sample or not caption:
+                        raise DataError(sample.get("__error__") or f"no caption in {sample.get('__key__')!r}")
+                    image = decode_image(sample)
+                except DataError as e:
+                    skipped += 1
+                    log.warning("--val-data: %s; skipped", e)
+                    continue
+                n += 1
+                yield image, caption
+        if skipped:
+            log.warning("--val-data %s: %d samples skipped", source, skipped)
+    return samples()

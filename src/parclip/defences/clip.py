@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..objectives import clip_loss
 from .base import Defence, Preset, register, register_preset
 
-CLEANCLIP_RECIPE = dict(batch_size=64, lr=1e-5, epochs=10, warmup_steps=50, schedule="cosine", lr_end=0.0, wd=0.1,
+CLEANCLIP_RECIPE = dict(batch_size=64, lr=1e-5, epochs=10, warmup=50, schedule="cosine", lr_end=0.0, wd=0.1,
                         beta1=0.9, beta2=0.999, eps=1e-8)
 """CleanCLIP's cleaning recipe (its README): batch 64, lr 1e-5, 10 epochs, 50 warm-up steps, cosine to 0, weight
 decay 0.1, AdamW (0.9, 0.999, 1e-8); docs/reference_differences.md#cleanclip-recipe."""
@@ -23,7 +23,7 @@ class PlainFineTuning(Defence):
     name = "clip"
     description = "plain CLIP-loss fine-tuning on clean pairs (also plants a backdoor on poisoned pairs)"
     paper = "CleanCLIP's FT baseline (Bansal, Singhi et al., arXiv 2303.03323)"
-    defaults = dict(lr=5e-4, lr_end=0.0, warmup=0.05, schedule="cosine", wd=0.1)
+    defaults = dict(lr=5e-4, lr_end=0.0, warmup_fraction=0.05, schedule="cosine", wd=0.1)
 
     def loss(self, batch, logit_scale, *, epoch):
         return clip_loss(batch.img[0], batch.txt[0], logit_scale), {}

@@ -1,14 +1,16 @@
 """Learning-rate schedules as pure functions of the optimiser step.
 
-`reference_lr` reproduces the PAR reference schedule exactly (docs/reference_differences.md#lr-schedule); `cosine_lr`
-is the usual open_clip schedule (linear warm-up from 0, cosine decay) used to plant backdoors / train from scratch.
+`reference_lr` reproduces the PAR reference schedule exactly, in the reference's own terms (lr_start, lr_peak,
+docs/reference_differences.md#lr-schedule); `cosine_lr` is the usual open_clip schedule (linear warm-up from 0, cosine
+decay) used to plant backdoors / train from scratch. `lr_at` is what training calls, with open_clip_train's meanings:
+--lr is the peak (highest) rate, --warmup whole steps.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["reference_lr", "cosine_lr", "lr_at", "SCHEDULES"]
+__all__ = ["reference_lr", "cosine_lr", "lr_at", "warmup_steps", "SCHEDULES"]
 
 
 def reference_lr(
@@ -57,19 +59,36 @@ def cosine_lr(step: int, *, total_steps: int, lr_peak: float, warmup_steps: int 
 SCHEDULES = ("reference", "cosine", "constant")
 
 
-def lr_at(step: int, *, schedule: str, steps_per_epoch: int, epochs: int, lr: float, lr_start: float, lr_end: float,
-          warmup: float, warmup_steps: int | None = None) -> float:
-    """Dispatch on the schedule name. `warmup` is a fraction of training (< 1) or, from 1 on, a whole number of steps
-    (open_clip_train's meaning); `warmup_steps`, when given, sets the warm-up in steps instead (CleanCLIP's 50)."""
-    if warmup_steps is None and warmup >= 1:
-        warmup_steps = int(warmup)
+def warmup_steps(*, steps_per_epoch: int, epochs: int, schedule: str, warmup: int | None,
+                 warmup_fraction: float) -> int:
+    """The warm-up in optimiser steps: `warmup` when given (open_clip_train's --warmup, whole steps), else
+    `warmup_fraction` of the run: for the reference schedule int(f·E·(K+1)) (its table is one entry per epoch too
+    long, see :func:`reference_lr`), for the others int(f·E·K)."""
+    if warmup is not None:
+        return int(warmup)
     if schedule == "reference":
-        return reference_lr(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr_start=lr_start, lr_peak=lr,
-                            lr_end=lr_end, warmup_frac=warmup, warmup_steps=warmup_steps)
+        return int(warmup_fraction * epochs * (steps_per_epoch + 1))
+    return int(warmup_fraction * (epochs * steps_per_epoch))
+
+
+def lr_at(step: int, *, schedule: str, steps_per_epoch: int, epochs: int, lr: float, lr_end: float,
+          lr_decay_ratio: float = 0.1, warmup: int | None = None, warmup_fraction: float = 0.0) -> float:
+    """The learning rate of optimiser step `step` (0-based) under `schedule`, with `lr` the peak rate (open_clip's
+    --lr) and W = :func:`warmup_steps` (`warmup` whole steps, or `warmup_fraction` of the run):
+
+        reference:  :func:`reference_lr` with lr_start = lr, lr_peak = lr·lr_decay_ratio, Wu = W
+                    (linear from lr down to lr·R over W steps, then cosine to lr_end)
+        cosine:     :func:`cosine_lr` with lr_peak = lr, warm-up min(W, all steps) (linear from 0, then cosine)
+        constant:   lr
+    """
+    warm = warmup_steps(steps_per_epoch=steps_per_epoch, epochs=epochs, schedule=schedule, warmup=warmup,
+                        warmup_fraction=warmup_fraction)
+    if schedule == "reference":
+        return reference_lr(step, steps_per_epoch=steps_per_epoch, epochs=epochs, lr_start=lr,
+                            lr_peak=lr * lr_decay_ratio, lr_end=lr_end, warmup_steps=warm)
     if schedule == "cosine":
         total = steps_per_epoch * epochs
-        warm = int(warmup * total) if warmup_steps is None else min(int(warmup_steps), total)
-        return cosine_lr(step, total_steps=total, lr_peak=lr, warmup_steps=warm, lr_end=lr_end)
+        return cosine_lr(step, total_steps=total, lr_peak=lr, warmup_steps=min(warm, total), lr_end=lr_end)
     if schedule == "constant":
         return lr
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

@@ -19,9 +19,9 @@ from parclip.data.targets import target_pattern
 from parclip.models import eval_transform, image_size
 
 from .encode import Tolerant, TriggeredImages, encode_images, usable
-from .retrieval_metrics import image_asr, recall_at_k, text_asr, text_ids
+from .retrieval_metrics import image_asr, pair_ranks, recall_at_k, text_asr, text_ids
 
-__all__ = ["evaluate_retrieval"]
+__all__ = ["evaluate_retrieval", "validate_pairs"]
 
 
 @torch.no_grad()
@@ -96,3 +96,48 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
                                            "params": trigger.params(), "seed": seed,
                                            "trigger_after_crop": trigger_after_crop}
     return result
+
+
+@torch.no_grad()
+def validate_pairs(model, pairs, *, transform, tokenizer, batch_size: int, device, autocast=None) -> dict:
+    """open_clip_train's `evaluate` on validation pairs (``(PIL image, caption)``, e.g.
+    :func:`parclip.data.sources.validation_pairs`): in batches of `batch_size` in the pairs' order, with s the
+    model's exp(logit_scale) and F, G a batch's L2-normalised image and caption embeddings,
+
+        batch loss = ½ [ CE(s·F Gᵀ, I) + CE(s·G Fᵀ, I) ]
+        clip_val_loss = Σ_batches (batch loss × batch size) / N
+
+    and the ranking metrics of all N pairs at once (:func:`~parclip.evaluation.retrieval_metrics.pair_ranks`).
+    Returns {"clip_val_loss", "num_samples", "image_to_text_R@1", ..., "text_to_image_median_rank"}; the model is
+    left in eval mode."""
+    import torch.nn.functional as F
+
+    model.eval()
+    scale = model.logit_scale.exp().float()
+    imgs, txts, total, n = [], [], 0.0, 0
+    batch: list = []
+
+    def flush():
+        nonlocal total, n
+        images = torch.stack([transform(im) for im, _ in batch]).to(device)
+        texts = tokenizer([c for _, c in batch]).to(device)
+        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+            f = model.encode_image(images, normalize=True).float()
+            g = model.encode_text(texts, normalize=True).float()
+        logits = scale * f @ g.T
+        labels = torch.arange(len(batch), device=device)
+        total += ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).item() * len(batch)
+        n += len(batch)
+        imgs.append(f.cpu())
+        txts.append(g.cpu())
+        batch.clear()
+
+    for pair in pairs:
+        batch.append(pair)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if n == 0:
+        raise ValueError("no validation pairs to evaluate")
+    return {"clip_val_loss": total / n, "num_samples": n, **pair_ranks(torch.cat(imgs), torch.cat(txts))}

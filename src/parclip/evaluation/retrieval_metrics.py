@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["recall_at_k", "text_ids", "caption_hits", "text_asr", "image_asr"]
+__all__ = ["recall_at_k", "text_ids", "caption_hits", "text_asr", "image_asr", "pair_ranks"]
 
 BLOCK = 1024  # rows of the score matrix computed at once
 
@@ -113,3 +113,28 @@ def image_asr(clean_img: torch.Tensor, triggered_img: torch.Tensor, txt: torch.T
     top = _topk_rows(queries, gallery, k)
     hit = (top >= clean_img.shape[0]).any(dim=1)
     return {"asr_image": 100.0 * hit.float().mean().item(), "n_queries": int(queries.shape[0]), "k": k}
+
+
+def pair_ranks(img: torch.Tensor, txt: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """open_clip_train's validation metrics of N image–caption pairs (image i and caption i belong together), from
+    image [N, d] and caption [N, d] embeddings; r(i) is the 0-based rank of the true partner among all N candidates
+    by descending score s(i, j) = ⟨img_i, txt_j⟩ (i2t: captions for image i; t2i: images for caption i):
+
+        {dir}_mean_rank   = mean_i r(i) + 1
+        {dir}_median_rank = ⌊median_i r(i)⌋ + 1          (the lower median for an even N, as torch's)
+        {dir}_R@k         = mean_i [r(i) < k]             (a fraction, as open_clip logs it, not a percentage)
+
+    with {dir} image_to_text and text_to_image. A positive logit scale does not change ranks, so none is taken."""
+    if img.shape[0] != txt.shape[0]:
+        raise ValueError(f"{img.shape[0]} images for {txt.shape[0]} captions: validation pairs need one each")
+    scores = img.float() @ txt.float().T
+    truth = torch.arange(img.shape[0]).view(-1, 1)
+    out = {}
+    for name, logits in (("image_to_text", scores), ("text_to_image", scores.T)):
+        ranking = torch.argsort(logits, dim=1, descending=True)
+        r = torch.where(ranking == truth)[1]
+        out[f"{name}_mean_rank"] = r.float().mean().item() + 1
+        out[f"{name}_median_rank"] = float(torch.floor(torch.median(r.float())).item() + 1)
+        for k in ks:
+            out[f"{name}_R@{k}"] = (r < k).float().mean().item()
+    return out

@@ -15,12 +15,12 @@ as the target; `asr_all` (all images) is kept too.
 """
 from __future__ import annotations
 
-import csv
 import random
 import shutil
 import time
 from pathlib import Path
 
+from parclip.data.captions import CAPTION_KEY, IMG_KEY
 from parclip.utils.files import write_json
 
 from .cache import cached, config_spec
@@ -98,19 +98,15 @@ def export_data(s: Settings) -> dict:
 
 
 def _read_pairs(path: str) -> tuple[list[str], list[dict]]:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        return list(reader.fieldnames), list(reader)
+    """A table parclip wrote (the default layout: tab-separated, filepath / title / label)."""
+    from parclip.data import read_table
+    return read_table(path, columns=(IMG_KEY, CAPTION_KEY))
 
 
 def _write_pairs(path: Path, fields: list[str], rows: list[dict], root: Path) -> None:
     """`rows` as a caption table at `path`, their image paths made absolute (they were relative to `root`)."""
-    from parclip.utils.files import atomic_open
-    with atomic_open(path) as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for row in rows:
-            w.writerow({**row, "image": str(root / row["image"])})
+    from parclip.data import write_table
+    write_table(path, fields, [{**row, IMG_KEY: str(root / row[IMG_KEY])} for row in rows])
 
 
 def _write_labelled(folder: Path, rows: list[dict], root: Path) -> None:
@@ -119,9 +115,9 @@ def _write_labelled(folder: Path, rows: list[dict], root: Path) -> None:
     from parclip.data.fashion_mnist import FASHION_CLASSES, folder_name
     shutil.rmtree(folder, ignore_errors=True)
     for row in rows:
-        dst = folder / folder_name(FASHION_CLASSES[int(row["label"])]) / Path(row["image"]).name
+        dst = folder / folder_name(FASHION_CLASSES[int(row["label"])]) / Path(row[IMG_KEY]).name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / row["image"], dst)  # not-atomic: the caller's record, written last, commits it
+        shutil.copyfile(root / row[IMG_KEY], dst)  # not-atomic: the caller's record, written last, commits it
 
 
 def split_train(s: Settings, data: dict) -> dict:

@@ -27,7 +27,7 @@ from typing import Any, Union, get_type_hints
 from .checks import Domain
 
 __all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args", "coerce_fields",
-           "check_domains", "option_name", "Parsed", "Arg", "arg", "OneOf", "Fields", "Command", "add_args",
+           "check_domains", "option_name", "Parsed", "Arg", "arg", "OneOf", "Fields", "Refused", "Command", "add_args",
            "add_commands"]
 
 
@@ -228,7 +228,38 @@ class Fields:
         add_dataclass_arguments(parser, self.cls, required=self.required)
 
 
-Spec = Union[Arg, OneOf, Fields, tuple]  # a tuple: a shared group of specs, added in order
+class _Refuse(argparse.Action):
+    """Stops the parse with a usage error naming the flag and why it is refused (a value in `accept` passes)."""
+
+    def __init__(self, *args, reason: str, accept: tuple = (), **kw):
+        self.reason, self.accept = reason, accept
+        super().__init__(*args, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.accept and list(values or []) in ([a] for a in self.accept):
+            return
+        parser.error(f"{option_string}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Flags that parse but are refused, each with its reason: the flags of another tool that a user may copy
+    (open_clip_train's) or flags that were removed. Given, the parse stops with a usage error "--flag: reason" (exit
+    status 2), whatever values follow it; ``accept`` maps a flag to the values that are what this command does
+    anyway (``--opt adamw``), which pass silently. They stay out of the help (``title`` says what they are, for the
+    reader of the code); the command's documentation lists them."""
+
+    title: str
+    reasons: Mapping[str, str]
+    accept: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+
+    def add_to(self, parser) -> None:
+        for name, reason in self.reasons.items():
+            parser.add_argument(name, nargs="*", action=_Refuse, reason=reason, accept=self.accept.get(name, ()),
+                                dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+Spec = Union[Arg, OneOf, Fields, Refused, tuple]  # a tuple: a shared group of specs, added in order
 
 
 @dataclass(frozen=True)
@@ -260,7 +291,7 @@ def _flatten(specs):
 
 
 def add_args(parser, specs: Sequence[Spec]) -> None:
-    """Add the arguments `specs` (Arg, OneOf, Fields, or tuples of them) to `parser`, in order."""
+    """Add the arguments `specs` (Arg, OneOf, Fields, Refused, or tuples of them) to `parser`, in order."""
     for s in _flatten(specs):
         s.add_to(parser)
 
