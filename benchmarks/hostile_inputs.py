@@ -135,7 +135,7 @@ class Fixtures:
 
 def train_settings(tmp: Path, **over) -> dict:
     """Tiny training settings: parclip-micro from scratch, plain CLIP loss, 2 steps of 8 images."""
-    return {"model": MODEL, "objective": "clip", "epochs": 1, "batch_size": 8, "train_num_samples": 16, "workers": 0,
+    return {"model": MODEL, "objective": "clip", "epochs": 1, "batch_size": 8, "train_rows": 16, "workers": 0,
             "progress": False, "output_dir": str(tmp / "runs"), **over}
 
 

@@ -19,7 +19,7 @@ def test_every_subcommand_has_help(command, capsys):
 
 def test_train_help_lists_the_par_options():
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    for flag in ("--tau", "--lr-start", "--objective", "--resume", "--precision", "--csv-img-key", "--config"):
+    for flag in ("--tau", "--lr-decay-ratio", "--objective", "--resume", "--precision", "--csv-img-key", "--config"):
         assert flag in text
 
 

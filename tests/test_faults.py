@@ -27,8 +27,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE=
 
 def _common(tmp_path, fmnist_small, model_dir, **kw):
     return dict(model=f"local-dir:{model_dir}", train_data=str(fmnist_small["train_csv"]), objective="par",
-                epochs=2, batch_size=8, train_num_samples=32, workers=0, output_dir=str(tmp_path / "runs"),
-                progress=False, lr=1e-3, lr_start=1e-3, tau=1.0, save_every=1, log_every=1, **kw)
+                epochs=2, batch_size=8, train_rows=32, workers=0, output_dir=str(tmp_path / "runs"),
+                progress=False, lr=1e-3, lr_decay_ratio=1.0, tau=1.0, save_every=1, log_every=1, **kw)
 
 
 def _run(cfg: dict, name: str, tmp_path: Path, env=None, wait=True, prefix=()):
@@ -308,13 +308,13 @@ def test_easy_mistakes_are_said_before_they_cost_a_run(tmp_path, fmnist_small, m
     assert json.loads((tmp_path / "p28" / "manifest.json").read_text())["image_size"] == 28
 
     cfg = dict(model=f"local-dir:{micro_model_dir}", objective="clip", epochs=1, batch_size=20,
-               train_num_samples=40, workers=0, output_dir=str(tmp_path / "runs"), progress=False)
+               train_rows=40, workers=0, output_dir=str(tmp_path / "runs"), progress=False)
     caplog.clear()
     planted = train(make_config(name="ok", train_data=str(tmp_path / "p28" / "poisoned.csv"), **cfg))
     assert "poisoned at" not in caplog.text
     # cleaning the planted model on pairs that include the images it was poisoned with / on disjoint pairs
     clean = {**cfg, "objective": "par", "tau": 1.0, "model": f"local-dir:{planted / 'model'}"}
-    train(make_config(name="overlap", train_data=table, **{**clean, "train_num_samples": 600}))
+    train(make_config(name="overlap", train_data=table, **{**clean, "train_rows": 600}))
     assert "60 pairs of" in caplog.text and "images the starting model was poisoned with" in caplog.text
     caplog.clear()
     train(make_config(name="disjoint", train_data=str(fmnist_small["holdout_csv"]), **clean))

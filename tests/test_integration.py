@@ -39,7 +39,7 @@ def test_backdoor_is_planted_then_removed_by_par(tmp_path):
     assert ca0 >= 60
 
     cleaned = train(make_config(objective="par", model=f"local-dir:{poisoned}/model", epochs=3, tau=1.0, lr=5e-4,
-                                lr_start=5e-4, lr_end=1e-6, warmup=0.0, wd=0.1, train_data=str(data["holdout_csv"]),
+                                lr_decay_ratio=1.0, lr_end=1e-6, warmup=0, wd=0.1, train_data=str(data["holdout_csv"]),
                                 name="par", **common))
     # PAR pushed against a frozen copy θ0 of the poisoned model (plain fine-tuning, or θ0 aliasing the live model,
     # logs a distance of 0 and never an active perturbation term)

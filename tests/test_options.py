@@ -87,10 +87,21 @@ def test_values_inside_the_domain_parse_with_their_type():
     (dict(accum_freq=1.5), "option accum-freq: expected int, got 1.5"),
     (dict(par_weight=-1), "--par-weight must be a number >= 0"),
     (dict(lr=0), "--lr must be a number > 0"),
-    (dict(lr_start=-1e-5), "--lr-start must be a number >= 0"),
+    (dict(lr_decay_ratio=-0.1), r"--lr-decay-ratio must be a number in \[0, 1\]"),
+    (dict(lr_decay_ratio=2), r"--lr-decay-ratio must be a number in \[0, 1\]"),
+    (dict(lr_start=1e-5), "--lr-start was removed: --lr is now the peak rate"),
     (dict(lr_end=-1), "--lr-end must be a number >= 0"),
-    (dict(warmup=-0.1), "--warmup"),
-    (dict(warmup_steps=-1), "--warmup-steps must be an int >= 0"),
+    (dict(warmup=-1), "--warmup must be a number >= 0"),
+    (dict(warmup=0.1), "a fraction of the run is now --warmup-fraction 0.1"),
+    (dict(warmup_steps=-1), "--warmup must be a number >= 0"),
+    (dict(warmup_fraction=1.5), r"--warmup-fraction must be a number in \[0, 1\]"),
+    (dict(val_frequency=-1), "--val-frequency must be an int >= 0"),
+    (dict(zeroshot_frequency=-1), "--zeroshot-frequency must be an int >= 0"),
+    (dict(val_num_samples=0), "--val-num-samples must be an int >= 1"),
+    (dict(train_rows=0), "--train-rows must be an int >= 1"),
+    (dict(precision="fp16"), "--precision fp16 is not supported: open_clip's half-precision weights"),
+    (dict(precision="pure_bf16"), "--precision pure_bf16 is not supported"),
+    (dict(report_to="mlflow"), "--report-to mlflow"),
     (dict(workers=-1), "--workers must be an int >= 0"),
     (dict(val_every=-1), "--val-every must be an int >= 0"),
     (dict(save_every=-1), "--save-every must be an int >= 0"),
@@ -111,9 +122,10 @@ def test_values_inside_the_domain_parse_with_their_type():
     (dict(cleanclip_inmodal_weight=-1), "--cleanclip-inmodal-weight must be a number >= 0"),
     (dict(seed=-1), "--seed must be an int >= 0"),
     (dict(lr=float("inf")), "--lr must be a number > 0, got inf"),
-    (dict(val_attack="badnet_rs", val_data="val/"), "--val-attack needs --val-target"),
-    (dict(val_attack="badnet_rs", val_target="bag"), "--val-attack / --val-every need --val-data"),
-    (dict(val_every=5), "--val-attack / --val-every need --val-data"),
+    (dict(val_attack="badnet_rs", imagenet_val="val/"), "--val-attack needs --val-target"),
+    (dict(val_attack="badnet_rs", val_target="bag"), "--val-attack / --val-every need --imagenet-val"),
+    (dict(val_every=5), "--val-attack / --val-every need --imagenet-val"),
+    (dict(val_every=5, val_data="pairs.csv"), "--val-attack / --val-every need --imagenet-val"),
 ])
 def test_a_train_config_outside_its_domain_cannot_be_made(values, option):
     with pytest.raises(ValueError, match=option):
@@ -122,10 +134,11 @@ def test_a_train_config_outside_its_domain_cannot_be_made(values, option):
 
 def test_the_domain_bounds_themselves_are_accepted():
     cfg = make_config(tau=0, max_bad_fraction=1, val_every=0, workers=0, beta1=0, save_every=0, warmup=0,
-                      lr_start=0, grad_clip=None, train_num_samples=None, batch_size=1, epochs=1, seed=0)
+                      lr_decay_ratio=0, warmup_fraction=1, grad_clip=None, train_num_samples=None, batch_size=1,
+                      epochs=1, seed=0)
     assert (cfg.tau, cfg.max_bad_fraction, cfg.batch_size) == (0.0, 1.0, 1)
-    assert make_config(tau=4, max_bad_fraction=0, val_every=3, val_data="val/", val_attack="badnet_rs",
-                       val_target="bag").tau == 4.0
+    assert make_config(tau=4, max_bad_fraction=0, val_every=3, imagenet_val="val/", val_attack="badnet_rs",
+                       val_target="bag", lr_decay_ratio=1).tau == 4.0
 
 
 def test_every_defence_recipe_and_preset_is_a_valid_config():
@@ -142,7 +155,7 @@ def test_a_yaml_value_outside_its_domain_is_an_error_naming_the_flag(tmp_path, c
     rc = cli.main(["train", "--config", str(tmp_path / "c.yaml")])
     err = capsys.readouterr().err
     assert rc == 2 and "--epochs must be an int >= 1, got 0" in err and "Traceback" not in err
-    rc = cli.main(["train", "--val-attack", "badnet_rs", "--val-data", str(tmp_path)])
+    rc = cli.main(["train", "--val-attack", "badnet_rs", "--imagenet-val", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "--val-attack needs --val-target" in err
 

@@ -16,9 +16,9 @@ def test_tensorboard_run_json_epoch_checkpoints_and_the_runs_listing(tmp_path, f
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = train(make_config(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]),
-                            objective="clip", epochs=2, batch_size=8, train_num_samples=32, workers=0,
+                            objective="clip", epochs=2, batch_size=8, train_rows=32, workers=0,
                             output_dir=str(tmp_path), name="tb", progress=False, log_every=1,
-                            report_to="tensorboard", save_frequency=1, val_data=str(fmnist_small["test_dir"]),
+                            report_to="tensorboard", save_frequency=1, imagenet_val=str(fmnist_small["test_dir"]),
                             val_templates="fashion"))
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
@@ -61,18 +61,19 @@ def test_open_clip_train_flag_names_are_accepted_with_their_meanings(tmp_path):
     assert (cfg.output_dir, cfg.schedule, cfg.warmup, cfg.grad_clip, cfg.save_frequency, cfg.accum_freq) == \
         (str(tmp_path), "constant", 500, 1.0, 2, 4)
     assert cfg.grad_checkpointing and cfg.torch_compile and cfg.report_to == "tensorboard"
-    assert (cfg.dataset_type, cfg.log_every, cfg.val_data) == ("webdataset", 7, "val/")
+    assert (cfg.dataset_type, cfg.log_every, cfg.imagenet_val, cfg.val_data) == ("webdataset", 7, "val/", None)
 
 
-def test_warmup_is_a_fraction_below_one_and_steps_from_one_on():
-    kw = dict(schedule="cosine", steps_per_epoch=100, epochs=2, lr=1.0, lr_start=0.0, lr_end=0.0)
+def test_warmup_is_whole_steps_and_the_fraction_has_its_own_name():
+    kw = dict(schedule="cosine", steps_per_epoch=100, epochs=2, lr=1.0, lr_end=0.0)
     assert lr_at(9, warmup=10, **kw) == pytest.approx(1.0)      # 10 warm-up steps, as open_clip_train counts
-    assert lr_at(9, warmup=0.05, **kw) == pytest.approx(1.0)    # 5 % of 200 steps: the same
+    assert lr_at(9, warmup_fraction=0.05, **kw) == pytest.approx(1.0)    # 5 % of 200 steps: the same
     assert lr_at(4, warmup=10, **kw) == pytest.approx(0.5)
-    ref = dict(kw, schedule="reference", lr=0.1, lr_start=1.0)
+    assert lr_at(4, warmup=10, warmup_fraction=0.5, **kw) == pytest.approx(0.5)  # steps win over a fraction
+    ref = dict(kw, schedule="reference", lr=1.0, lr_decay_ratio=0.1)
     assert lr_at(50, warmup=100, **ref) == pytest.approx(1.0 + 50 * (0.1 - 1.0) / 99)  # Wu = 100 steps of linear
-    for bad in (1.5, -0.1):
-        with pytest.raises(ValueError, match="--warmup"):
+    for bad in (1.5, 0.5, 0.05):
+        with pytest.raises(ValueError, match="--warmup-fraction"):
             make_config(warmup=bad)
-    with pytest.raises(ValueError, match="wandb"):
-        make_config(report_to="wandb")
+    with pytest.raises(ValueError, match="--warmup must be"):
+        make_config(warmup=-1)

@@ -163,7 +163,7 @@ def test_training_over_shards_resumes_mid_epoch_like_an_uninterrupted_run_and_ig
     out, _ = shards
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=f"{out}/{{00000..00005}}.tar", objective="par",
                   epochs=2, batch_size=50, train_num_samples=200, output_dir=str(tmp_path), progress=False,
-                  lr=1e-3, lr_start=1e-3, save_every=3, tau=1.0, shuffle_buffer=64, log_every=1)
+                  lr=1e-3, lr_decay_ratio=1.0, save_every=3, tau=1.0, shuffle_buffer=64, log_every=1)
     straight = train(make_config(name="straight", workers=0, **common))
     two_workers = train(make_config(name="workers", workers=2, **common))
     real_save = train_mod._save_checkpoint

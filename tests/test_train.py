@@ -85,15 +85,15 @@ def test_par_steps_equal_a_hand_computation_against_a_frozen_copy(tmp_path, fmni
     # One 8-image batch per epoch, two epochs: step 1 moves θ away from θ0, so step 2's perturbation term is non-zero.
     # With a huge ε, AdamW's update is lr·m̂/ε (SGD with momentum, step lr/ε): no sign-like amplification of
     # near-zero gradients, so two correct computations agree to float precision.
-    common = dict(model=f"local-dir:{micro_model_dir}", train_data=table, train_num_samples=8, batch_size=8,
-                  epochs=2, augment="none", schedule="reference", lr_start=100.0, lr=50.0,
-                  eps=1e4, lr_end=0.0, warmup=0.5, wd=0.0, workers=0, output_dir=str(tmp_path), progress=False,
+    common = dict(model=f"local-dir:{micro_model_dir}", train_data=table, train_rows=8, batch_size=8,
+                  epochs=2, augment="none", schedule="reference", lr=100.0, lr_decay_ratio=0.5,
+                  eps=1e4, lr_end=0.0, warmup_fraction=0.5, wd=0.0, workers=0, output_dir=str(tmp_path), progress=False,
                   log_every=1)
     par_run = train(make_config(objective="par", tau=4.0, par_weight=1.5, name="par", **common))
     ft_run = train(make_config(objective="clip", logit_scale="frozen", name="ft", **common))
 
-    lrs = [lr_at(s, schedule="reference", steps_per_epoch=1, epochs=2, lr=50.0, lr_start=100.0, lr_end=0.0,
-                 warmup=0.5) for s in range(2)]
+    lrs = [lr_at(s, schedule="reference", steps_per_epoch=1, epochs=2, lr=100.0, lr_decay_ratio=0.5, lr_end=0.0,
+                 warmup_fraction=0.5) for s in range(2)]
     assert lrs == [100.0, 50.0]  # the schedule matters for this check
     model, pp = create_model(f"local-dir:{micro_model_dir}")
     images, texts = first_rows(table, 8, pp, get_tokenizer(f"local-dir:{micro_model_dir}"))
@@ -116,7 +116,7 @@ def test_logit_scale_is_frozen_by_par_and_learned_by_clip(tmp_path, fmnist_small
     """Catches PAR learning the logit scale (its default is frozen, as the reference) or CLIP no longer learning it."""
     start = create_model(f"local-dir:{micro_model_dir}")[0].logit_scale.detach()
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]),
-                  train_num_samples=8, batch_size=8, epochs=1, lr=1e-2, lr_start=1e-2, warmup=0.0, workers=0,
+                  train_rows=8, batch_size=8, epochs=1, lr=1e-2, lr_decay_ratio=1.0, warmup=0, workers=0,
                   output_dir=str(tmp_path), progress=False, log_every=1)
     par = train(make_config(objective="par", name="par", **common))
     clip = train(make_config(objective="clip", name="clip", **common))
@@ -136,12 +136,12 @@ def test_optimizer_uses_the_scheduled_lr_at_every_step(tmp_path, fmnist_small, m
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     # 2 steps per epoch × 3 epochs, cosine with half of training as warm-up: 3 rising steps, then the decay
     cfg = make_config(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]),
-                      objective="clip", train_num_samples=8, batch_size=4, epochs=3, schedule="cosine", lr=1e-3,
-                      lr_end=0.0, warmup=0.5, workers=0, output_dir=str(tmp_path), progress=False, log_every=1,
-                      name="lr")
+                      objective="clip", train_rows=8, batch_size=4, epochs=3, schedule="cosine", lr=1e-3,
+                      lr_end=0.0, warmup_fraction=0.5, workers=0, output_dir=str(tmp_path), progress=False,
+                      log_every=1, name="lr")
     run = train(cfg)
-    expected = [lr_at(s, schedule="cosine", steps_per_epoch=2, epochs=3, lr=1e-3, lr_start=cfg.lr_start, lr_end=0.0,
-                      warmup=0.5) for s in range(6)]
+    expected = [lr_at(s, schedule="cosine", steps_per_epoch=2, epochs=3, lr=1e-3, lr_end=0.0, warmup_fraction=0.5)
+                for s in range(6)]
     assert len(set(expected)) > 3
     assert seen == [[lr, lr] for lr in expected]  # both parameter groups, every step
     logged = metrics(run)
@@ -174,7 +174,7 @@ OBJECTIVES = {"par": dict(tau=4.0), "clip": {}, "cleanclip": {},
 def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, fmnist_small, micro_model_dir,
                                                                         objective):
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective=objective,
-                  epochs=1, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False,
+                  epochs=1, train_rows=32, workers=0, output_dir=str(tmp_path), progress=False,
                   log_every=1, **OBJECTIVES[objective], **linear_adam())
     # two processes, 8 images each, launched by torchrun exactly as a user would
     cfg2 = dict(common, batch_size=8, name="w2")
@@ -200,7 +200,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path, fmnist_small,
     """--accum-freq 4 with batch 4 gives the losses and the update of batch 16 (the loss is over the whole accumulated
     batch, not an average of four small-batch losses); RoCLIP's pool moves once per step, as with one batch."""
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective=objective,
-                  epochs=1, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False,
+                  epochs=1, train_rows=32, workers=0, output_dir=str(tmp_path), progress=False,
                   log_every=1, **OBJECTIVES[objective], **linear_adam())
     big = train(make_config(**dict(common, batch_size=16, name="big")))
     acc = train(make_config(**dict(common, batch_size=4, accum_freq=4, name="acc")))
@@ -225,7 +225,7 @@ def test_two_gloo_processes_accumulating_equal_one_process_on_the_whole_batch(tm
     """DDP with --accum-freq 2 (gradients synchronised once per step, after the last micro-batch) = one process, batch
     16; the clip objective learns the logit scale, whose gradient must be counted once."""
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective="clip",
-                  epochs=1, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False,
+                  epochs=1, train_rows=32, workers=0, output_dir=str(tmp_path), progress=False,
                   log_every=1, **linear_adam())
     (tmp_path / "w2.yaml").write_text(yaml.safe_dump(dict(common, batch_size=4, accum_freq=2, name="w2")))
     torchrun_train(tmp_path / "w2.yaml")
@@ -244,7 +244,7 @@ def test_gradient_checkpointing_and_compile_give_the_same_training(tmp_path, fmn
                                                                   monkeypatch):
     """Both change how the step is computed, not what it computes."""
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective="par",
-                  epochs=1, batch_size=8, train_num_samples=16, workers=0, output_dir=str(tmp_path), progress=False,
+                  epochs=1, batch_size=8, train_rows=16, workers=0, output_dir=str(tmp_path), progress=False,
                   log_every=1, tau=4.0, **linear_adam())
     plain = train(make_config(**common, name="plain"))
     if option == "torch_compile":  # inductor's C++ build takes ~30 s on 2 cores; the wiring is the same with aot_eager
@@ -259,7 +259,7 @@ def test_gradient_checkpointing_and_compile_give_the_same_training(tmp_path, fmn
 
 def test_accum_freq_must_be_a_positive_integer_and_fit_the_data(tmp_path, fmnist_small, micro_model_dir):
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective="clip",
-                  train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False)
+                  train_rows=32, workers=0, output_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="--accum-freq must be an int >= 1, got 0"):
         train(make_config(**common, batch_size=4, accum_freq=0))
     with pytest.raises(DataError, match="--accum-freq 16"):
@@ -272,13 +272,13 @@ def test_accum_freq_must_be_a_positive_integer_and_fit_the_data(tmp_path, fmnist
     # PAR's latch is state: once a distance passed τ its term stays off, so the resumed run must know it
     ("par", dict(tau=1e-3, tau_text=4.0, augment="par", par_latch=True)),
     # RoCLIP's pool is state: filled in epoch 1 (prefill), used in epoch 2; the checkpoint at step 3 must carry it
-    ("roclip", dict(roclip_every=2, roclip_pool_size=12, roclip_prefill=True, schedule="cosine", warmup_steps=2)),
+    ("roclip", dict(roclip_every=2, roclip_pool_size=12, roclip_prefill=True, schedule="cosine", warmup=2)),
 ])
 def test_resume_after_interruption_gives_the_same_model(tmp_path, fmnist_small, micro_model_dir, monkeypatch, objective,
                                                         extra):
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective=objective,
-                  epochs=2, batch_size=8, train_num_samples=32, workers=0, output_dir=str(tmp_path),
-                  progress=False, lr=1e-3, lr_start=1e-3, save_every=3, **extra)
+                  epochs=2, batch_size=8, train_rows=32, workers=0, output_dir=str(tmp_path),
+                  progress=False, lr=1e-3, lr_decay_ratio=1.0, save_every=3, **extra)
     straight = train(make_config(name="straight", **common))
 
     real_save = train_mod._save_checkpoint
@@ -332,7 +332,7 @@ def test_every_epoch_has_its_own_order_and_a_seed_repeats_it(tmp_path, fmnist_sm
     not; over a table every epoch shows each of its rows once."""
     data = str(fmnist_small["train_csv"]) if source == "table" else f"{shards[0]}/{{00000..00005}}.tar"
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=data, objective="clip", augment="none",
-                  batch_size=8, train_num_samples=16, lr=1e-4, workers=0, output_dir=str(tmp_path), progress=False,
+                  batch_size=8, train_rows=16, lr=1e-4, workers=0, output_dir=str(tmp_path), progress=False,
                   shuffle_buffer=16)
     first = images_seen(make_config(name="a", epochs=2, **common))
     epochs = [first[0] + first[1], first[2] + first[3]]
@@ -363,7 +363,7 @@ def test_resume_refuses_a_checkpoint_that_is_unsafe_or_does_not_fit(tmp_path, fm
     non-strictly (a checkpoint missing a weight, or holding one the model lacks, would resume silently) or accepting
     an optimiser state for other parameters: each is a CheckpointError that says what is wrong."""
     cfg = make_config(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]),
-                      objective="clip", train_num_samples=8, batch_size=8, epochs=1, workers=0,
+                      objective="clip", train_rows=8, batch_size=8, epochs=1, workers=0,
                       output_dir=str(tmp_path), progress=False, name="run")
     ckpt = train(cfg) / "checkpoints" / "latest.pt"
     good = torch.load(ckpt, weights_only=True)
@@ -397,7 +397,7 @@ def test_frozen_batchnorm_keeps_every_running_statistic_and_train_mode_moves_the
     start = load_file(rn_tiny_dir / "open_clip_model.safetensors")
     bn = [k for k in start if k.endswith(stats)]
     assert len(bn) > 30
-    common = dict(model=f"local-dir:{rn_tiny_dir}", train_data=str(fmnist_small["train_csv"]), train_num_samples=16,
+    common = dict(model=f"local-dir:{rn_tiny_dir}", train_data=str(fmnist_small["train_csv"]), train_rows=16,
                   batch_size=8, epochs=1, lr=1e-3, workers=0, output_dir=str(tmp_path), progress=False)
     for name, kw in {"par": dict(objective="par"), "clip-frozen": dict(objective="clip", bn_mode="frozen")}.items():
         w = weights(train(make_config(name=name, **common, **kw)))
@@ -406,7 +406,7 @@ def test_frozen_batchnorm_keeps_every_running_statistic_and_train_mode_moves_the
     moving = weights(train(make_config(name="par-train", objective="par", bn_mode="train", **common)))
     assert [k for k in bn if torch.equal(moving[k], start[k])] == []
     validated = weights(train(make_config(name="par-train-val", objective="par", bn_mode="train", val_every=1,
-                                          val_data=str(fmnist_small["test_dir"]), **common)))
+                                          imagenet_val=str(fmnist_small["test_dir"]), **common)))
     assert all(torch.equal(moving[k], validated[k]) for k in start)
 
 
@@ -460,7 +460,7 @@ def test_a_run_takes_down_the_process_group_it_set_up_and_leaves_the_callers_alo
     from parclip.utils import distributed as pdist
 
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective="clip",
-                  epochs=1, batch_size=16, train_num_samples=32, workers=0, output_dir=str(tmp_path), progress=False)
+                  epochs=1, batch_size=16, train_rows=32, workers=0, output_dir=str(tmp_path), progress=False)
     one_process_group = lambda: dist.init_process_group(  # noqa: E731
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
@@ -488,7 +488,7 @@ def test_par_without_a_starting_model_is_refused(tmp_path, fmnist_small):
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path, fmnist_small, micro_model_dir):
     run = train(make_config(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]),
-                            objective="par", precision="amp_bf16", epochs=1, batch_size=16, train_num_samples=32,
+                            objective="par", precision="amp_bf16", epochs=1, batch_size=16, train_rows=32,
                             workers=0, output_dir=str(tmp_path), progress=False, log_every=1, name="bf16"))
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
@@ -505,10 +505,10 @@ def test_validation_during_training_logs_clean_accuracy_and_asr_and_changes_noth
     from parclip.evaluation import evaluate
     from parclip.models import get_tokenizer
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(fmnist_small["train_csv"]), objective="par",
-                  epochs=2, batch_size=16, train_num_samples=32, workers=0, output_dir=str(tmp_path),
+                  epochs=2, batch_size=16, train_rows=32, workers=0, output_dir=str(tmp_path),
                   progress=False, log_every=1)
     plain = train(make_config(name="plain", **common))
-    cfg = make_config(name="val", val_data=str(fmnist_small["test_dir"]), val_attack="badnet_rs", val_target="bag",
+    cfg = make_config(name="val", imagenet_val=str(fmnist_small["test_dir"]), val_attack="badnet_rs", val_target="bag",
                       val_templates="fashion", val_trigger_param="patch_size=12, uint8_mode=clamp", **common)
     model, pp = create_model(f"local-dir:{micro_model_dir}")
     (trigger,) = train_mod._Validator(cfg, pp, None, "cpu").triggers  # --val-trigger-param reaches the trigger
@@ -524,4 +524,4 @@ def test_validation_during_training_logs_clean_accuracy_and_asr_and_changes_noth
                  progress=False)
     assert val[-1]["val_clean_top1"] == pytest.approx(r["clean_top1"]) and val[-1]["val_asr"] == pytest.approx(r["asr"])
     with pytest.raises(ValueError, match="--val-target"):
-        train(make_config(name="bad", val_data=str(fmnist_small["test_dir"]), val_attack="badnet_rs", **common))
+        train(make_config(name="bad", imagenet_val=str(fmnist_small["test_dir"]), val_attack="badnet_rs", **common))

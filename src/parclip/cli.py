@@ -29,6 +29,7 @@ from pathlib import Path
 from parclip import __version__
 from parclip.attacks.patch_config import PatchConfig
 from parclip.config import CONFIG_ARGS, TAU
+from parclip.data import captions as data_captions
 from parclip.utils.checks import COUNT, FRACTION, NATURAL, integers, numbers
 from parclip.utils.flags import Command, Fields, OneOf, add_args, add_commands, arg
 
@@ -66,16 +67,13 @@ IMG_KEY = arg("--csv-img-key", default=None, help="table column (default: filepa
               "JSON key (default: image) with image paths")
 CAPTION_KEY = arg("--csv-caption-key", default=None, help="table column (default: title, open_clip_train's) or "
                   "Karpathy JSON key (default: caption) with captions")
-TABLE_IMG_KEY = arg("--csv-img-key", default="filepath", help="column with image paths (default: filepath, "
-                    "open_clip_train's)")
-TABLE_CAPTION_KEY = arg("--csv-caption-key", default="title", help="column with captions (default: title, "
-                        "open_clip_train's)")
 DATA_ROOT = arg("--data-root", default=None,
                 help="folder image paths are relative to (default: the table's, or the JSON file's, folder)")
 MAX_BAD_FRACTION = arg("--max-bad-fraction", type=float, default=0.01, domain=FRACTION,
                        help="missing, undecodable or empty rows/images are counted, named and left out (retrieval: "
                        "with their captions) up to this share; more stops the command (default: 0.01)")
-TABLE_ARGS = (TABLE_IMG_KEY, TABLE_CAPTION_KEY,
+TABLE_KEYS = (data_captions.IMG_KEY, data_captions.CAPTION_KEY)  # a table's default columns (open_clip_train's)
+TABLE_ARGS = (IMG_KEY, CAPTION_KEY,
               arg("--csv-separator", default="\t", help="separator (default: tab, open_clip_train's, also for a .csv)"),
               DATA_ROOT, MAX_BAD_FRACTION)
 TRIGGER_PARAM_ARG = arg("--trigger-param", action="append", default=[], metavar="KEY=VALUE",
@@ -166,7 +164,8 @@ def _data_fashion_mnist(args) -> int:
 def _data_check(args) -> int:
     from parclip.data import CaptionDataset
 
-    ds = CaptionDataset(args.table, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+    ds = CaptionDataset(args.table, img_key=args.csv_img_key or TABLE_KEYS[0],
+                        caption_key=args.csv_caption_key or TABLE_KEYS[1],
                         sep=args.csv_separator, root=args.data_root, max_bad_fraction=args.max_bad_fraction,
                         verify_images=True)
     print(f"{args.table}: {len(ds)} usable rows")
@@ -187,8 +186,9 @@ def _data_convert(args) -> int:
         print(f"{r['n_samples']} images of {len(r['classnames'])} classes → {len(r['shards'])} shards in "
               f"{Path(args.out) / 'test'} (+ classnames.txt)")
     else:
-        r = wds.table_to_shards(src, args.out, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                                sep=args.csv_separator, root=args.data_root, maxcount=args.maxcount,
+        r = wds.table_to_shards(src, args.out, img_key=args.csv_img_key or TABLE_KEYS[0],
+                                caption_key=args.csv_caption_key or TABLE_KEYS[1], sep=args.csv_separator,
+                                root=args.data_root, maxcount=args.maxcount,
                                 max_bad_fraction=args.max_bad_fraction)
         print(f"{r['n_samples']} samples → {len(r['shards'])} shards in {args.out} (+ sizes.json)"
               + (f"; left out: {r['bad_rows']}" if r["bad_rows"] else ""))
@@ -247,8 +247,9 @@ def _cmd_poison(args) -> int:
         manifest = poison_shards(args.table, args.out, **common)
         written = f"{len(manifest['shards'])} shards in {Path(args.out) / 'shards'}"
     else:
-        manifest = poison_csv(args.table, args.out, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                              sep=args.csv_separator, root=args.data_root, **common)
+        manifest = poison_csv(args.table, args.out, img_key=args.csv_img_key or TABLE_KEYS[0],
+                              caption_key=args.csv_caption_key or TABLE_KEYS[1], sep=args.csv_separator,
+                              root=args.data_root, **common)
         written = str(Path(args.out) / "poisoned.csv")
     print(f"poisoned {manifest['n_poison']} of {manifest['n_rows']} samples with {trigger.name} → {written} "
           f"(manifest: {Path(args.out) / 'manifest.json'})")

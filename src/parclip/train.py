@@ -162,7 +162,7 @@ def _data(cfg: TrainConfig, info: pdist.DistInfo, m: _Models) -> TrainingData:
     data = open_training_data(
         cfg.train_data, dataset_type=cfg.dataset_type, transform=_Views(plain, *extra) if extra else plain,
         tokenizer=m.tokenizer, caption_views=m.defence.prepare_captions if own_captions else None,
-        num_samples=cfg.train_num_samples if _is_shards(cfg) else cfg.train_rows, batch_size=cfg.batch_size,
+        num_samples=cfg.train_num_samples, rows=cfg.train_rows, batch_size=cfg.batch_size,
         world_size=info.world_size, rank=info.rank,
         seed=cfg.seed, workers=cfg.workers, pin_memory=info.device.type == "cuda", shuffle_buffer=cfg.shuffle_buffer,
         img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key, sep=cfg.csv_separator, root=cfg.data_root,
@@ -644,25 +644,12 @@ def _check(cfg: TrainConfig) -> None:
     and for PAR a model to clean."""
     if not cfg.train_data:
         raise ValueError("no training data: pass --train-data TABLE.csv (an image–caption table)")
-    if _is_shards(cfg) and cfg.train_rows:
-        raise ValueError("--train-rows keeps the first rows of a table; for shards, --train-num-samples is the "
-                         "samples per epoch")
-    if not _is_shards(cfg) and cfg.train_num_samples:
-        raise ValueError(f"--train-num-samples {cfg.train_num_samples}: open_clip_train's samples per epoch of "
-                         f"webdataset shards (open_clip ignores it for a table); to train on the first "
-                         f"{cfg.train_num_samples} rows of the table {cfg.train_data}, pass --train-rows "
-                         f"{cfg.train_num_samples} (what --train-num-samples meant for a table before)")
     if cfg.val_data and Path(cfg.val_data).is_dir() and not is_shard_spec(cfg.val_data):
         raise ValueError(f"--val-data {cfg.val_data} is a folder: --val-data is now open_clip_train's image–caption "
                          f"pairs to validate on (a table or shards); for zero-shot accuracy on a labelled folder "
                          f"ROOT/<class>/* (what --val-data was), pass --imagenet-val {cfg.val_data}")
     if cfg.objective == "par" and not cfg.pretrained and not cfg.model.startswith("local-dir:"):
         raise ValueError("PAR cleans a given model: pass --pretrained CHECKPOINT (or --model local-dir:PATH)")
-
-
-def _is_shards(cfg: TrainConfig) -> bool:
-    """Whether the training data are webdataset shards (--dataset-type, or auto: a .tar path or pattern)."""
-    return cfg.dataset_type == "webdataset" or (cfg.dataset_type == "auto" and is_shard_spec(cfg.train_data))
 
 
 def _run_dir(cfg: TrainConfig, info: pdist.DistInfo) -> tuple[Path, RunLock]:

@@ -29,7 +29,7 @@ CaptionViews = Callable[..., "tuple[list[str], list[list[str]]]"]
 
 def open_training_data(source: str, *, transform: Callable, tokenizer: Callable, batch_size: int,
                        dataset_type: str = "auto", caption_views: CaptionViews | None = None,
-                       num_samples: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
+                       num_samples: int | None = None, rows: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
                        workers: int = 0, pin_memory: bool = False, shuffle_buffer: int = 1000,
                        img_key: str = IMG_KEY, caption_key: str = CAPTION_KEY, sep: str | None = None,
                        root: str | os.PathLike | None = None, max_bad_fraction: float = 0.01) -> TrainingData:
@@ -38,17 +38,26 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
 
     `transform` maps a PIL image to the image tensor (or a tuple of views), `tokenizer` a list of captions to tokens;
     `caption_views`, when given, adds a defence's caption views (a table's captions pass through it once, a shard
-    sample's caption as it is read, keyed by ``shard#index``). `num_samples`: a table's first N usable rows; the samples
-    per epoch of shards (needed there unless a ``sizes.json`` or img2dataset's ``*_stats.json`` says it).
+    sample's caption as it is read, keyed by ``shard#index``). `num_samples`: the samples per epoch of shards (open_clip's
+    --train-num-samples; needed there unless a ``sizes.json`` or img2dataset's ``*_stats.json`` says it), refused for
+    a table (open_clip ignores it there); `rows`: a table's first N usable rows (--train-rows), refused for shards.
     `batch_size` is per process; `world_size`, `rank` and `seed` fix each process's share and order of every epoch.
     """
     shards = dataset_type == "webdataset" or (dataset_type == "auto" and is_shard_spec(source))
     loading = dict(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, workers=workers,
                    pin_memory=pin_memory)
+    if not shards and num_samples:
+        raise DataError(f"--train-num-samples {num_samples}: open_clip_train's samples per epoch of webdataset shards "
+                        f"(open_clip ignores it for a table); to train on the first {num_samples} rows of the table "
+                        f"{source}, pass --train-rows {num_samples} (what --train-num-samples meant for a table "
+                        f"before)")
+    if shards and rows:
+        raise DataError(f"--train-rows keeps the first rows of a table, and {source} names shards: their samples "
+                        f"per epoch are --train-num-samples")
     if not shards:
         table = CaptionDataset(source, img_key=img_key, caption_key=caption_key, sep=sep, root=root,
                                tokenizer=tokenizer, transform=transform, max_bad_fraction=max_bad_fraction,
-                               num_samples=num_samples)
+                               num_samples=rows)
         if caption_views is not None:
             table.captions, table.caption_views = caption_views(table.captions)
         return TrainingData(table, is_shards=False, **loading)

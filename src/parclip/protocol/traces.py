@@ -38,7 +38,7 @@ def trace_config(s: Settings, variant: dict, attack: str, plant: dict, *, val_ev
         f"{k}={val}" for k, val in params.items()))
     values = {**s.clean, **s.defences[defence], "lr": s.lr, **v}
     return run, train_config(s, run, model=f"local-dir:{plant['model']}", train_data=str(clean_pairs(s)),
-                             seed=s.seed, val_data=str(val_split(s)[1]), val_templates=TEMPLATES,
+                             seed=s.seed, imagenet_val=str(val_split(s)[1]), val_templates=TEMPLATES,
                              val_every=val_every, **asr, **{**values, "log_every": 1})
 
 
