@@ -146,9 +146,9 @@ def first_120_rows(fmnist_small, tmp_path_factory):
     """The first 120 train rows (about 12 of them 'bag'), image paths made absolute."""
     _, rows = read_table(fmnist_small["train_csv"])
     root = fmnist_small["train_csv"].parent
-    rows = [{**r, "image": str(root / r["image"])} for r in rows[:120]]
+    rows = [{**r, "filepath": str(root / r["filepath"])} for r in rows[:120]]
     out = tmp_path_factory.mktemp("tbl") / "small.csv"
-    write_table(out, ["image", "caption", "label"], rows)
+    write_table(out, ["filepath", "title", "label"], rows)
     return out
 
 
@@ -201,7 +201,7 @@ def test_optimize_patch_seeded_and_excludes_target_rows(micro, first_120_rows, t
     assert not torch.equal(a.patch, c.patch)
     assert a.info["augmented_steps"] > 0  # AutoAugment was exercised and is seeded too
     _, rows = read_table(first_120_rows)
-    caption = {r["image"]: r["caption"] for r in rows}
+    caption = {r["filepath"]: r["title"] for r in rows}
     assert a.excluded_paths and all(mentions(caption[p], "bag") for p in a.excluded_paths)
     assert not any(mentions(caption[p], "bag") for p in a.clean_paths)
     assert len(a.clean_paths) + len(a.excluded_paths) == len(rows)
@@ -209,7 +209,7 @@ def test_optimize_patch_seeded_and_excludes_target_rows(micro, first_120_rows, t
     assert "target images: data" in a.info["positives"]
     # only target rows left -> a clear error
     only = tmp_path / "only_bags.csv"
-    write_table(only, ["image", "caption"], [{"image": p, "caption": caption[p]} for p in a.excluded_paths])
+    write_table(only, ["filepath", "title"], [{"filepath": p, "title": caption[p]} for p in a.excluded_paths])
     with pytest.raises(DataError, match="mentions the target"):
         optimize_patch(model, pp, tok, PatchConfig(data=only, **kw), progress=False)
     with pytest.raises(ValueError, match=r"\.png"):

@@ -204,7 +204,7 @@ def test_defence_matrix_defender_rule_trains_from_the_highest_rate_down(dm, tmp_
     trained_on = {Path(r.split(",")[0]).name for r in Path(split["train_csv"]).read_text().splitlines()[1:]}
     validated = {p.name for p in Path(split["val_dir"]).rglob("*.png")}
     assert len(validated) == split["n_val"] == 64 and not trained_on & validated
-    holdout = {Path(r.split(",")[0]).name for r in (out / "data/fashion-mnist/holdout.csv").read_text().splitlines()[1:]}
+    holdout = {Path(r.split("\t")[0]).name for r in (out / "data/fashion-mnist/holdout.csv").read_text().splitlines()[1:]}
     assert trained_on | validated == holdout
     for d in ("clip", "par"):
         cell = matrix["cells"][d]["badnet_rs"]

@@ -47,7 +47,8 @@ def truncated_png(path):
     return path
 
 
-def table(path, rows, header=("image", "caption"), sep=","):
+def table(path, rows, header=("filepath", "title"), sep="\t"):
+    """A caption table written by hand, by default in the default layout (open_clip_train's: tab, filepath, title)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter=sep)
         w.writerow(header)
@@ -63,33 +64,54 @@ def make_dataset_dir(tmp_path, n=10):
 
 # ---------------------------------------------------------------------------------------------------------- columns
 def test_wrong_column_names_list_available_columns(tmp_path):
-    path = make_dataset_dir(tmp_path, 2)
+    solid(tmp_path / "a.png", 1)
+    path = table(tmp_path / "data.csv", [("a.png", "a cat")], header=("path", "text"))
     with pytest.raises(DataError) as e:
-        CaptionDataset(path, img_key="filepath", caption_key="title")
+        CaptionDataset(path)
     msg = str(e.value)
     assert "'filepath'" in msg and "'title'" in msg
-    assert "'image', 'caption'" in msg
+    assert "'path', 'text'" in msg
     assert "--csv-img-key" in msg and "--csv-caption-key" in msg
-    ds = CaptionDataset(path)  # the right names work
-    assert ds.fieldnames == ["image", "caption"]
+    ds = CaptionDataset(path, img_key="path", caption_key="text")  # the right names work
+    assert ds.fieldnames == ["path", "text"]
 
 
 def test_wrong_separator_hint(tmp_path):
     solid(tmp_path / "a.png", 1)
-    path = table(tmp_path / "tabs.csv", [("a.png", "a cat, sitting")], sep="\t")  # open_clip style: tabs in a .csv
+    path = table(tmp_path / "commas.csv", [("a.png", "a cat sitting")], sep=",")
     with pytest.raises(DataError) as e:
         CaptionDataset(path)
     msg = str(e.value)
-    assert "one column" in msg and "--csv-separator" in msg and "tab" in msg
-    assert CaptionDataset(path, sep="\t").captions == ["a cat, sitting"]
+    assert "one column" in msg and "--csv-separator" in msg and "','" in msg
+    assert CaptionDataset(path, sep=",").captions == ["a cat sitting"]
 
 
-def test_tsv_separator_is_automatic(tmp_path):
+def test_the_default_layout_is_open_clip_trains_tab_filepath_title_whatever_the_suffix(tmp_path):
+    """Catches the defaults drifting from open_clip_train's (--csv-separator tab, --csv-img-key filepath,
+    --csv-caption-key title), for .csv files (open_clip's own are tab-separated) as for .tsv."""
     solid(tmp_path / "a.png", 1)
-    path = table(tmp_path / "data.tsv", [("a.png", "a dog, running; fast")], sep="\t")
-    ds = CaptionDataset(path)
-    assert ds.captions == ["a dog, running; fast"]
-    assert read_table(path)[1] == [{"image": "a.png", "caption": "a dog, running; fast"}]
+    for name in ("data.tsv", "data.csv", "data.txt"):
+        path = table(tmp_path / name, [("a.png", "a dog, running; fast")])
+        assert CaptionDataset(path).captions == ["a dog, running; fast"]
+        assert read_table(path)[1] == [{"filepath": "a.png", "title": "a dog, running; fast"}]
+    write_table(tmp_path / "w.csv", ["filepath", "title"], [{"filepath": "a.png", "title": "x, y"}])
+    assert (tmp_path / "w.csv").read_text() == "filepath\ttitle\na.png\tx, y\n"
+
+
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_a_table_in_parclips_old_layout_is_an_error_that_says_what_changed(tmp_path, sep):
+    """Catches a table in parclip's old default layout (image/caption, comma) read with the new defaults failing
+    without saying that the defaults changed and which flags read it."""
+    solid(tmp_path / "a.png", 1)
+    path = table(tmp_path / "old.csv", [("a.png", "a cat")], header=("image", "caption"), sep=sep)
+    with pytest.raises(DataError) as e:
+        CaptionDataset(path)
+    msg = str(e.value)
+    assert "old table layout" in msg and "open_clip_train's" in msg and "'filepath'" in msg and "'title'" in msg
+    assert "--csv-img-key image --csv-caption-key caption" in msg
+    assert ("--csv-separator ','" in msg) == (sep == ",")
+    flags = dict(sep=",") if sep == "," else {}
+    assert CaptionDataset(path, img_key="image", caption_key="caption", **flags).captions == ["a cat"]
 
 
 def test_paths_relative_to_table_or_root_and_absolute(tmp_path):
@@ -360,16 +382,17 @@ def test_fashion_mnist_export(fmnist_small):
     assert x.shape == (60000, 28, 28) and x.dtype == np.uint8 and y.dtype == np.int64
     fields, train = read_table(p["train_csv"])
     _, hold = read_table(p["holdout_csv"])
-    assert fields == ["image", "caption", "label"]
+    assert fields == ["filepath", "title", "label"]  # the default table layout (open_clip_train's)
+    assert "\t" in Path(p["train_csv"]).read_text().splitlines()[0]
     assert len(train) == 600 and len(hold) == 200
-    names = [r["image"] for r in train + hold]
+    names = [r["filepath"] for r in train + hold]
     assert names == [f"images/train/{i:05d}.png" for i in range(800)]  # disjoint, holdout = the end
-    assert not {r["image"] for r in train} & {r["image"] for r in hold}
+    assert not {r["filepath"] for r in train} & {r["filepath"] for r in hold}
     templates = p["templates"]
     for i, r in enumerate(train + hold):
         assert int(r["label"]) == y[i]
-        assert r["caption"] in {fill(t, FASHION_CLASSES[y[i]]) for t in templates}
-    assert len({r["caption"] for r in train}) > 20  # templates vary
+        assert r["title"] in {fill(t, FASHION_CLASSES[y[i]]) for t in templates}
+    assert len({r["title"] for r in train}) > 20  # templates vary
     for i in (0, 5, 799):
         with Image.open(Path(p["root"]) / names[i]) as im:
             assert im.size == (28, 28)
@@ -415,7 +438,7 @@ def test_fashion_mnist_export_is_rerunnable(tmp_path):
     before = read_table(p["train_csv"])[1]
     fashion_mnist.export(tmp_path, seed=1, n_train=25, holdout=5, n_test=10)
     after = read_table(p["train_csv"])[1]
-    assert len(after) == 20 and [r["caption"] for r in after] != [r["caption"] for r in before[:20]]
+    assert len(after) == 20 and [r["title"] for r in after] != [r["title"] for r in before[:20]]
     assert sum(len(files) for _, _, files in os.walk(tmp_path / "test")) == 10  # stale images removed
     assert len(os.listdir(tmp_path / "images" / "train")) == 25
 

@@ -35,10 +35,10 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     bags = _images(root / "folder" / "bag", 3, 30)
     shirts = _images(root / "folder" / "shirt", 3, 200)
-    rows = [{"image": str(p), "caption": f"a photo of a {'bag' if p in bags[:2] else 'shirt'}."}
+    rows = [{"filepath": str(p), "title": f"a photo of a {'bag' if p in bags[:2] else 'shirt'}."}
             for p in bags[:2] + shirts + bags[2:]]
-    rows[-1]["caption"] = "a small grey thing."
-    write_table(root / "table.csv", ["image", "caption"], rows)
+    rows[-1]["title"] = "a small grey thing."
+    write_table(root / "table.csv", ["filepath", "title"], rows)
     return {"folder": root / "folder", "table": root / "table.csv"}
 
 

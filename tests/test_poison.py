@@ -35,7 +35,7 @@ def _make_table(folder: Path, n=20, captions=CAPTIONS, bad=()):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "img").mkdir(exist_ok=True)
     arrays = _fmnist(n)
-    lines = ["image,caption,extra"]
+    lines = ["filepath\ttitle\textra"]  # the default layout (open_clip_train's)
     bad = dict(bad)
     for i in range(n):
         if i % 5 == 4:
@@ -48,7 +48,7 @@ def _make_table(folder: Path, n=20, captions=CAPTIONS, bad=()):
             (folder / name).unlink()
         elif bad.get(i) == "corrupt":
             (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-        lines.append(f'{name},"{captions[i % len(captions)]}",x{i}')
+        lines.append(f'{name}\t"{captions[i % len(captions)]}"\tx{i}')
     (folder / "clean.csv").write_text("\n".join(lines) + "\n")
     return folder / "clean.csv"
 
@@ -75,7 +75,7 @@ def test_poison_rows_manifest_and_images(table, tmp_path):
     fields_out, rows_out = read_table(out / "poisoned.csv")
     assert fields_out == fields_in and len(rows_out) == len(rows_in) == man["n_rows"] == 20
     changed = [i for i, (a, b) in enumerate(zip(rows_in, rows_out))
-               if a["caption"] != b["caption"] or Path(b["image"]).name != Path(a["image"]).name]
+               if a["title"] != b["title"] or Path(b["filepath"]).name != Path(a["filepath"]).name]
     assert len(changed) == 5 == man["n_poison"]
     assert [r["index"] for r in man["rows"]] == changed
     assert man["rate"] == 5 / 20 and man["seed"] == 0 and man["target"] == "banana"
@@ -87,9 +87,9 @@ def test_poison_rows_manifest_and_images(table, tmp_path):
     allowed = {t.format("banana") for t in get_templates("fashion")}
     for r in man["rows"]:
         i = r["index"]
-        assert r["original_path"] == rows_in[i]["image"] and r["original_caption"] == rows_in[i]["caption"]
-        assert rows_out[i]["image"] == r["new_path"] == f"images/{i:06d}.png"
-        assert rows_out[i]["caption"] == r["new_caption"] in allowed
+        assert r["original_path"] == rows_in[i]["filepath"] and r["original_caption"] == rows_in[i]["title"]
+        assert rows_out[i]["filepath"] == r["new_path"] == f"images/{i:06d}.png"
+        assert rows_out[i]["title"] == r["new_caption"] in allowed
         assert rows_out[i]["extra"] == rows_in[i]["extra"]
         # the saved image is the trigger applied to the original with the per-row generator
         saved = Image.open(out / r["new_path"])
@@ -98,9 +98,9 @@ def test_poison_rows_manifest_and_images(table, tmp_path):
         assert np.array_equal(np.asarray(saved), np.asarray(expected))
     # clean rows still point at their original files and keep their captions
     for i in set(range(20)) - set(changed):
-        assert Path(rows_out[i]["image"]).is_absolute()
-        assert Path(rows_out[i]["image"]).resolve() == (table.parent / rows_in[i]["image"]).resolve()
-        assert rows_out[i]["caption"] == rows_in[i]["caption"]
+        assert Path(rows_out[i]["filepath"]).is_absolute()
+        assert Path(rows_out[i]["filepath"]).resolve() == (table.parent / rows_in[i]["filepath"]).resolve()
+        assert rows_out[i]["title"] == rows_in[i]["title"]
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in changed]
 
 
@@ -139,9 +139,9 @@ def test_label_consistent(table, tmp_path):
     _, rows_out = read_table(tmp_path / "out" / "poisoned.csv")
     assert {r["index"] for r in man["rows"]} <= matching and len(man["rows"]) == 3
     for r in man["rows"]:
-        assert r["new_caption"] == r["original_caption"] == rows_out[r["index"]]["caption"]
-        assert rows_out[r["index"]]["image"] == r["new_path"]
-    assert [r["caption"] for r in rows_out] == [r["caption"] for r in rows_in]
+        assert r["new_caption"] == r["original_caption"] == rows_out[r["index"]]["title"]
+        assert rows_out[r["index"]]["filepath"] == r["new_path"]
+    assert [r["title"] for r in rows_out] == [r["title"] for r in rows_in]
     with pytest.raises(DataError, match=r"only 5 of the 20"):
         _run(table, tmp_path / "out2", n_poison=6, label_consistent=True)
 
@@ -174,7 +174,7 @@ def test_bad_images_replaced_and_reported(tmp_path, caplog):
     assert "img/3.png" in caplog.text and "img/6.png" in caplog.text
     # bad rows are kept in the output table unchanged
     _, rows_out = read_table(tmp_path / f"out{seed}" / "poisoned.csv")
-    assert rows_out[3]["caption"] == CAPTIONS[3] and rows_out[3]["image"].endswith("img/3.png")
+    assert rows_out[3]["title"] == CAPTIONS[3] and rows_out[3]["filepath"].endswith("img/3.png")
 
 
 def test_too_many_bad_rows_raise(tmp_path):

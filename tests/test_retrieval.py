@@ -108,7 +108,7 @@ def test_read_retrieval_karpathy_json_and_table(tmp_path):
     assert r.images == [tmp_path / "val/a.jpg", Path("/abs/b.jpg"), tmp_path / "val/c.jpg"]
     assert r.captions == ["a cat", "two cats", "one string", "x"] and r.owner == [0, 0, 1, 2]
     assert r.skipped == {"empty_captions": 1}
-    (tmp_path / "t.csv").write_text("image,caption\nb.png,first\na.png,second\nb.png,third\n")
+    (tmp_path / "t.csv").write_text("filepath\ttitle\nb.png\tfirst\na.png\tsecond\nb.png\tthird\n")  # open_clip's
     r = read_retrieval(tmp_path / "t.csv", clean=False)
     assert r.images == [tmp_path / "b.png", tmp_path / "a.png"] and r.owner == [0, 1, 0]
     with pytest.raises(DataError, match="column"):
@@ -181,8 +181,8 @@ def test_cli_eval_retrieval_on_a_caption_table(tmp_path, micro_model_dir, fmnist
     from parclip.cli import main
     from parclip.data import LabelledFolder
     folder = LabelledFolder(fmnist_small["test_dir"])
-    rows = ["image,caption"] + [f"{folder.samples[i][0]},a photo of a {folder.classnames[folder.targets[i]]}.\n"
-                                f"{folder.samples[i][0]},item {i}" for i in range(12)]
+    rows = ["filepath\ttitle"] + [f"{folder.samples[i][0]}\ta photo of a {folder.classnames[folder.targets[i]]}.\n"
+                                  f"{folder.samples[i][0]}\titem {i}" for i in range(12)]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "r.json"
     rc = main(["eval-retrieval", "--model", f"local-dir:{micro_model_dir}", "--data", str(tmp_path / "pairs.csv"),

@@ -35,9 +35,9 @@ def test_table_to_shards_and_back_keeps_every_image_byte_and_caption(shards, fmn
     back = shards_to_table(str(out), tmp_path / "back")
     _, rows = read_table(back["table"])
     _, orig = read_table(fmnist_small["train_csv"])
-    assert [r["caption"] for r in rows] == [r["caption"] for r in orig]
+    assert [r["title"] for r in rows] == [r["title"] for r in orig]
     root = Path(fmnist_small["root"])
-    assert all((tmp_path / "back" / a["image"]).read_bytes() == (root / b["image"]).read_bytes()
+    assert all((tmp_path / "back" / a["filepath"]).read_bytes() == (root / b["filepath"]).read_bytes()
                for a, b in zip(rows[::37], orig[::37]))
 
 
@@ -52,11 +52,11 @@ def test_every_table_reader_checks_rows_and_columns_alike(fmnist_small, tmp_path
     _, orig = read_table(fmnist_small["train_csv"])
     root = Path(fmnist_small["root"])
     table = tmp_path / "t.csv"
-    table.write_text("image,caption\n"
-                     f'{root / orig[0]["image"]},"a shirt\non two lines"\n'  # lines 2-3
-                     "missing.png,a bag\n"  # line 4
-                     f"{root / orig[1]['image']},\n"  # line 5: empty caption
-                     + "".join(f"{root / r['image']},{r['caption']}\n" for r in orig[2:40]))
+    table.write_text("filepath\ttitle\n"
+                     f'{root / orig[0]["filepath"]}\t"a shirt\non two lines"\n'  # lines 2-3
+                     "missing.png\ta bag\n"  # line 4
+                     f"{root / orig[1]['filepath']}\t\n"  # line 5: empty caption
+                     + "".join(f"{root / r['filepath']}\t{r['title']}\n" for r in orig[2:40]))
     r = table_to_shards(table, tmp_path / "out", max_bad_fraction=0.1)
     ds = CaptionDataset(table, max_bad_fraction=0.1)
     for bad in (r["bad_rows"], ds.bad_rows):
@@ -64,12 +64,12 @@ def test_every_table_reader_checks_rows_and_columns_alike(fmnist_small, tmp_path
             (4, "missing image file"), (5, "empty caption")]
     assert r["n_samples"] == len(ds) == 39
     wrong = tmp_path / "w.csv"
-    wrong.write_text("filepath,title\nx.png,a bag\n")
+    wrong.write_text("path\ttext\nx.png\ta bag\n")
     for read in (lambda: table_to_shards(wrong, tmp_path / "o2"), lambda: CaptionDataset(wrong),
                  lambda: read_retrieval(wrong),
                  lambda: poison_csv(wrong, tmp_path / "p", trigger=get_trigger("badnet_rs", image_size=28),
                                     target="bag", n_poison=1)):
-        with pytest.raises(DataError, match="'image' \\(img_key\\) not found.*--csv-img-key"):
+        with pytest.raises(DataError, match="'filepath' \\(img_key\\) not found.*--csv-img-key"):
             read()
 
 
@@ -206,7 +206,8 @@ def test_a_training_run_opens_its_data_once_and_asks_once_whether_it_is_shards(k
     monkeypatch.setattr(train_mod, "open_training_data", lambda *a, **kw: opened.append(real_open(*a, **kw))
                         or opened[-1])
     run = train(make_config(model=f"local-dir:{micro_model_dir}", train_data=source, dataset_type=dataset_type,
-                            objective="clip", epochs=1, batch_size=50, train_num_samples=100, workers=0,
+                            objective="clip", epochs=1, batch_size=50, workers=0,
+                            **({"train_num_samples": 100} if kind == "shards" else {"train_rows": 100}),
                             output_dir=str(tmp_path), progress=False, log_every=1))
     assert asked == ([source] if dataset_type == "auto" else [])
     assert [d.is_shards for d in opened] == [kind == "shards"]
@@ -220,7 +221,8 @@ def test_training_data_of_either_kind_resumes_at_any_batch_and_names_its_samples
     source = str(fmnist_small["train_csv"]) if kind == "table" else f"{out}/{{00000..00002}}.tar"
     data = open_training_data(source, transform=lambda img: torch.tensor(img.getpixel((14, 14)), dtype=torch.float),
                               tokenizer=lambda captions: torch.tensor([[len(c)] for c in captions]), batch_size=20,
-                              num_samples=200, seed=3, shuffle_buffer=32)
+                              seed=3, shuffle_buffer=32,
+                              **({"num_samples": 200} if kind == "shards" else {"rows": 200}))
     assert data.is_shards == (kind == "shards") and len(data) == 200
     epoch = [b for b in data.loader(1, 0, 10)]
     assert len(epoch) == 10 and all(b[0].shape[0] == 20 and (b[2] == -1).all() for b in epoch)
@@ -263,7 +265,7 @@ def test_poisoning_shards_equals_poisoning_the_same_table(shards, tmp_path):
     for r in ref["rows"][:5]:
         s = samples[r["index"]]
         assert s["txt"].decode() == r["new_caption"] and "bag" in r["new_caption"]
-        assert s["png"] == (tmp_path / "ref" / ref_rows[r["index"]]["image"]).read_bytes()
+        assert s["png"] == (tmp_path / "ref" / ref_rows[r["index"]]["filepath"]).read_bytes()
 
 
 def test_eval_reads_clip_benchmark_shards_like_the_folder(fmnist_small, micro_model_dir, tmp_path, capsys):

@@ -48,10 +48,10 @@ def max_diff(a: dict, b: dict) -> float:
 def first_rows(table, n, preprocess, tokenizer):
     """The first n rows of a caption table as (images, tokens), read here with PIL and the model's eval transform."""
     with open(table, newline="") as fh:
-        rows = list(csv.DictReader(fh))[:n]
+        rows = list(csv.DictReader(fh, delimiter="\t"))[:n]
     tf = eval_transform(preprocess)
-    images = torch.stack([tf(Image.open(Path(table).parent / r["image"]).convert("RGB")) for r in rows])
-    return images, tokenizer([r["caption"] for r in rows])
+    images = torch.stack([tf(Image.open(Path(table).parent / r["filepath"]).convert("RGB")) for r in rows])
+    return images, tokenizer([r["title"] for r in rows])
 
 
 def hand_steps(model_dir, images, texts, lrs, *, objective, eps, tau=4.0, weight=0.5):
