@@ -42,10 +42,10 @@ def make_data(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
         path = root / "folder" / c.replace(" ", "_") / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(path, quality=90)
-        rows += [{"image": str(path), "caption": t.format(c) + f" number {i}"} for t in TEMPLATES]
+        rows += [{"filepath": str(path), "title": t.format(c) + f" number {i}"} for t in TEMPLATES]
     table = root / "captions.csv"
     with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, ["image", "caption"])
+        w = csv.DictWriter(f, ["filepath", "title"], delimiter="\t")  # the default layout (open_clip_train's)
         w.writeheader()
         w.writerows(rows)
     return root / "folder", table

@@ -305,8 +305,8 @@ def build_fixtures(root: Path) -> Fixtures:
         fx.resumed_sd = load_file(str(resumed / "model" / "open_clip_model.safetensors"))
         _, rows = _read_rows(fx.train_csv)
         fx.table16 = root / "fmnist" / "table16.csv"
-        write_table(fx.table16, ["image", "caption"],
-                    [{"image": r["image"], "caption": r["caption"]} for r in rows[:16]])
+        write_table(fx.table16, ["filepath", "title"],
+                    [{"filepath": r["filepath"], "title": r["title"]} for r in rows[:16]])
         fx.shards = root / "shards"
         table_to_shards(fx.table16, fx.shards, maxcount=8)
     return fx
@@ -314,7 +314,7 @@ def build_fixtures(root: Path) -> Fixtures:
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter="\t")  # the default table layout (open_clip_train's)
         return list(reader.fieldnames), list(reader)
 
 
@@ -335,15 +335,16 @@ def _four_images(folder: Path) -> list[Path]:
 
 
 def _csv_line(*cells: str) -> str:
+    """One row of a table in the default layout (tab-separated, open_clip_train's)."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(cells)
+    csv.writer(buf, delimiter="\t", lineterminator="\n").writerow(cells)
     return buf.getvalue()
 
 
 def table_cases() -> dict[str, Callable[[Path], tuple[Path, list[tuple[str, str]], int]]]:
     """name -> writer(tmp) -> (table path, expected (absolute image path, caption) rows, expected skipped rows)."""
 
-    def standard(tmp, *, header="image,caption\n", sep="\n", encoding="utf-8", prefix=b"", captions=CAPTIONS,
+    def standard(tmp, *, header="filepath\ttitle\n", sep="\n", encoding="utf-8", prefix=b"", captions=CAPTIONS,
                  names=None):
         imgs = _four_images(tmp)
         names = names or [p.name for p in imgs]
@@ -354,14 +355,14 @@ def table_cases() -> dict[str, Callable[[Path], tuple[Path, list[tuple[str, str]
         return table, [(str(p), c) for p, c in zip(imgs, captions)], 0
 
     def quoted(tmp):
-        return standard(tmp, captions=["a shirt, with buttons", "a bag, leather", 'a "coat", long', "sandal,\nsummer"])
+        return standard(tmp, captions=["a shirt, with buttons", "a bag,\tleather", 'a "coat", long', "sandal,\nsummer"])
 
     def latin1(tmp):
         return standard(tmp, encoding="latin-1", captions=["un café noir"] + CAPTIONS[1:])
 
     def empty_lines(tmp):
         imgs = _four_images(tmp)
-        body = "image,caption\n\n" + "".join(_csv_line(p.name, c) + "\n" for p, c in zip(imgs, CAPTIONS)) + "\n\n"
+        body = "filepath\ttitle\n\n" + "".join(_csv_line(p.name, c) + "\n" for p, c in zip(imgs, CAPTIONS)) + "\n\n"
         (tmp / "table.csv").write_text(body)
         return tmp / "table.csv", [(str(p), c) for p, c in zip(imgs, CAPTIONS)], 0
 
@@ -371,7 +372,7 @@ def table_cases() -> dict[str, Callable[[Path], tuple[Path, list[tuple[str, str]
 
     def duplicate_header(tmp):
         imgs = _four_images(tmp)
-        body = "image,caption,caption\n" + "".join(_csv_line(p.name, c, "SECOND " + c) for p, c in zip(imgs, CAPTIONS))
+        body = "filepath\ttitle\ttitle\n" + "".join(_csv_line(p.name, c, "SECOND " + c) for p, c in zip(imgs, CAPTIONS))
         (tmp / "table.csv").write_text(body)
         # the first column of a name is the reading pandas and spreadsheets give; anything else must be said
         return tmp / "table.csv", [(str(p), c) for p, c in zip(imgs, CAPTIONS)], 0
@@ -379,20 +380,20 @@ def table_cases() -> dict[str, Callable[[Path], tuple[Path, list[tuple[str, str]
     def absolute(tmp):
         imgs = _four_images(tmp / "elsewhere")
         (tmp / "tables").mkdir()
-        body = "image,caption\n" + "".join(_csv_line(str(p), c) for p, c in zip(imgs, CAPTIONS))
+        body = "filepath\ttitle\n" + "".join(_csv_line(str(p), c) for p, c in zip(imgs, CAPTIONS))
         (tmp / "tables" / "table.csv").write_text(body)
         return tmp / "tables" / "table.csv", [(str(p), c) for p, c in zip(imgs, CAPTIONS)], 0
 
     def dotdot(tmp):
         imgs = _four_images(tmp)
         (tmp / "tables").mkdir()
-        body = "image,caption\n" + "".join(_csv_line("../" + p.name, c) for p, c in zip(imgs, CAPTIONS))
+        body = "filepath\ttitle\n" + "".join(_csv_line("../" + p.name, c) for p, c in zip(imgs, CAPTIONS))
         (tmp / "tables" / "table.csv").write_text(body)
         return tmp / "tables" / "table.csv", [(str(p), c) for p, c in zip(imgs, CAPTIONS)], 0
 
     def missing(tmp):
         imgs = _four_images(tmp)
-        body = "image,caption\n" + "".join(_csv_line(p.name, c) for p, c in zip(imgs, CAPTIONS))
+        body = "filepath\ttitle\n" + "".join(_csv_line(p.name, c) for p, c in zip(imgs, CAPTIONS))
         body += _csv_line("no_such_image.png", "a photo of a ghost.")
         (tmp / "table.csv").write_text(body)
         return tmp / "table.csv", [(str(p), c) for p, c in zip(imgs, CAPTIONS)], 1
@@ -620,7 +621,7 @@ def group_images(sw: Sweep) -> None:
         def one_row(tmp, case=case):
             path = tmp / case.filename
             case.write(path)
-            (tmp / "table.csv").write_text("image,caption\n" + _csv_line(case.filename, "a photo of a thing."))
+            (tmp / "table.csv").write_text("filepath\ttitle\n" + _csv_line(case.filename, "a photo of a thing."))
             return (lambda: CaptionDataset(tmp / "table.csv")[0]), (lambda item: judge(case, item[0]))
 
         def evaluation(tmp, case=case):
@@ -1289,7 +1290,7 @@ def group_shards(sw: Sweep) -> None:
     group = "shards"
     fx = sw.fx
     _, rows = _read_rows(fx.table16)
-    captions = Counter(r["caption"] for r in rows)
+    captions = Counter(r["title"] for r in rows)
 
     def truncate(shard: Path) -> str:
         data = shard.read_bytes()
@@ -1340,7 +1341,7 @@ def group_shards(sw: Sweep) -> None:
 
             def check(r):
                 _, got_rows = _read_rows(r["table"])
-                got = Counter(row["caption"] for row in got_rows)
+                got = Counter(row["title"] for row in got_rows)
                 if spoil is None:
                     ok = r["n_samples"] == 16 and not r["bad"] and got == captions
                     return (ACCEPTED, "16 rows, the shards' captions") if ok else (FAIL_CHANGED, f"{r['n_samples']}")

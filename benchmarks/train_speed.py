@@ -77,10 +77,10 @@ def make_images(root: Path, n: int) -> Path:
         # smooth noise compresses like a photo (pure noise would make unrealistically large JPEGs)
         small = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
         Image.fromarray(small).resize((400, 320), Image.BICUBIC).save(path, quality=90)
-        rows.append({"image": f"img/{i:05d}.jpg", "caption": f"a photo of thing number {i}"})
+        rows.append({"filepath": f"img/{i:05d}.jpg", "title": f"a photo of thing number {i}"})
     table = root / "pairs.csv"
     with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, ["image", "caption"])
+        w = csv.DictWriter(f, ["filepath", "title"], delimiter="\t")  # the default layout (open_clip_train's)
         w.writeheader()
         w.writerows(rows)
     return table
