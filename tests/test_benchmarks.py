@@ -201,7 +201,7 @@ def test_defence_matrix_defender_rule_trains_from_the_highest_rate_down(dm, tmp_
     planted = json.loads((out / "runs" / "plant-badnet_rs.json").read_text())["defender_val"]
     # the defender validates on clean pairs it does not train on, none of which the foundation saw
     split = json.loads((out / "data" / "defender_split.json").read_text())
-    trained_on = {Path(r.split(",")[0]).name for r in Path(split["train_csv"]).read_text().splitlines()[1:]}
+    trained_on = {Path(r.split("\t")[0]).name for r in Path(split["train_csv"]).read_text().splitlines()[1:]}
     validated = {p.name for p in Path(split["val_dir"]).rglob("*.png")}
     assert len(validated) == split["n_val"] == 64 and not trained_on & validated
     holdout = {Path(r.split("\t")[0]).name for r in (out / "data/fashion-mnist/holdout.csv").read_text().splitlines()[1:]}

@@ -332,8 +332,8 @@ def test_every_epoch_has_its_own_order_and_a_seed_repeats_it(tmp_path, fmnist_sm
     not; over a table every epoch shows each of its rows once."""
     data = str(fmnist_small["train_csv"]) if source == "table" else f"{shards[0]}/{{00000..00005}}.tar"
     common = dict(model=f"local-dir:{micro_model_dir}", train_data=data, objective="clip", augment="none",
-                  batch_size=8, train_rows=16, lr=1e-4, workers=0, output_dir=str(tmp_path), progress=False,
-                  shuffle_buffer=16)
+                  batch_size=8, lr=1e-4, workers=0, output_dir=str(tmp_path), progress=False, shuffle_buffer=16,
+                  **({"train_rows": 16} if source == "table" else {"train_num_samples": 16}))
     first = images_seen(make_config(name="a", epochs=2, **common))
     epochs = [first[0] + first[1], first[2] + first[3]]
     assert len(first) == 4 and epochs[0] != epochs[1]
@@ -416,9 +416,9 @@ def test_corrupt_images_are_counted_and_the_bad_image_limit_is_exact(tmp_path, f
     lines = Path(fmnist_small["train_csv"]).read_text().splitlines()[:33]
     root = Path(fmnist_small["train_csv"]).parent
     bad = tmp_path / "bad.png"
-    bad.write_bytes((root / lines[1].split(",")[0]).read_bytes()[:40])  # truncated PNG: exists, fails to decode
-    rows = [lines[0]] + [f"{root / l.split(',')[0]},{l.split(',', 1)[1]}" for l in lines[1:]]
-    rows[1] = f"{bad},{lines[1].split(',', 1)[1]}"
+    bad.write_bytes((root / lines[1].split("\t")[0]).read_bytes()[:40])  # truncated PNG: exists, fails to decode
+    rows = [lines[0]] + [f"{root / l.split(chr(9))[0]}\t{l.split(chr(9), 1)[1]}" for l in lines[1:]]  # tab-separated
+    rows[1] = f"{bad}\t{lines[1].split(chr(9), 1)[1]}"
     table = tmp_path / "t.csv"
     table.write_text("\n".join(rows) + "\n")
     # one step over all 32 rows, so the check sees exactly 1 bad of 32
