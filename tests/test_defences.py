@@ -174,7 +174,7 @@ def test_autoaugment_view_runs_on_the_pil_image_before_preprocessing(monkeypatch
 def test_recipes_presets_and_errors():
     assert {d.name for d in list_defences()} >= {"par", "clip", "cleanclip", "roclip"}
     cc = _cfg(objective="cleanclip")
-    assert (cc.batch_size, cc.lr, cc.epochs, cc.warmup_steps, cc.beta2, cc.wd) == (64, 1e-5, 10, 50, 0.999, 0.1)
+    assert (cc.batch_size, cc.lr, cc.epochs, cc.warmup, cc.beta2, cc.wd) == (64, 1e-5, 10, 50, 0.999, 0.1)
     assert _cfg(objective="cleanclip", lr=3e-5).lr == 3e-5  # explicit values win over the recipe
     par = _cfg()
     assert (par.objective, par.tau, par.lr, par.beta2) == ("par", 2.15, 3e-6, 0.98)
