@@ -177,7 +177,7 @@ def test_recipes_presets_and_errors():
     assert (cc.batch_size, cc.lr, cc.epochs, cc.warmup, cc.beta2, cc.wd) == (64, 1e-5, 10, 50, 0.999, 0.1)
     assert _cfg(objective="cleanclip", lr=3e-5).lr == 3e-5  # explicit values win over the recipe
     par = _cfg()
-    assert (par.objective, par.tau, par.lr, par.beta2) == ("par", 2.15, 3e-6, 0.98)
+    assert (par.objective, par.tau, par.lr, par.lr_decay_ratio, par.beta2) == ("par", 2.15, 3e-5, 0.1, 0.98)
     ft = _cfg(preset="clip-cleanclip-recipe")
     assert ft.objective == "clip" and (ft.batch_size, ft.lr, ft.epochs) == (64, 1e-5, 10)
     ab = _cfg(preset="par-no-perturb")
