@@ -162,8 +162,8 @@ def _data(cfg: TrainConfig, info: pdist.DistInfo, m: _Models) -> TrainingData:
         tokenizer=m.tokenizer, caption_views=m.defence.prepare_captions if own_captions else None,
         num_samples=cfg.train_num_samples, batch_size=cfg.batch_size, world_size=info.world_size, rank=info.rank,
         seed=cfg.seed, workers=cfg.workers, pin_memory=info.device.type == "cuda", shuffle_buffer=cfg.shuffle_buffer,
-        img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key, sep=cfg.csv_separator, root=cfg.data_root,
-        max_bad_fraction=cfg.max_bad_fraction)
+        resampled=cfg.dataset_resampled, img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key,
+        sep=cfg.csv_separator, root=cfg.data_root, max_bad_fraction=cfg.max_bad_fraction)
     if info.is_main:
         _warn_about_poisoned_data(cfg.train_data, shards=data.is_shards, model=cfg.model, size=image_size(m.preprocess),
                                   cleaning=cfg.objective != "clip", img_key=cfg.csv_img_key, sep=cfg.csv_separator,
