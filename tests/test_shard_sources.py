@@ -233,3 +233,15 @@ def test_training_reads_pipe_sources_resampled(shards, tmp_path, micro_model_dir
                             workers=0, output_dir=str(tmp_path), progress=False, log_every=1))
     assert opened[0].is_shards and opened[0].dataset.resampled and len(opened[0]) == 50
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_fewer_shards_than_workers_leaves_workers_idle_and_says_so(shards, monkeypatch, tmp_path, caplog):
+    out, _ = shards
+    log = _opens(monkeypatch, tmp_path)
+    s = _keyed(f"{out}/{{00000..00002}}.tar", num_samples=300, world_size=2, rank=0, seed=2, workers=2)
+    assert s.lanes == 1 and "only 1 worker(s) per process read" in caplog.text and "--dataset-resampled" in caplog.text
+    batches = _loader(s, 0, 0, 15)  # two DataLoader workers, one of them idle
+    readers = {int(line.split(" ")[0]) for line in log.read_text().splitlines()}
+    assert len(readers) == 1 and os.getpid() not in readers
+    s.set_epoch(0, 0, 15)
+    assert len(batches) == 15 and _same(batches, list(s))

@@ -183,6 +183,8 @@ def test_training_over_shards_resumes_mid_epoch_like_an_uninterrupted_run_with_t
     w = lambda run: load_file(run / "model" / "open_clip_model.safetensors")  # noqa: E731
     a, b = w(straight), w(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    train(make_config(name="resumed", **{**common, "workers": 1}))  # (a finished run: resumed at its end)
+    assert "resumed with --workers 1" in (resumed / "out.log").read_text()  # another order: said, not silent
     start = load_file(micro_model_dir / "open_clip_model.safetensors")
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
 

@@ -329,24 +329,29 @@ class ShardStream(IterableDataset):
                     counts[k] -= 1
         return order
 
+    def _who(self, lane: int) -> str:
+        """Reader `lane` of this rank in its seeds (reader 0 seeds as the single reader of a rank did before readers
+        were split, so a run without workers keeps its earlier order)."""
+        return f"{self.rank}|{lane}" if lane else f"{self.rank}"
+
     def _passes(self, lane: int) -> Iterator[list[int]]:
         """Reader `lane`'s shards, pass after pass: its own shards (reshuffled from the second pass on), or, resampled,
         ``len(urls)`` shards drawn with replacement from all of them (seeded per seed, epoch, rank and reader)."""
         if self.resampled:
-            draw = random.Random(f"parclip-resampled|{self.seed}|{self.epoch}|{self.rank}|{lane}")
+            draw = random.Random(f"parclip-resampled|{self.seed}|{self.epoch}|{self._who(lane)}")
             while True:
                 yield [draw.randrange(len(self.urls)) for _ in self.urls]
         mine = self.lane_shards(lane)
         for cycle in range(1 << 30):
             shards = list(mine)
             if cycle:
-                random.Random(f"parclip-cycle|{self.seed}|{self.epoch}|{self.rank}|{lane}|{cycle}").shuffle(shards)
+                random.Random(f"parclip-cycle|{self.seed}|{self.epoch}|{self._who(lane)}|{cycle}").shuffle(shards)
             yield shards
 
     def _sequence(self, lane: int) -> Iterator[dict]:
         """Reader `lane`'s samples of the epoch, endless, in their deterministic order: its passes over shards through
         a seeded shuffle buffer, emptied at the end of every pass."""
-        rng = random.Random(f"parclip-buffer|{self.seed}|{self.epoch}|{self.rank}|{lane}")
+        rng = random.Random(f"parclip-buffer|{self.seed}|{self.epoch}|{self._who(lane)}")
         buffer: list[dict] = []
         for shards in self._passes(lane):
             got = 0
@@ -440,8 +445,10 @@ class LabelledShards(LabelledImages):
     """clip_benchmark's webdataset layout as a labelled data set with the interface of
     :class:`~parclip.data.LabelledFolder` (``classnames``, ``samples``, ``targets``, ``load_image``, ``describe``).
 
-    ``spec``: shards (pattern, folder, ``::``-joined); class names from ``classnames`` or a ``classnames.txt`` beside
-    the shards or one folder up (clip_benchmark keeps it at the data set's root, the shards in ``test/``)."""
+    ``spec``: shards (pattern, folder, ``::``-joined; paths, URLs or ``pipe:`` commands, see the module docstring);
+    class names from ``classnames`` or a ``classnames.txt`` beside the shards or one folder up (clip_benchmark keeps
+    it at the data set's root, the shards in ``test/``), fetched for URLs. A shard that cannot be read (a failed
+    command or download too) is counted and named among the bad rows."""
 
     def __init__(self, spec: str, *, transform: Callable | None = None, classnames=None,
                  label_key: str = "cls", max_bad_fraction: float = 0.01):

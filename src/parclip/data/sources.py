@@ -30,10 +30,12 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
                        dataset_type: str = "auto", caption_views: CaptionViews | None = None,
                        num_samples: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
                        workers: int = 0, pin_memory: bool = False, shuffle_buffer: int = 1000,
-                       resampled: bool = False, img_key: str = "image", caption_key: str = "caption", sep: str | None = None,
-                       root: str | os.PathLike | None = None, max_bad_fraction: float = 0.01) -> TrainingData:
+                       resampled: bool = False, img_key: str = "image", caption_key: str = "caption",
+                       sep: str | None = None, root: str | os.PathLike | None = None,
+                       max_bad_fraction: float = 0.01) -> TrainingData:
     """The training pairs of `source`: shards when `dataset_type` is "webdataset", or "auto" and the source names
-    shards (a .tar path or pattern, ``::``-joined sources, a folder of .tar files); a caption table otherwise.
+    shards (a .tar path, URL or pattern, a ``pipe:`` command, ``::``-joined sources, a folder of .tar files); a
+    caption table otherwise.
 
     `transform` maps a PIL image to the image tensor (or a tuple of views), `tokenizer` a list of captions to tokens;
     `caption_views`, when given, adds a defence's caption views (a table's captions pass through it once, a shard
