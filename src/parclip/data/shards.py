@@ -428,8 +428,12 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         if info is None:
             readers = [self._lane_batches(k, positions[k]) for k in range(self.lanes)]
-            for b in range(self.first_batch, self.n_batches):
-                yield next(readers[order[b]])
+            try:
+                for b in range(self.first_batch, self.n_batches):
+                    yield next(readers[order[b]])
+            finally:
+                for reader in readers:
+                    reader.close()
             return
         if info.num_workers != max(1, self.workers):
             raise DataError(f"this shard stream was set up for {max(1, self.workers)} data-loader workers but runs in "

@@ -99,8 +99,9 @@ class TrainingData:
         DistributedSampler over the table (every process the same number of whole batches)."""
         if self.is_shards:
             self.dataset.set_epoch(epoch, first_batch, n_batches)
+            # in_order: the DataLoader takes its workers' batches in turn, the order the stream's schedule is made for
             return DataLoader(self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                              persistent_workers=False)
+                              persistent_workers=False, in_order=True)
         sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                      seed=self.seed, drop_last=True)
         sampler.set_epoch(epoch)
