@@ -59,6 +59,9 @@ class TrainConfig:
                                        "they have an img2dataset _stats.json or a parclip manifest)", domain=COUNT)
     shuffle_buffer: int = _f(1000, "webdataset: samples in the shuffle buffer (shards are shuffled too)",
                              domain=COUNT)
+    dataset_resampled: bool = _f(False, "webdataset: draw shards with replacement (seeded per process and worker), "
+                                 "an endless stream cut into epochs of --train-num-samples (or the shards' recorded "
+                                 "size); works with any number of shards and workers (as open_clip)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty",
                                   domain=FRACTION)
     workers: int = _f(2, "data-loading worker processes per device", domain=NATURAL)
@@ -174,6 +177,9 @@ class TrainConfig:
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise ValueError(f"--warmup {self.warmup}: a fraction of training in [0, 1), or a whole number of steps "
                              f"(≥ 1, as open_clip_train counts it)")
+        if self.dataset_resampled and self.dataset_type == "csv":
+            raise ValueError("--dataset-resampled is for webdataset shards (drawn with replacement), not for "
+                             "--dataset-type csv: drop one of them")
         if self.val_attack and not self.val_target:
             raise ValueError("--val-attack needs --val-target (the target class whose ASR is measured)")
         if (self.val_attack or self.val_every) and not self.val_data:
