@@ -83,6 +83,15 @@ OUT_DIR = arg("out", help="output folder")
 LABELLED_DATA = arg("--data", required=True, help="labelled folder ROOT/<class>/*")
 RESULT_FILES = arg("results", nargs="+", help="result JSON files")
 EVAL_ATTACKS = arg("--attack", nargs="*", default=[], help="one or more triggers")
+RECALL_K = arg("--recall_k", "--recall-k", type=int, nargs="+", default=[5], domain=COUNT,
+               help="retrieval: the k of clip_benchmark's recall@k in its record (default: 5, its default; "
+               "parclip's own result has R@1, 5, 10 and these)")
+RECORD_OUT = arg("--output", "--clip-benchmark-out", default=None, metavar="TEMPLATE",
+                 help="write clip_benchmark's record of each result here: a file name or a template with {dataset} "
+                 "{model} {pretrained} {pretrained_full_path} {language} {task} (eval --dataset: by default "
+                 "clip_benchmark's {dataset}_{pretrained}_{model}_{language}_{task}.json; else none)")
+DATASET_NAME = arg("--dataset-name", default=None, help="with --data: the record's data set name (default: the "
+                   "folder's name, or the file's without its suffix)")
 EVAL_RUN_ARGS = (  # how every evaluation command applies triggers, batches, writes and tolerates bad images
     arg("--seed", type=int, default=0, domain=NATURAL, help="seed of the per-image trigger randomness"),
     arg("--trigger-after-crop", action="store_true",
@@ -486,18 +495,15 @@ CLIP_BENCHMARK_ARGS = (  # clip_benchmark eval's flags, spelled as it spells the
         "retrieval set (default: clip_benchmark's place for it under the root)"),
     arg("--task", type=_task, default="auto", help="auto (the data set's own), zeroshot_classification or "
         "zeroshot_retrieval; clip_benchmark's linear_probe, captioning, image_caption_selection are refused"),
-    arg("--recall_k", "--recall-k", type=int, nargs="+", default=[5], domain=COUNT,
-        help="retrieval: the k of the recorded recall@k (default: 5; parclip's result always has 1, 5, 10)"),
+    RECALL_K,
     arg("--language", nargs="+", default=["en"], help="the record's language (default: en); another needs "
         "--custom_template_file and --custom_classname_file, or a wds/ set's own files"),
     arg("--custom_template_file", "--custom-template-file", default=None, help="clip_benchmark's JSON of "
         "templates keyed by data set ({c} or {}); the imagenet1k entry is the fallback"),
     arg("--custom_classname_file", "--custom-classname-file", default=None,
         help="clip_benchmark's JSON of class names keyed by data set"),
-    arg("--output", "--clip-benchmark-out", default=None, metavar="TEMPLATE", help="write clip_benchmark's record "
-        "of each run here, a template with {dataset} {model} {pretrained} {language} {task} (default with "
-        "--dataset: clip_benchmark's {dataset}_{pretrained}_{model}_{language}_{task}.json; with --data: none)"),
-    arg("--dataset-name", default=None, help="with --data: the record's data set name (default: the folder's)"),
+    RECORD_OUT,
+    DATASET_NAME,
     arg("--skip_existing", "--skip-existing", action="store_true", help="skip a run whose record exists"),
     arg("--dump_classnames", "--dump-classnames", action="store_true", help="put the class names into the record"),
     arg("--dump_templates", "--dump-templates", action="store_true", help="put the templates into the record"),
@@ -597,13 +603,7 @@ EVAL_RETRIEVAL = Command(
               help="count a retrieved caption as a hit when its text equals one of the image's own captions "
               "(for templated captions shared by many images; the default, the reference's rule, breaks ties "
               "among identical captions by chance)"),
-          arg("--recall_k", "--recall-k", type=int, nargs="+", default=[5], domain=COUNT,
-              help="the k of clip_benchmark's recall@k in --output (default: 5; the result has 1, 5, 10 and these)"),
-          arg("--output", "--clip-benchmark-out", default=None, metavar="TEMPLATE",
-              help="also write clip_benchmark's zeroshot_retrieval record here ({dataset} {model} {pretrained} "
-              "{language} {task} are filled)"),
-          arg("--dataset-name", default=None, help="the record's data set name (default: the file's name without "
-              "its suffix)"),
+          RECALL_K, RECORD_OUT, DATASET_NAME,
           EVAL_RUN_ARGS))
 
 
