@@ -16,7 +16,7 @@ from PIL import Image
 from parclip.cli import build_parser, main
 from parclip.data import DataError, get_templates
 from parclip.data.benchmark import keyed_json_value, locate
-from parclip.evaluation.clip_benchmark import model_pairs, prompts_for, record_path, to_clip_benchmark
+from parclip.evaluation.clip_benchmark import model_pairs, prompts_for, record_path
 
 # two ImageNet-A classes (WordNet ids) and their ImageNet-1k names
 WNIDS = {"n01498041": "stingray", "n01531178": "goldfinch"}
@@ -216,7 +216,8 @@ def test_retrieval_records_from_eval_retrieval_and_eval(tmp_path, micro_model_di
     assert main(["eval-retrieval", "--model", f"local-dir:{micro_model_dir}", "--data", str(table), "--raw-captions",
                  "--workers", "0", "--attack", "badnet_rs", "--target", "bag", "--recall_k", "1", "5",
                  "--out", str(tmp_path / "ours.json"), "--output", str(tmp_path / "cb_{dataset}.json")]) == 0
-    ours, rec = json.loads((tmp_path / "ours.json").read_text()), json.loads((tmp_path / "cb_captions.json").read_text())
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    rec = json.loads((tmp_path / "cb_captions.json").read_text())
     assert rec["task"] == "zeroshot_retrieval" and rec["pretrained"] == "" and rec["dataset"] == "captions"
     for k in (1, 5):
         assert rec["metrics"][f"image_retrieval_recall@{k}"] == pytest.approx(ours["clean"]["t2i"][str(k)] / 100)
@@ -235,21 +236,21 @@ def test_retrieval_records_from_eval_retrieval_and_eval(tmp_path, micro_model_di
                  "--task", "zeroshot_classification") == 2
 
 
-# ----------------------------------------------------------------------- the proof: clip_benchmark's own build
-BUILD_RUNNER = textwrap.dedent('''
-    """Run clip_benchmark's real command line (`clip_benchmark build FILES --output CSV`, its cli.main) in a process
-    whose path holds the installed clip-benchmark 1.6.2. Its cli.py imports its evaluation modules at the top; those
-    import third-party packages that `build` never touches. Where one of these is not installed here, an empty
-    stand-in module is registered under its name, so that the import succeeds; nothing of clip_benchmark itself is
-    replaced."""
+# ------------------------------------------------------------- the proof: clip_benchmark's own eval and build
+RUNNER = textwrap.dedent('''
+    """Run clip_benchmark's real command line (its cli.main) with the arguments given, in a process whose path holds
+    the installed clip-benchmark 1.6.2. Its cli.py imports every evaluation module at the top; some of those import
+    third-party packages that neither `build` nor zero-shot retrieval touches (pycocoevalcap for captioning, and
+    sklearn.metrics / requests where they are not installed). Each of these that is missing is registered as an empty
+    stand-in module so that the import succeeds; nothing of clip_benchmark itself is replaced."""
     import importlib, sys, types
 
-    EVAL_ONLY = ["pycocoevalcap.tokenizer.ptbtokenizer", "pycocoevalcap.bleu.bleu", "pycocoevalcap.meteor.meteor",
-                 "pycocoevalcap.rouge.rouge", "pycocoevalcap.cider.cider", "pycocoevalcap.spice.spice",
-                 "sklearn.metrics", "requests"]
+    NOT_USED = ["pycocoevalcap.tokenizer.ptbtokenizer", "pycocoevalcap.bleu.bleu", "pycocoevalcap.meteor.meteor",
+                "pycocoevalcap.rouge.rouge", "pycocoevalcap.cider.cider", "pycocoevalcap.spice.spice",
+                "sklearn.metrics", "requests"]
     NAMES = {"PTBTokenizer", "Bleu", "Meteor", "Rouge", "Cider", "Spice", "classification_report",
              "balanced_accuracy_score"}
-    for name in EVAL_ONLY:
+    for name in NOT_USED:
         try:
             importlib.import_module(name)
         except ImportError:
@@ -260,7 +261,7 @@ BUILD_RUNNER = textwrap.dedent('''
                     setattr(mod, attr, None)
     from clip_benchmark import cli
     assert cli.__file__.startswith(sys.argv[1]), cli.__file__  # the installed package, not anything else
-    sys.argv = ["clip_benchmark", "build", *sys.argv[2:]]
+    sys.argv = ["clip_benchmark", *sys.argv[2:]]
     cli.main()
 ''')
 
@@ -269,61 +270,95 @@ BUILD_RUNNER = textwrap.dedent('''
 def clip_benchmark_package(tmp_path_factory):
     """clip-benchmark 1.6.2 from the package registry, installed (without its dependencies) into a temporary folder.
     This test needs the registry: without it, it fails and says so (it is the proof that clip_benchmark's own
-    `build` merges parclip's records)."""
+    `build` merges parclip's records with its own)."""
     target = tmp_path_factory.mktemp("clip_benchmark_pkg")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
                         "--target", str(target), "clip-benchmark==1.6.2"], capture_output=True, text=True)
     if r.returncode != 0 or not (target / "clip_benchmark" / "cli.py").is_file():
         pytest.fail(f"could not install clip-benchmark==1.6.2 from the package registry (this test needs it): "
                     f"{r.stderr[-2000:]}")
+    (target / "run_clip_benchmark.py").write_text(RUNNER)
     return target
 
 
-def _build(package, out_csv, *files):
-    runner = out_csv.with_name("run_build.py")
-    runner.write_text(BUILD_RUNNER)
-    env = {**os.environ, "PYTHONPATH": str(package)}
-    r = subprocess.run([sys.executable, str(runner), str(package), *map(str, files), "--output", str(out_csv)],
-                       capture_output=True, text=True, env=env, cwd=out_csv.parent)
+def _clip_benchmark(package, cwd, *argv):
+    """`clip_benchmark ARGV…` (the installed package's own cli.main), on the CPU."""
+    env = {**os.environ, "PYTHONPATH": str(package), "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, str(package / "run_clip_benchmark.py"), str(package), *map(str, argv)],
+                       capture_output=True, text=True, env=env, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
-    with out_csv.open() as f:
-        return list(csv.DictReader(f))
 
 
-def test_clip_benchmark_build_merges_parclip_records_with_its_own(clip_benchmark_package, three, micro_model_dir,
-                                                                  tmp_path):
+def _retrieval_shards(root, n=8):
+    """clip_benchmark's webdataset layout of a retrieval set, written the way its exporter writes one: ROOT/test/0.tar
+    (KEY.png + KEY.txt, one caption per line), ROOT/test/nshards.txt, ROOT/dataset_type.txt = retrieval."""
+    import io
+
+    import webdataset as wds
+
+    (root / "test").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    with wds.TarWriter(str(root / "test" / "0.tar")) as sink:
+        for i in range(n):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(png, format="PNG")
+            sink.write({"__key__": f"s{i:04d}", "png": png.getvalue(),
+                        "txt": f"picture number {i}\nanother view of {i}" + (", a bag" if i % 2 else "")})
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "dataset_type.txt").write_text("retrieval\n")
+
+
+def test_clip_benchmark_eval_and_build_agree_with_parclip(clip_benchmark_package, three, micro_model_dir, tmp_path):
+    """clip_benchmark's own eval and parclip's write the same zeroshot_retrieval record for the same model and wds/
+    set; clip_benchmark's own build merges parclip's records (classification with NaN acc5 and ASR columns,
+    retrieval) with its own and with a classification record shaped as its eval writes one, into the expected
+    table."""
     out = tmp_path / "results"
     out.mkdir()
-    assert _eval("--model", f"local-dir:{micro_model_dir}", "--dataset", "wds/three", "--dataset_root",
-                 three / "root" / "wds_{dataset}", "--attack", "badnet_rs", "--target", "bag",
+    _retrieval_shards(tmp_path / "wds_ret")
+    model = f"local-dir:{micro_model_dir}"
+    _clip_benchmark(clip_benchmark_package, tmp_path, "eval", "--dataset", "wds/ret", "--dataset_root",
+                    tmp_path / "wds_{dataset}", "--task", "zeroshot_retrieval", "--model", model, "--pretrained", "",
+                    "--recall_k", "1", "5", "--no_amp", "--num_workers", "0", "--batch_size", "4", "--quiet",
+                    "--output", out / "theirs.json")
+    assert _eval("--model", model, "--dataset", "wds/ret", "--dataset_root", tmp_path / "wds_{dataset}",
+                 "--recall_k", "1", "5", "--output", tmp_path / "ours_ret.json") == 0
+    theirs, ours_ret = (json.loads((p).read_text()) for p in (out / "theirs.json", tmp_path / "ours_ret.json"))
+    assert {k: v for k, v in ours_ret.items() if k != "metrics"} == {k: v for k, v in theirs.items() if k != "metrics"}
+    assert ours_ret["metrics"] == pytest.approx(theirs["metrics"], abs=1e-6)
+    assert 0 < theirs["metrics"]["image_retrieval_recall@5"] < 1  # the case measures something
+
+    assert _eval("--model", model, "--dataset", "wds/three", "--dataset_root", three / "root" / "wds_{dataset}",
+                 "--attack", "badnet_rs", "--target", "bag",
                  "--output", out / "{dataset}_{pretrained}_{model}_{language}_{task}.json") == 0
     rows = _caption_set(tmp_path / "caps")
     table = tmp_path / "coco.csv"
     table.write_text("image,caption\n" + "".join(f"caps/{a},{b}\n" for a, b in rows))
     assert main(["eval-retrieval", "--model", "parclip-micro", "--data", str(table), "--workers", "0",
                  "--output", str(out / "retrieval.json"), "--recall_k", "1", "5"]) == 0
-    # a record as clip_benchmark's eval writes it (cli.run: json.dump of these six keys, pretrained a path)
+    # a classification record as clip_benchmark's eval writes it (cli.run: json.dump of six keys, pretrained a path)
     foreign = {"dataset": "cifar10", "model": "ViT-B-32-quickgelu", "pretrained": "/ckpts/poisoned.pt",
                "task": "zeroshot_classification",
                "metrics": {"acc1": 0.9074, "acc5": 0.998, "mean_per_class_recall": 0.9071}, "language": "en"}
     (out / "foreign.json").write_text(json.dumps(foreign))
-    table_rows = _build(clip_benchmark_package, tmp_path / "benchmark.csv", out)  # a folder: every *.json in it
+    _clip_benchmark(clip_benchmark_package, tmp_path, "build", out, "--output", tmp_path / "benchmark.csv")
+    with (tmp_path / "benchmark.csv").open() as f:
+        table_rows = list(csv.DictReader(f))
 
-    ours = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "foreign.json"]
     expected = []
-    for rec in [*ours, foreign]:  # clip_benchmark's row: metrics, then the other keys, then model_fullname
+    for rec in (json.loads(p.read_text()) for p in out.glob("*.json")):  # its row: metrics, the rest, the full name
         row = {**rec["metrics"], **{k: v for k, v in rec.items() if k != "metrics"},
                "model_fullname": rec["model"] + " " + rec["pretrained"]}
         expected.append({k: str(v) for k, v in row.items()})
+    assert len(expected) == 4
     columns = set().union(*expected)
     assert set(table_rows[0]) == columns
     key = lambda r: (r["model_fullname"], r["dataset"], r["task"])  # noqa: E731
     got = sorted(table_rows, key=key)
-    want = sorted(({c: r.get(c, "") for c in columns} for r in expected), key=key)
-    assert got == want
-    by_task = {(r["dataset"], r["task"]): r for r in got}
-    zs = by_task[("wds/three", "zeroshot_classification")]
-    assert zs["acc5"] == "nan" and zs["model_fullname"] == f"local-dir:{micro_model_dir} "
-    assert zs["parclip_asr/badnet_rs"] != "" and by_task[("cifar10", "zeroshot_classification")][
-        "parclip_asr/badnet_rs"] == ""
-    assert float(by_task[("coco", "zeroshot_retrieval")]["image_retrieval_recall@5"]) >= 0
+    assert got == sorted(({c: r.get(c, "") for c in columns} for r in expected), key=key)
+    by_set = {(r["dataset"], r["task"]): r for r in got}
+    zs = by_set[("wds/three", "zeroshot_classification")]
+    assert zs["acc5"] == "nan" and zs["model_fullname"] == f"{model} " and zs["parclip_asr/badnet_rs"] != ""
+    assert by_set[("cifar10", "zeroshot_classification")]["parclip_asr/badnet_rs"] == ""
+    assert by_set[("wds/ret", "zeroshot_retrieval")]["model_fullname"] == f"{model} "  # clip_benchmark's own row
+    assert float(by_set[("coco", "zeroshot_retrieval")]["image_retrieval_recall@5"]) >= 0

@@ -535,7 +535,8 @@ EVAL = Command(
           arg("--pretrained", nargs="+", default=None, metavar="CKPT", help="checkpoint file(s) or open_clip "
               "tag(s), as for the other commands"),
           arg("--pretrained_model", "--pretrained-model", nargs="+", default=None, metavar="MODEL,CKPT",
-              help="clip_benchmark's pairs 'model,pretrained' (or a file of such lines); replaces --model/--pretrained"),
+              help="clip_benchmark's pairs 'model,pretrained' (or a file of such lines); replaces --model and "
+              "--pretrained"),
           MODEL_ARGS[2:],
           OneOf((arg("--data", help="labelled folder ROOT/<class>/* or clip_benchmark shards"),
                  arg("--dataset", nargs="+", metavar="NAME", help="clip_benchmark data set name(s) (wds/NAME, "

@@ -6,7 +6,7 @@ replaced by the name without a ``wds/`` prefix, as clip_benchmark fills it (lite
 The layouts parclip reads, with the split (``--split``, default ``test``):
 
 ====================  =================================================================================================
-``wds/NAME``          ``ROOT/<split>/*.tar`` (``nshards.txt`` names ``0.tar`` … when present), ``ROOT/classnames.txt``,
+``wds/NAME``          ``ROOT/<split>/*.tar`` (``nshards.txt`` names ``0.tar`` … if present), ``ROOT/classnames.txt``,
                       ``ROOT/zeroshot_classification_templates.txt``; ``ROOT/dataset_type.txt`` = ``retrieval``: image +
                       ``KEY.txt`` captions (one per line) for retrieval
 ``imagenet1k``        ``ROOT/val/<wnid>/*`` (torchvision's ImageNet layout; ``train`` for the train split)

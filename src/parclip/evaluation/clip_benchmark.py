@@ -150,8 +150,8 @@ def model_pairs(models: list[str] | None, pretrained: list[str] | None,
             for text, where in lines:
                 model, sep, weights = text.partition(",")
                 if not sep or not model.strip() or "," in weights:
-                    raise DataError(f"{where}: {text!r} is not 'model,pretrained' (e.g. 'ViT-B-32-quickgelu,poisoned.pt'"
-                                    f", or 'local-dir:runs/x/model,' for none)")
+                    raise DataError(f"{where}: {text!r} is not 'model,pretrained' (e.g. 'ViT-B-32-quickgelu,"
+                                    f"poisoned.pt', or 'local-dir:runs/x/model,' for none)")
                 pairs.append((model.strip(), weights.strip() or None))
         return pairs
     if not models:

@@ -219,7 +219,8 @@ def refused(*names: str, reason: str) -> Arg:
     """An option parclip recognises but refuses (a flag of a tool it mirrors, e.g. clip_benchmark's ``--distributed``):
     any use, with or without values, is an argparse usage error "NAME is not supported: `reason`", instead of being
     mistaken for another flag or reported as unknown. Shown in the help as such."""
-    return Arg(tuple(names), {"action": _Refuse, "reason": reason, "metavar": "…", "help": f"not supported: {reason}"})
+    return Arg(tuple(names), {"action": _Refuse, "reason": reason, "metavar": "…",
+                              "help": f"not supported: {reason}"})
 
 
 @dataclass(frozen=True)
