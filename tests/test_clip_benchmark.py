@@ -102,6 +102,7 @@ def test_clip_benchmark_flag_spellings_and_refusals(capsys):
 def test_model_pairs_as_clip_benchmark_forms_them(tmp_path):
     assert model_pairs(["A", "B"], ["p", "q"], None) == [("A", "p"), ("A", "q"), ("B", "p"), ("B", "q")]
     assert model_pairs(["local-dir:x"], None, None) == [("local-dir:x", None)]
+    assert model_pairs(["A"], [""], None) == [("A", None)]  # --pretrained '': none
     f = tmp_path / "models.txt"
     f.write_text("ViT-B-32-quickgelu,poisoned.pt\nlocal-dir:runs/par/model,\n")
     assert model_pairs(["ignored"], None, [str(f), "RN50,clean.pt"]) == [
@@ -150,8 +151,12 @@ def test_wds_set_by_name_several_models_one_record_each(three, micro_model_dir, 
     pretrained a string; acc5 NaN with 3 classes; parclip's numbers under parclip_ names; the same numbers as
     parclip's own --data run on the folder with the same templates."""
     tpl = str(tmp_path / "{dataset}_{pretrained}_{model}_{language}_{task}.json")
+    root = str(three / "root" / "wds_{dataset}")
     assert _eval("--model", f"local-dir:{micro_model_dir}", "parclip-micro", "--dataset", "wds/three",
-                 "--dataset_root", str(three / "root" / "wds_{dataset}"), "--attack", "badnet_rs", "--target", "bag",
+                 "--dataset_root", root, "--output", tpl) == 2  # clip_benchmark would load laion400m_e32 weights
+    assert "without --pretrained: clip_benchmark would load its default weights" in capsys.readouterr().err
+    assert _eval("--model", f"local-dir:{micro_model_dir}", "parclip-micro", "--pretrained", "", "--dataset",
+                 "wds/three", "--dataset_root", root, "--attack", "badnet_rs", "--target", "bag",
                  "--output", tpl, "--out", str(tmp_path / "{model}.parclip.json"), "--dump_templates") == 0
     records = sorted(tmp_path.glob("three_*_zeroshot_classification.json"))
     assert len(records) == 2, records
@@ -176,11 +181,11 @@ def test_wds_set_by_name_several_models_one_record_each(three, micro_model_dir, 
     assert (folder["clean_top1"], folder["attacks"]["badnet_rs"]["asr"]) == (
         ours["clean_top1"], ours["attacks"]["badnet_rs"]["asr"])
     capsys.readouterr()
-    assert _eval("--model", f"local-dir:{micro_model_dir}", "parclip-micro", "--dataset", "wds/three",
-                 "--dataset_root", str(three / "root" / "wds_{dataset}"), "--output", tpl, "--skip_existing") == 0
+    assert _eval("--model", f"local-dir:{micro_model_dir}", "parclip-micro", "--pretrained", "", "--dataset",
+                 "wds/three", "--dataset_root", root, "--output", tpl, "--skip_existing") == 0
     assert capsys.readouterr().out.count("skipped") == 2
-    assert _eval("--model", "parclip-micro", "parclip-micro", "--dataset", "wds/three", "--dataset_root",
-                 str(three / "root" / "wds_{dataset}"), "--output", tmp_path / "one.json") == 2
+    assert _eval("--model", "parclip-micro", "parclip-micro", "--pretrained", "", "--dataset", "wds/three",
+                 "--dataset_root", root, "--output", tmp_path / "one.json") == 2
     assert "the same file" in capsys.readouterr().err
 
 
@@ -206,7 +211,7 @@ def _caption_set(folder, n=6):
     return rows
 
 
-def test_retrieval_records_from_eval_retrieval_and_eval(tmp_path, micro_model_dir):
+def test_retrieval_records_from_eval_retrieval_and_eval(tmp_path, micro_model_dir, capsys):
     """eval-retrieval writes clip_benchmark's zeroshot_retrieval record (recall@k as fractions, image retrieval =
     text→image); `eval --dataset flickr8k` reads clip_benchmark's Flickr layout and gives the same numbers."""
     rows = _caption_set(tmp_path / "flickr8k")
@@ -232,8 +237,9 @@ def test_retrieval_records_from_eval_retrieval_and_eval(tmp_path, micro_model_di
     fl = json.loads((tmp_path / "fl.json").read_text())
     assert fl["dataset"] == "flickr8k" and fl["task"] == "zeroshot_retrieval"
     assert fl["metrics"] == {k: v for k, v in rec["metrics"].items() if not k.startswith("parclip_")}
-    assert _eval("--model", "parclip-micro", "--dataset", "flickr8k", "--dataset_root", tmp_path / "{dataset}",
-                 "--task", "zeroshot_classification") == 2
+    assert _eval("--model", f"local-dir:{micro_model_dir}", "--dataset", "flickr8k", "--dataset_root",
+                 tmp_path / "{dataset}", "--task", "zeroshot_classification") == 2
+    assert "--task zeroshot_classification: flickr8k is a zeroshot_retrieval set" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- the proof: clip_benchmark's own eval and build

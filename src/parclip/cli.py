@@ -375,6 +375,11 @@ def _eval_runs(args) -> list[tuple]:
         raise DataError(f"--language {' '.join(args.language)}: one language per call (clip_benchmark runs each; "
                         f"parclip's custom template and class-name files are per language, so run one call each)")
     pairs = model_pairs(args.model, args.pretrained, args.pretrained_model)
+    unweighted = [m for m, p in pairs if p is None and not m.startswith("local-dir:")]
+    if args.dataset and args.pretrained is None and not args.pretrained_model and unweighted:
+        raise DataError(f"--model {unweighted[0]} without --pretrained: clip_benchmark would load its default weights "
+                        f"(laion400m_e32); parclip has no default. Pass --pretrained laion400m_e32 (an open_clip "
+                        f"tag, fetched into its cache) or a checkpoint file, or --pretrained '' for random weights")
     if args.data is not None:
         sets = [(args.dataset_name or Path(args.data).name, None)]
     else:

@@ -134,8 +134,8 @@ def model_pairs(models: list[str] | None, pretrained: list[str] | None,
                 pretrained_model: list[str] | None) -> list[tuple[str, str | None]]:
     """The (model, pretrained) pairs of one call, as clip_benchmark forms them: every ``--pretrained_model`` entry
     (``model,pretrained``, or a text file of such lines) when any is given, else every combination of ``--model`` and
-    ``--pretrained`` (``itertools.product``; no ``--pretrained``: the models alone). An empty pretrained part means
-    none. clip_benchmark's named model collections (``openai``, ``openclip_base``, …) are refused: they download."""
+    ``--pretrained`` (``itertools.product``; no ``--pretrained``: the models alone). An empty pretrained (``""``)
+    means none. clip_benchmark's named model collections (``openai``, ``openclip_base``, …) are refused: they download."""
     if pretrained_model:
         pairs = []
         for entry in pretrained_model:
@@ -156,7 +156,7 @@ def model_pairs(models: list[str] | None, pretrained: list[str] | None,
         return pairs
     if not models:
         raise DataError("no model: pass --model NAME [NAME …] (with --pretrained) or --pretrained_model 'model,ckpt'")
-    return list(itertools.product(models, pretrained or [None]))
+    return list(itertools.product(models, [p or None for p in pretrained] if pretrained else [None]))
 
 
 def prompts_for(name: str, *, own_templates=None, own_classnames=None, templates: str | None = None,
