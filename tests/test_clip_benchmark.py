@@ -237,9 +237,23 @@ def test_retrieval_records_from_eval_retrieval_and_eval(tmp_path, micro_model_di
     fl = json.loads((tmp_path / "fl.json").read_text())
     assert fl["dataset"] == "flickr8k" and fl["task"] == "zeroshot_retrieval"
     assert fl["metrics"] == {k: v for k, v in rec["metrics"].items() if not k.startswith("parclip_")}
-    assert _eval("--model", f"local-dir:{micro_model_dir}", "--dataset", "flickr8k", "--dataset_root",
+    # clip_benchmark's COCO layout: ROOT/val2014/ + ROOT/coco_test_karpathy.json in the COCO captions format
+    (tmp_path / "mscoco_captions").mkdir()
+    (tmp_path / "flickr8k").rename(tmp_path / "mscoco_captions" / "val2014")
+    files = sorted({a for a, _ in rows})
+    (tmp_path / "mscoco_captions" / "coco_test_karpathy.json").write_text(json.dumps(
+        {"images": [{"id": 100 + i, "file_name": f} for i, f in enumerate(files)],
+         "annotations": [{"image_id": 100 + files.index(a), "caption": b, "id": j} for j, (a, b) in enumerate(rows)]}))
+    assert _eval("--model", f"local-dir:{micro_model_dir}", "--dataset", "retrieval", "--dataset_root",
+                 tmp_path / "{dataset}", "--recall_k", "1", "5", "--output", tmp_path / "coco.json") == 2
+    said = capsys.readouterr()
+    assert "--dataset flickr8k: " in said.err and "clean:" not in said.out  # every member found before a model runs
+    assert _eval("--model", f"local-dir:{micro_model_dir}", "--dataset", "mscoco_captions", "--dataset_root",
+                 tmp_path / "{dataset}", "--recall_k", "1", "5", "--output", tmp_path / "coco.json") == 0
+    assert json.loads((tmp_path / "coco.json").read_text())["metrics"] == fl["metrics"]
+    assert _eval("--model", f"local-dir:{micro_model_dir}", "--dataset", "mscoco_captions", "--dataset_root",
                  tmp_path / "{dataset}", "--task", "zeroshot_classification") == 2
-    assert "--task zeroshot_classification: flickr8k is a zeroshot_retrieval set" in capsys.readouterr().err
+    assert "--task zeroshot_classification: mscoco_captions is a zeroshot_retrieval set" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- the proof: clip_benchmark's own eval and build

@@ -472,17 +472,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-_TASKS = ("auto", "zeroshot_classification", "zeroshot_retrieval")
-
-
 def _task(text: str) -> str:
     """--task: clip_benchmark's names; its tasks parclip does not run are refused with the reason."""
-    from parclip.data.benchmark import REFUSED_TASKS
+    from parclip.data.benchmark import REFUSED_TASKS, TASKS
 
     if text in REFUSED_TASKS:
         raise argparse.ArgumentTypeError(f"{text} is not supported: {REFUSED_TASKS[text]}")
-    if text not in _TASKS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_TASKS)}")
+    if text not in TASKS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(TASKS)}")
     return text
 
 
@@ -576,12 +573,13 @@ def _cmd_eval_retrieval(args) -> int:
     r.update(_provenance(args.model, args.pretrained))
     summary = _retrieval_summary(r)
     if args.output:
+        from parclip.data.benchmark import RETRIEVAL
         from parclip.evaluation.clip_benchmark import record_path, to_clip_benchmark
         from parclip.utils.files import write_json
 
         name = args.dataset_name or Path(args.data).stem
         path = record_path(args.output, dataset=name, model=args.model, pretrained=args.pretrained, language="en",
-                           task="zeroshot_retrieval")
+                           task=RETRIEVAL)
         write_json(path, to_clip_benchmark(r, name, recall_k=args.recall_k))
         summary += f"\nclip_benchmark record: {path}"
     return _emit(summary, r, args.out)

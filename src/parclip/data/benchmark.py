@@ -38,9 +38,11 @@ from .captions import DataError
 from .retrieval import RetrievalSet, group_pairs, read_retrieval
 
 __all__ = ["BenchmarkSet", "locate", "expand_dataset_names", "dataset_root", "short_name", "keyed_json_value",
-           "open_retrieval", "CLASSIFICATION", "RETRIEVAL", "REFUSED_TASKS"]
+           "open_retrieval", "CLASSIFICATION", "RETRIEVAL", "TASKS", "REFUSED_TASKS"]
 
 CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
+#: the --task values parclip runs ("auto": the data set's own)
+TASKS = ("auto", CLASSIFICATION, RETRIEVAL)
 #: clip_benchmark's other tasks, and why parclip does not run them
 REFUSED_TASKS = {
     "linear_probe": "parclip measures zero-shot accuracy and backdoor success; it trains no linear probes",
