@@ -244,6 +244,7 @@ def test_retrieval_records_from_eval_retrieval_and_eval(tmp_path, micro_model_di
     (tmp_path / "mscoco_captions" / "coco_test_karpathy.json").write_text(json.dumps(
         {"images": [{"id": 100 + i, "file_name": f} for i, f in enumerate(files)],
          "annotations": [{"image_id": 100 + files.index(a), "caption": b, "id": j} for j, (a, b) in enumerate(rows)]}))
+    capsys.readouterr()
     assert _eval("--model", f"local-dir:{micro_model_dir}", "--dataset", "retrieval", "--dataset_root",
                  tmp_path / "{dataset}", "--recall_k", "1", "5", "--output", tmp_path / "coco.json") == 2
     said = capsys.readouterr()
