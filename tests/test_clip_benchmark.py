@@ -383,3 +383,17 @@ def test_clip_benchmark_eval_and_build_agree_with_parclip(clip_benchmark_package
     assert by_set[("cifar10", "zeroshot_classification")]["parclip_asr/badnet_rs"] == ""
     assert by_set[("wds/ret", "zeroshot_retrieval")]["model_fullname"] == f"{model} "  # clip_benchmark's own row
     assert float(by_set[("coco", "zeroshot_retrieval")]["image_retrieval_recall@5"]) >= 0
+
+
+def test_every_flag_of_clip_benchmark_eval_is_known(clip_benchmark_package):
+    """Each option of clip_benchmark's `eval` (read from its installed cli.py) is one of parclip eval's: taken with
+    its meaning, or refused with the reason; none is unknown, and none is taken for another by a prefix."""
+    import argparse
+    import re
+
+    source = (clip_benchmark_package / "clip_benchmark" / "cli.py").read_text()
+    theirs = set(re.findall(r"(?:parser_eval|mutually_exclusive)\.add_argument\(\s*['\"](--\w+)['\"]", source))
+    assert {"--dataset", "--pretrained_model", "--recall_k", "--distributed"} <= theirs and len(theirs) > 30
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    ours = {s for a in sub._actions for s in a.option_strings}
+    assert theirs - ours == set()

@@ -135,7 +135,8 @@ def model_pairs(models: list[str] | None, pretrained: list[str] | None,
     """The (model, pretrained) pairs of one call, as clip_benchmark forms them: every ``--pretrained_model`` entry
     (``model,pretrained``, or a text file of such lines) when any is given, else every combination of ``--model`` and
     ``--pretrained`` (``itertools.product``; no ``--pretrained``: the models alone). An empty pretrained (``""``)
-    means none. clip_benchmark's named model collections (``openai``, ``openclip_base``, …) are refused: they download."""
+    means none. clip_benchmark's named model collections (``openai``, ``openclip_base``, …) are refused: they
+    download."""
     if pretrained_model:
         pairs = []
         for entry in pretrained_model:
