@@ -380,6 +380,8 @@ def _eval_runs(args) -> list[tuple]:
         raise DataError(f"--model {unweighted[0]} without --pretrained: clip_benchmark would load its default weights "
                         f"(laion400m_e32); parclip has no default. Pass --pretrained laion400m_e32 (an open_clip "
                         f"tag, fetched into its cache) or a checkpoint file, or --pretrained '' for random weights")
+    if args.dataset and args.dataset_name:
+        raise DataError("--dataset-name names the data of --data; with --dataset the records carry those names")
     if args.data is not None:
         sets = [(args.dataset_name or Path(args.data).name, None)]
     else:
