@@ -95,7 +95,7 @@ def test_clip_benchmark_flag_spellings_and_refusals(capsys):
         with pytest.raises(SystemExit) as e:
             p.parse_args(["eval", "--model", "m", "--dataset", "wds/x", *argv])
         assert e.value.code == 2 and said in capsys.readouterr().err, argv
-    assert main(["eval", "--model", "m", "--dataset", "wds/x", "--dataset-name", "x"]) == 2
+    assert main(["eval", "--model", "local-dir:m", "--dataset", "wds/x", "--dataset-name", "x"]) == 2
     assert "--dataset-name names the data of --data" in capsys.readouterr().err
     r = p.parse_args(["eval-retrieval", "--model", "m", "--data", "c.csv", "--recall_k", "2", "--batch_size", "3"])
     assert (r.recall_k, r.batch_size) == ([2], 3)
