@@ -27,7 +27,7 @@ from typing import Any, Union, get_type_hints
 from .checks import Domain
 
 __all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args", "coerce_fields",
-           "check_domains", "option_name", "Parsed", "Arg", "arg", "OneOf", "Fields", "Command", "add_args",
+           "check_domains", "option_name", "Parsed", "Arg", "arg", "refused", "OneOf", "Fields", "Command", "add_args",
            "add_commands"]
 
 
@@ -204,6 +204,25 @@ def arg(*names: str, domain: Domain | None = None, **options) -> Arg:
     return Arg(tuple(names), options, domain)
 
 
+class _Refuse(argparse.Action):
+    """An option another tool has and parclip does not: giving it is a usage error that says why."""
+
+    def __init__(self, option_strings, dest, reason: str, **kw):
+        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, **kw)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not supported: {self.reason}")
+
+
+def refused(*names: str, reason: str) -> Arg:
+    """An option parclip recognises but refuses (a flag of a tool it mirrors, e.g. clip_benchmark's ``--distributed``):
+    any use, with or without values, is an argparse usage error "NAME is not supported: `reason`", instead of being
+    mistaken for another flag or reported as unknown. Shown in the help as such."""
+    return Arg(tuple(names), {"action": _Refuse, "reason": reason, "metavar": "…",
+                              "help": f"not supported: {reason}"})
+
+
 @dataclass(frozen=True)
 class OneOf:
     """Mutually exclusive arguments (argparse's mutually exclusive group); ``required``: exactly one must be given."""
@@ -268,11 +287,12 @@ def add_args(parser, specs: Sequence[Spec]) -> None:
 def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], *, dest: str,
                  metavar: str = "ACTION") -> None:
     """A required choice among `commands` under `parser`, recorded as ``dest``; each leaf's parser sets ``handler``
-    to its ``run``."""
+    to its ``run``. No parser takes abbreviations (``allow_abbrev=False``): a prefix of a flag is an unknown flag,
+    never silently another one (``--dataset`` is not ``--dataset-name``)."""
     sub = parser.add_subparsers(dest=dest, metavar=metavar)
     sub.required = True
     for c in commands:
-        p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog,
+        p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter if c.epilog
                            else argparse.HelpFormatter)
         add_args(p, c.args)
