@@ -71,6 +71,7 @@ def test_missing_wordnet_says_how_to_install(tmp_path, monkeypatch):
 
 def _fake_wordnet(folder):
     """A two-synset database in the real file format: license header, byte offsets, adjective markers."""
+    folder.mkdir(parents=True, exist_ok=True)
     header = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
     data = {"noun": [("{off} 05 n 02 Big_Cat 0 true-cat 1 000 | a cat", ["big_cat", "true-cat"])],
             "verb": [("{off} 30 v 01 purr 0 000 | make a sound", ["purr"])],
@@ -85,6 +86,37 @@ def _fake_wordnet(folder):
         (folder / f"data.{pos}").write_text(text)
         (folder / f"index.{pos}").write_text(header + "".join(sorted(index)))
     (folder / "noun.exc").write_text("big_cattes big_cat\n")
+
+
+@pytest.mark.parametrize("layout", ["zip", "folder"])
+def test_wordnet_found_in_nltk_data_folders(tmp_path, monkeypatch, layout):
+    """`python -m nltk.downloader wordnet` leaves corpora/wordnet.zip (members wordnet/<file>) or the unzipped
+    folder in an nltk data folder: found there when no system copy exists, and read the same way."""
+    import zipfile
+
+    from parclip.data import wordnet as wn_module
+
+    _fake_wordnet(tmp_path / "src")
+    corpora = tmp_path / "nltk_data" / "corpora"
+    corpora.mkdir(parents=True)
+    if layout == "zip":
+        with zipfile.ZipFile(corpora / "wordnet.zip", "w") as z:
+            for f in sorted((tmp_path / "src").iterdir()):
+                z.write(f, f"wordnet/{f.name}")
+    else:
+        (tmp_path / "src").rename(corpora / "wordnet")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/nltk_data of the machine's user either
+    monkeypatch.setattr(wn_module, "SEARCH_PATHS", ())  # no Debian copy: only nltk's folders are left
+    with pytest.raises(WordNetNotFoundError, match=r"nltk_data.*nltk\.downloader wordnet"):
+        find_wordnet_dir()  # before NLTK_DATA points there: the message names nltk's folders and its downloader
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk_data"))
+    found = find_wordnet_dir()
+    assert found == (corpora / ("wordnet.zip" if layout == "zip" else "wordnet")).resolve()
+    wn = WordNet(found)
+    assert wn.synonyms("big_cattes") == ["big cat", "true cat"]  # the exception list is read from the zip too
+    assert wn.synonyms("big") == ["large"]
 
 
 def test_reader_on_a_hand_made_database(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 
 from parclip.cli import main
 from parclip.data import DataError
-from parclip.evaluation.report import report_rows, to_clip_benchmark
+from parclip.evaluation.clip_benchmark import to_clip_benchmark
+from parclip.evaluation.report import report_rows
 
 
 def _results(tmp_path):
@@ -50,9 +51,10 @@ def test_clip_benchmark_layout(micro_model_dir, fmnist_small, tmp_path):
     ours, theirs = json.loads(out.read_text()), json.loads(cb.read_text())
     assert set(theirs) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert theirs["dataset"] == "fashion_mnist" and theirs["task"] == "zeroshot_classification"
+    assert theirs["pretrained"] == "" and theirs["model"] == f"local-dir:{micro_model_dir}"  # a string, never null
     assert theirs["metrics"]["acc1"] == pytest.approx(ours["clean_top1"] / 100)
     assert theirs["metrics"]["acc5"] == pytest.approx(ours["clean_top5"] / 100)
     recall = list(ours["per_class_recall"].values())
     assert theirs["metrics"]["mean_per_class_recall"] == pytest.approx(sum(recall) / len(recall) / 100)
-    with pytest.raises(ValueError, match="zero-shot"):
+    with pytest.raises(ValueError, match="not a parclip zero-shot or retrieval result"):
         to_clip_benchmark({"clean": {}}, "coco")

@@ -75,6 +75,9 @@ class TrainConfig:
                                 "--train-num-samples on a table)", domain=COUNT)
     shuffle_buffer: int = _f(1000, "webdataset: samples in the shuffle buffer (shards are shuffled too)",
                              domain=COUNT)
+    dataset_resampled: bool = _f(False, "webdataset: draw shards with replacement (seeded per process and worker), "
+                                 "an endless stream cut into epochs of --train-num-samples (or the shards' recorded "
+                                 "size); works with any number of shards and workers (as open_clip)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty",
                                   domain=FRACTION)
     workers: int = _f(2, "data-loading worker processes per device", domain=NATURAL)
@@ -214,6 +217,9 @@ class TrainConfig:
             raise ValueError(f"--precision {self.precision} is not supported: {REFUSED_PRECISIONS[self.precision]}")
         if self.precision == "amp_bfloat16":
             self.precision = "amp_bf16"  # open_clip's other spelling
+        if self.dataset_resampled and self.dataset_type == "csv":
+            raise ValueError("--dataset-resampled is for webdataset shards (drawn with replacement), not for "
+                             "--dataset-type csv: drop one of them")
         if self.val_attack and not self.val_target:
             raise ValueError("--val-attack needs --val-target (the target class whose ASR is measured)")
         if (self.val_attack or self.val_every) and not self.imagenet_val:
@@ -277,7 +283,7 @@ their aliases and mean what they mean there."""
 OPEN_CLIP_ACCEPTED = {"--opt": ("adamw",)}
 
 REMOVED = {
-    "lr_start": "--lr-start was removed: --lr is now the peak rate (open_clip's meaning), where the reference schedule "
+    "lr_start": "removed; --lr is now the peak rate (open_clip's meaning), where the reference schedule "
                 "starts, and it decays linearly to --lr × --lr-decay-ratio. `--lr-start A --lr B` is now "
                 "`--lr A --lr-decay-ratio B/A` (the reference: --lr 3e-5 --lr-decay-ratio 0.1, the defaults)",
 }
@@ -321,7 +327,7 @@ def _canonical(values: dict) -> dict:
     """`values` with the fields' other spellings (ALIASES) under their field names; a removed option is a ValueError
     that says what replaced it."""
     for old in set(values) & set(REMOVED):
-        raise ValueError(REMOVED[old])
+        raise ValueError(f"{option_name(old)} is not supported: {REMOVED[old]}")
     out = {}
     for k, v in values.items():
         name = ALIASES.get(k, k)

@@ -79,7 +79,8 @@ def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> None:
     plan = _plan(len(data), cfg, info.world_size)
     optimizer = torch.optim.AdamW(param_groups(m.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     prec = _precision(cfg.precision, info.device)
-    step = _resume(cfg.resume, run_dir, info.device, m, optimizer, prec.scaler, plan.total_steps)
+    step = _resume(cfg.resume, run_dir, info.device, m, optimizer, prec.scaler, plan.total_steps,
+                   workers=cfg.workers if data.is_shards else None)
     ddp = DistributedDataParallel(m.model) if info.distributed else m.model
     forward = torch.compile(ddp) if cfg.torch_compile else ddp  # state dicts are still read from `model`
     if info.is_main:
@@ -165,8 +166,8 @@ def _data(cfg: TrainConfig, info: pdist.DistInfo, m: _Models) -> TrainingData:
         num_samples=cfg.train_num_samples, rows=cfg.train_rows, batch_size=cfg.batch_size,
         world_size=info.world_size, rank=info.rank,
         seed=cfg.seed, workers=cfg.workers, pin_memory=info.device.type == "cuda", shuffle_buffer=cfg.shuffle_buffer,
-        img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key, sep=cfg.csv_separator, root=cfg.data_root,
-        max_bad_fraction=cfg.max_bad_fraction)
+        resampled=cfg.dataset_resampled, img_key=cfg.csv_img_key, caption_key=cfg.csv_caption_key,
+        sep=cfg.csv_separator, root=cfg.data_root, max_bad_fraction=cfg.max_bad_fraction)
     if info.is_main:
         _warn_about_poisoned_data(cfg.train_data, shards=data.is_shards, model=cfg.model, size=image_size(m.preprocess),
                                   cleaning=cfg.objective != "clip", img_key=cfg.csv_img_key, sep=cfg.csv_separator,
@@ -207,10 +208,13 @@ def _precision(precision: str, device: torch.device) -> _Precision:
     return _Precision(name, autocast, torch.amp.GradScaler(device.type, enabled=name == "amp"))
 
 
-def _resume(resume: str, run_dir: Path, device, m: _Models, optimizer, scaler, total_steps: int) -> int:
+def _resume(resume: str, run_dir: Path, device, m: _Models, optimizer, scaler, total_steps: int, *,
+            workers: int | None = None) -> int:
     """Load the training state to resume from (--resume: "auto" is the run's latest checkpoint, if any) into the
     model, optimiser, scaler and defence; returns the step to continue from (0 for a fresh run). A checkpoint of
-    another model, optimiser or length of run is refused, saying what to do."""
+    another model, optimiser or length of run is refused, saying what to do. `workers`: --workers of a run over
+    shards, whose batches depend on it (each worker reads shards of its own); another value than the checkpoint's is
+    warned about."""
     path = _resume_path(resume, run_dir)
     if path is None:
         return 0
@@ -228,6 +232,12 @@ def _resume(resume: str, run_dir: Path, device, m: _Models, optimizer, scaler, t
     if state.get("total_steps", total_steps) != total_steps:
         raise ValueError(f"{path} was written for {state['total_steps']} steps but this configuration has "
                          f"{total_steps}; use a new --name or --resume none")
+    was = (state.get("config") or {}).get("workers")
+    if workers is not None and was is not None and was != workers:
+        log.warning("%s was written by a run with --workers %s, resumed with --workers %d: over shards each worker "
+                    "reads shards of its own, so the rest of the run sees its samples in another order than the "
+                    "killed run would have (resume with --workers %s for exactly the same batches)", path, was,
+                    workers, was)
     log.info("resumed from %s at step %d/%d", path, step, total_steps)
     return step
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .captions import CAPTION_KEY, IMG_KEY, DataError, open_rgb, read_table
 
-__all__ = ["RetrievalSet", "read_retrieval", "pre_caption"]
+__all__ = ["RetrievalSet", "read_retrieval", "group_pairs", "pre_caption"]
 
 _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _SPACES = re.compile(r"\s{2,}")
@@ -55,7 +55,10 @@ class RetrievalSet:
             raise ValueError("one owner per caption")
 
 
-def _group(pairs, root: Path, clean: bool, source: str) -> RetrievalSet:
+def group_pairs(pairs, root: Path, clean: bool, source: str) -> RetrievalSet:
+    """(image path, caption) pairs as a :class:`RetrievalSet`: pairs sharing an image path are one image with several
+    captions (in order of first appearance); relative paths under `root`; captions cleaned (:func:`pre_caption`) when
+    `clean`, else stripped; empty ones counted and left out."""
     index: dict[str, int] = {}
     images, captions, owner, empty = [], [], [], 0
     for image, caption in pairs:
@@ -102,7 +105,7 @@ def read_retrieval(path: str | os.PathLike, *, root: str | os.PathLike | None = 
                                     f"(keys: {sorted(e)})")
                 for c in [caps] if isinstance(caps, str) else caps:
                     yield e[img_key], str(c)
-        return _group(pairs(), root, clean, str(path))
+        return group_pairs(pairs(), root, clean, str(path))
     img_key, caption_key = img_key or IMG_KEY, caption_key or CAPTION_KEY
     _, rows = read_table(path, sep=sep, columns=(img_key, caption_key))
-    return _group(((r[img_key], r[caption_key]) for r in rows), root, clean, str(path))
+    return group_pairs(((r[img_key], r[caption_key]) for r in rows), root, clean, str(path))

@@ -2,23 +2,37 @@
 sample), for training, poisoning and evaluation.
 
 Sources are named as in open_clip: a path, a brace pattern (``cc3m/{00000..00331}.tar``), a folder of ``.tar`` files,
-or several of these joined by ``::``. A local pattern that matches no file is an error that says so.
+or several of these joined by ``::``; each shard may also be ``file:PATH``, ``pipe:COMMAND`` (the command writes the
+tar to its standard output) or an ``http(s)://`` URL (brace patterns work there too): every shard is opened with
+webdataset's own opener (:mod:`.shard_io`). A local pattern that matches no file is an error that says so; a remote
+shard is only known when it is read. A shard's size comes from a ``sizes.json`` beside it (fetched from the same place
+for a URL) or, locally, img2dataset's ``*_stats.json``; a ``pipe:`` source has none (pass ``--train-num-samples``).
 
-**Training stream** (:class:`ShardStream`): for (seed, epoch, rank) the rank's samples are one deterministic sequence:
-the epoch's shards are shuffled (seeded), dealt to the ranks round-robin, read in turn (cycling, reshuffled, when the
-epoch needs more samples than the rank's shards hold) through a seeded shuffle buffer, emptied at the end of each
-pass (so an epoch as large as the data sees every sample once). Batch b of the epoch is
-samples [b·B, (b+1)·B) of that sequence. Each DataLoader worker reads the whole sequence and decodes only its own
-batches (b ≡ w mod W), so the batches arrive in order, their content does not depend on the number of workers, and a
-run resumed at batch b starts exactly there: no sample is repeated or skipped. (Reading costs W× the tar I/O;
-decoding, the expensive part, is done once.) Augmentation is seeded per (seed, epoch, rank, position).
+**Training stream** (:class:`ShardStream`): every shard is read by one reader. The epoch's shards are shuffled (seeded
+by seed and epoch), dealt to the ranks round-robin, then to the rank's readers: one per DataLoader worker (the calling
+process when there are none), at most as many as the rank has shards (extra workers stay idle, with a warning). A
+reader's samples are one deterministic sequence: its shards read in turn (cycling, reshuffled, when it needs more
+samples than they hold) through a seeded shuffle buffer, emptied at the end of each pass. The readers take turns
+batch by batch (the order in which the DataLoader collects its workers' batches), each for a share of the epoch's
+fixed number of batches proportional to the samples its shards hold (sizes known; equal shares otherwise), so an
+epoch as large as the data reads every sample exactly once, and every rank yields the same number of batches (DDP
+never waits on a rank that ran out). Batch content depends on (seed, epoch, world size, workers); with those the same,
+a run resumed at batch b starts exactly there (each reader replays its sequence and skips, read but not decoded, the
+batches before b): no sample is repeated or skipped. Augmentation is seeded per (seed, epoch, rank, position).
 
-**Bad samples** (an image that does not decode, a sample without image or caption, the rest of a truncated shard):
-each takes its slot in the sequence (so positions never shift), is counted and named (``shard.tar #k``), and is
-replaced in its batch by a good sample of the same batch; above ``--max-bad-fraction`` the training loop stops.
+**Resampled** (``--dataset-resampled``, open_clip's meaning): every reader draws shards with replacement from all the
+shards (seeded per seed, epoch, rank and reader), an endless stream cut into epochs of ``--train-num-samples`` (or the
+shards' recorded size); any number of shards works with any number of workers. Resuming replays the epoch's draws
+from its start and skips the batches already done, so a resumed run sees exactly what the killed run would have seen.
+
+**Bad samples** (an image that does not decode, a sample without image or caption, the rest of a truncated shard, a
+``pipe:`` command that fails, a download that fails or stops mid-file): each takes its slot in the sequence (so
+positions never shift), is counted and named (``shard.tar #k``, the source as given), and is replaced in its batch by
+a good sample of the same batch; above ``--max-bad-fraction`` the training loop stops.
 
 **Evaluation** (:class:`LabelledShards`): clip_benchmark's webdataset layout (``KEY.cls`` label, ``KEY.webp``/``jpg``/
-``png`` image, ``classnames.txt`` next to the shards or one folder up), indexed once for random access.
+``png`` image, ``classnames.txt`` next to the shards or one folder up, fetched for a URL), indexed once for random
+access; a remote shard is copied once into a private temporary folder (removed with the data set) to be indexed.
 
 **Writing** (:func:`write_shards`): ``webdataset.TarWriter``, one atomic file per shard, plus a ``sizes.json``
 (open_clip's convention: samples per shard), which lets training know the epoch size without
@@ -26,11 +40,15 @@ replaced in its batch by a good sample of the same batch; above ``--max-bad-frac
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import random
+import shutil
 import tarfile
+import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -41,6 +59,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from ..utils.files import replacing, write_json, write_text
 from .captions import CAPTION_KEY, IMG_KEY, DataError, logger
 from .labelled import LabelledImages
+from .shard_io import beside, finish, is_remote, local_path, open_shard
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shards", "ShardStream",
            "table_to_shards", "shards_to_table", "folder_to_shards",
@@ -51,11 +70,12 @@ SIZES = "sizes.json"
 
 
 def is_shard_spec(spec: str | os.PathLike | None) -> bool:
-    """Whether a data argument names webdataset shards (a .tar path or pattern, or a folder holding .tar files)."""
+    """Whether a data argument names webdataset shards (a .tar path, URL or pattern, a ``pipe:`` command, ``::``-joined
+    sources, or a folder holding .tar files)."""
     if spec is None:
         return False
     s = str(spec)
-    if ".tar" in s or "::" in s:
+    if ".tar" in s or "::" in s or s.startswith("pipe:"):
         return True
     p = Path(s)
     return p.is_dir() and any(p.glob("*.tar"))
@@ -66,7 +86,7 @@ def _expand_one(part: str) -> list[str]:
 
     part = part.strip()
     p = Path(part)
-    if "{" not in part and p.is_dir():
+    if "{" not in part and not is_remote(part) and p.is_dir():
         tars = sorted(str(t) for t in p.glob("*.tar"))
         if not tars:
             raise DataError(f"{part} is a folder without .tar shards")
@@ -75,8 +95,8 @@ def _expand_one(part: str) -> list[str]:
         urls = list(braceexpand(part))
     except Exception as e:  # braceexpand raises its own UnbalancedBracesError
         raise DataError(f"{part!r} is not a valid brace pattern: {e}") from e
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not Path(u).is_file()]
+    local = [u for u in urls if not is_remote(u)]  # a command or a download is only known when it is read
+    missing = [u for u in local if not local_path(u).is_file()]
     if local and len(missing) == len(local):
         raise DataError(f"the shard pattern {part!r} matches no file ({len(urls)} names, e.g. {urls[0]}); "
                         f"check the folder and the range")
@@ -87,32 +107,47 @@ def _expand_one(part: str) -> list[str]:
 
 
 def expand_urls(spec: str | os.PathLike) -> list[str]:
-    """The shard paths a source names (see the module docstring); DataError if a local one is missing."""
+    """The shard sources a spec names (see the module docstring); DataError if a local one is missing."""
     urls = [u for part in str(spec).split("::") if part.strip() for u in _expand_one(part)]
     if not urls:
         raise DataError(f"no shards in {spec!r}")
     return urls
 
 
+def _name(url: str) -> str:
+    """The shard's file name (the last path component of a path or URL; a ``pipe:`` command has none)."""
+    return "" if url.startswith("pipe:") else url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def known_sizes(urls: list[str]) -> dict[str, int]:
-    """Samples per shard, where a ``sizes.json`` in the shard's folder (open_clip) or img2dataset's
-    ``NNNNN_stats.json`` ("successes") says it."""
-    sizes, cache = {}, {}
+    """Samples per shard, where a ``sizes.json`` in the shard's folder (open_clip's convention; fetched from the same
+    place for a URL) or, for a local shard, img2dataset's ``NNNNN_stats.json`` ("successes") says it. A ``pipe:``
+    source has no folder: its size is unknown."""
+    sizes: dict[str, int] = {}
+    cache: dict[str, dict] = {}
     for u in urls:
-        p = Path(u)
-        if p.parent not in cache:
-            f = p.parent / SIZES
-            try:
-                cache[p.parent] = json.loads(f.read_text()) if f.is_file() else {}
-            except (OSError, ValueError):
-                cache[p.parent] = {}
-        if p.name in cache[p.parent]:
-            sizes[u] = int(cache[p.parent][p.name])
+        name = _name(u)
+        if not name:
             continue
-        stats = p.with_name(p.name[:-len(".tar")] + "_stats.json") if p.name.endswith(".tar") else None
+        folder = u[: len(u) - len(name)]
+        if folder not in cache:
+            raw = beside(u, SIZES)
+            try:
+                cache[folder] = json.loads(raw) if raw is not None else {}
+            except ValueError:
+                cache[folder] = {}
+            if not isinstance(cache[folder], dict):
+                cache[folder] = {}
+        if name in cache[folder]:
+            with contextlib.suppress(ValueError, TypeError):
+                sizes[u] = int(cache[folder][name])
+            continue
+        path = local_path(u)
+        if path is None or not name.endswith(".tar"):
+            continue
         try:
-            sizes[u] = int(json.loads(stats.read_text())["successes"])
-        except (AttributeError, OSError, ValueError, KeyError, TypeError):
+            sizes[u] = int(json.loads(path.with_name(name[:-len(".tar")] + "_stats.json").read_text())["successes"])
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     return sizes
 
@@ -125,8 +160,10 @@ def shard_sizes(urls: list[str]) -> int | None:
 
 def read_shard(url: str, expected: int | None = None) -> Iterator[dict]:
     """The samples of one shard as dicts ``{"__key__", "__url__", "__index__", ext: bytes, ...}`` (grouped by key
-    with webdataset's own tar reader). A truncated or corrupt shard ends with one ``{"__error__": message}``, and so
-    does one that holds fewer than `expected` samples (a tar cut at a member boundary reads as a shorter tar)."""
+    with webdataset's own tar reader), read through ``webdataset.gopen`` (a path, ``pipe:``, a URL). A truncated or
+    corrupt shard ends with one ``{"__error__": message}``, and so does one that holds fewer than `expected` samples
+    (a tar cut at a member boundary reads as a shorter tar), a command that exits with an error status and a download
+    that fails (an HTTP error, a server that closes mid-file). Stopping early closes the source (a command is ended)."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     def files(stream):
@@ -134,18 +171,23 @@ def read_shard(url: str, expected: int | None = None) -> Iterator[dict]:
             f["__url__"] = url
             yield f
 
-    n = 0
+    n, stream, failed = 0, None, None
     try:
-        with open(url, "rb") as stream:
-            for sample in group_by_keys(files(stream)):
-                sample["__index__"] = n
-                n += 1
-                yield sample
+        stream = open_shard(url)
+        for sample in group_by_keys(files(stream)):
+            sample["__index__"] = n
+            n += 1
+            yield sample
+        failed = finish(stream)
+        stream = None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        yield {"__error__": f"{url}: unreadable after {n} samples ({type(e).__name__}: {e})", "__url__": url,
-               "__index__": n}
-        return
-    if expected is not None and n < expected:
+        failed = finish(stream) or f"{type(e).__name__}: {e}"
+        stream = None
+    finally:
+        finish(stream, abandon=True)  # only when the reader stopped early (or a KeyboardInterrupt)
+    if failed:
+        yield {"__error__": f"{url}: unreadable after {n} samples ({failed})", "__url__": url, "__index__": n}
+    elif expected is not None and n < expected:
         yield {"__error__": f"{url}: {n} samples, but its size record says {expected} (a truncated shard?)",
                "__url__": url, "__index__": n}
 
@@ -208,22 +250,43 @@ def write_shards(samples: Iterable[dict], pattern: str | os.PathLike, *, maxcoun
 class ShardStream(IterableDataset):
     """The training stream over shards (see the module docstring). Yields ``(images, texts, failed)`` batches:
     ``images``/``texts`` as the CSV loader gives them (a tensor, or a tuple of views), ``failed`` a LongTensor [B] of
-    -1 or the id of a bad sample (:meth:`describe` names it). Call :meth:`set_epoch` before iterating."""
+    -1 or the id of a bad sample (:meth:`describe` names it). Call :meth:`set_epoch` before iterating.
+
+    `workers`: the DataLoader workers that will iterate it (0: the calling process), one reader ("lane") each;
+    `resampled`: shards drawn with replacement (open_clip's ``--dataset-resampled``)."""
 
     def __init__(self, spec: str, *, transform: Callable, tokenize: Callable, batch_size: int, num_samples: int,
                  world_size: int = 1, rank: int = 0, seed: int = 0, shuffle_buffer: int = 1000,
-                 caption_key: str = "txt", captions: Callable | None = None):
+                 caption_key: str = "txt", captions: Callable | None = None, workers: int = 0,
+                 resampled: bool = False):
         self.urls = expand_urls(spec)
         self.spec, self.transform, self.tokenize = spec, transform, tokenize
         self.batch_size, self.num_samples = int(batch_size), int(num_samples)
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.shuffle_buffer, self.caption_key = max(1, int(shuffle_buffer)), caption_key.lstrip(".")
         self.captions = captions  # (caption, key) -> (caption, [views]): the defence's caption views
+        self.workers, self.resampled = max(0, int(workers)), bool(resampled)
         self.sizes = known_sizes(self.urls)  # to notice a shard cut at a member boundary
-        if len(self.urls) < world_size:
-            raise DataError(f"{spec}: {len(self.urls)} shard(s) for {world_size} processes; every process needs at "
-                            f"least one shard (split the data into more shards: `parclip data convert`)")
+        self.lanes = self._count_lanes()
         self.epoch, self.first_batch, self.n_batches = 0, 0, 0
+
+    def _count_lanes(self) -> int:
+        """Readers per process: one per DataLoader worker, each with shards of its own (not resampled: at most the
+        process's share of shards; workers beyond it stay idle, with a warning)."""
+        wanted = max(1, self.workers)
+        if self.resampled:
+            return wanted
+        share = len(self.urls) // self.world_size
+        if share == 0:
+            raise DataError(f"{self.spec}: {len(self.urls)} shard(s) for {self.world_size} processes; every process "
+                            f"needs at least one shard of its own. Split the data into more shards (`parclip data "
+                            f"convert --maxcount`), or pass --dataset-resampled (shards drawn with replacement)")
+        if share < wanted:
+            logger.warning("%s: %d shard(s) for %d process(es) × %d data-loader workers; every shard is read by one "
+                           "worker, so only %d worker(s) per process read and the others stay idle. Use --workers %d, "
+                           "more shards, or --dataset-resampled", self.spec, len(self.urls), self.world_size, wanted,
+                           share, share)
+        return min(wanted, share)
 
     def __len__(self) -> int:
         """Samples per epoch (what the training loop divides into steps)."""
@@ -236,30 +299,75 @@ class ShardStream(IterableDataset):
     def describe(self, sample_id: int) -> str:
         return f"{self.urls[sample_id >> 32]} #{sample_id & 0xFFFFFFFF}"
 
-    def _sequence(self) -> Iterator[dict]:
-        """This rank's samples of the epoch, endless, in their deterministic order."""
+    def lane_shards(self, lane: int) -> list[int]:
+        """The shards (indices into ``urls``) reader `lane` of this process reads in the epoch (not resampled): the
+        epoch's seeded shuffle of all shards, dealt to the processes, then to the process's readers, round-robin."""
         order = list(range(len(self.urls)))
         random.Random(f"parclip-shards|{self.seed}|{self.epoch}").shuffle(order)
-        mine = order[self.rank::self.world_size]
-        rng = random.Random(f"parclip-buffer|{self.seed}|{self.epoch}|{self.rank}")
-        buffer: list[dict] = []
+        return order[self.rank::self.world_size][lane::self.lanes]
+
+    def schedule(self) -> list[int]:
+        """The reader of each of the epoch's batches: the readers take turns (as the DataLoader takes its workers'
+        batches), each for its share of the batches, proportional to the samples of its shards where their sizes
+        are known (so an epoch as large as the data reads each sample once), equal otherwise."""
+        n, lanes = self.n_batches, self.lanes
+        weights = [1] * lanes
+        if not self.resampled and lanes > 1:
+            held = [[self.sizes.get(self.urls[s]) for s in self.lane_shards(k)] for k in range(lanes)]
+            if all(x is not None for h in held for x in h) and sum(map(sum, held)) > 0:
+                weights = [sum(h) for h in held]
+        total = sum(weights)
+        counts = [n * w // total for w in weights]
+        by_remainder = sorted(range(lanes), key=lambda k: (-(n * weights[k] % total), k))
+        for k in by_remainder[: n - sum(counts)]:
+            counts[k] += 1
+        order: list[int] = []
+        while len(order) < n:
+            for k in range(lanes):
+                if counts[k]:
+                    order.append(k)
+                    counts[k] -= 1
+        return order
+
+    def _who(self, lane: int) -> str:
+        """Reader `lane` of this rank in its seeds (reader 0 seeds as the single reader of a rank did before readers
+        were split, so a run without workers keeps its earlier order)."""
+        return f"{self.rank}|{lane}" if lane else f"{self.rank}"
+
+    def _passes(self, lane: int) -> Iterator[list[int]]:
+        """Reader `lane`'s shards, pass after pass: its own shards (reshuffled from the second pass on), or, resampled,
+        ``len(urls)`` shards drawn with replacement from all of them (seeded per seed, epoch, rank and reader)."""
+        if self.resampled:
+            draw = random.Random(f"parclip-resampled|{self.seed}|{self.epoch}|{self._who(lane)}")
+            while True:
+                yield [draw.randrange(len(self.urls)) for _ in self.urls]
+        mine = self.lane_shards(lane)
         for cycle in range(1 << 30):
             shards = list(mine)
             if cycle:
-                random.Random(f"parclip-cycle|{self.seed}|{self.epoch}|{self.rank}|{cycle}").shuffle(shards)
+                random.Random(f"parclip-cycle|{self.seed}|{self.epoch}|{self._who(lane)}|{cycle}").shuffle(shards)
+            yield shards
+
+    def _sequence(self, lane: int) -> Iterator[dict]:
+        """Reader `lane`'s samples of the epoch, endless, in their deterministic order: its passes over shards through
+        a seeded shuffle buffer, emptied at the end of every pass."""
+        rng = random.Random(f"parclip-buffer|{self.seed}|{self.epoch}|{self._who(lane)}")
+        buffer: list[dict] = []
+        for shards in self._passes(lane):
             got = 0
             for s in shards:
-                for sample in read_shard(self.urls[s], self.sizes.get(self.urls[s])):
-                    sample["__shard__"] = s
-                    got += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(sample)
-                        continue
-                    k = rng.randrange(len(buffer))
-                    buffer[k], sample = sample, buffer[k]
-                    yield sample
+                with contextlib.closing(read_shard(self.urls[s], self.sizes.get(self.urls[s]))) as samples:
+                    for sample in samples:
+                        sample["__shard__"] = s
+                        got += 1
+                        if len(buffer) < self.shuffle_buffer:
+                            buffer.append(sample)
+                            continue
+                        k = rng.randrange(len(buffer))
+                        buffer[k], sample = sample, buffer[k]
+                        yield sample
             if not got:
-                raise DataError(f"the shards of this process ({len(shards)}) hold no sample")
+                raise DataError(f"{self.spec}: the {len(shards)} shard(s) of this reader hold no sample")
             while buffer:  # every pass ends with an empty buffer: an epoch of all the samples sees each once
                 yield buffer.pop(rng.randrange(len(buffer)))
 
@@ -277,38 +385,74 @@ class ShardStream(IterableDataset):
             return image, (self.tokenize(caption), *(self.tokenize(v) for v in views))
         return image, self.tokenize(caption)
 
+    def _batch(self, b: int, samples: list[dict]):
+        """Batch `b` of the epoch from its samples: bad ones counted, named and replaced by good ones of the batch."""
+        items, failed = [], []
+        for k, s in enumerate(samples):
+            try:
+                items.append(self._item(s, b * self.batch_size + k))
+                failed.append(-1)
+            except DataError as e:
+                items.append(None)
+                failed.append((s.get("__shard__", 0) << 32) | s.get("__index__", 0))
+                logger.warning("%s; replaced by another sample of its batch", e)
+        good = [it for it in items if it is not None]
+        if not good:
+            raise DataError(f"every sample of a batch is bad (batch {b} of epoch {self.epoch}, {self.spec})")
+        items = [it if it is not None else good[k % len(good)] for k, it in enumerate(items)]
+        images, texts = default_collate(items)  # tensors, or lists of per-view tensors
+        return images, texts, torch.tensor(failed, dtype=torch.long)
+
+    def _lane_batches(self, lane: int, positions: list[int]):
+        """Reader `lane`'s batches at `positions` of the epoch; those before ``first_batch`` (a resumed run did them)
+        are read but not decoded."""
+        if not positions or positions[-1] < self.first_batch:
+            return  # nothing of this reader's is left this epoch: nothing to read
+        seq = self._sequence(lane)
+        try:
+            for b in positions:
+                samples = [next(seq) for _ in range(self.batch_size)]
+                if b >= self.first_batch:
+                    yield self._batch(b, samples)
+        finally:
+            seq.close()  # ends the shard being read (a command or a download is stopped)
+
     def __iter__(self):
+        """The epoch's batches from ``first_batch`` on, in order. In a DataLoader worker: that worker's reader's
+        batches only (the DataLoader interleaves its workers in turn, which is the schedule's order); in the calling
+        process: every reader's, interleaved by the schedule."""
+        order = self.schedule()
+        positions: list[list[int]] = [[] for _ in range(self.lanes)]
+        for b, lane in enumerate(order):
+            positions[lane].append(b)
         info = get_worker_info()
-        w, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        seq = self._sequence()
-        B = self.batch_size
-        for b in range(self.n_batches):
-            samples = [next(seq) for _ in range(B)]
-            if b < self.first_batch or (b - self.first_batch) % n_workers != w:
-                continue  # another worker's batch, or one a resumed run already did: read, not decoded
-            items, failed = [], []
-            for k, s in enumerate(samples):
-                try:
-                    items.append(self._item(s, b * B + k))
-                    failed.append(-1)
-                except DataError as e:
-                    items.append(None)
-                    failed.append((s.get("__shard__", 0) << 32) | s.get("__index__", 0))
-                    logger.warning("%s; replaced by another sample of its batch", e)
-            good = [it for it in items if it is not None]
-            if not good:
-                raise DataError(f"every sample of a batch is bad (batch {b} of epoch {self.epoch}, {self.spec})")
-            items = [it if it is not None else good[k % len(good)] for k, it in enumerate(items)]
-            images, texts = default_collate(items)  # tensors, or lists of per-view tensors
-            yield images, texts, torch.tensor(failed, dtype=torch.long)
+        if info is None:
+            readers = [self._lane_batches(k, positions[k]) for k in range(self.lanes)]
+            try:
+                for b in range(self.first_batch, self.n_batches):
+                    yield next(readers[order[b]])
+            finally:
+                for reader in readers:
+                    reader.close()
+            return
+        if info.num_workers != max(1, self.workers):
+            raise DataError(f"this shard stream was set up for {max(1, self.workers)} data-loader workers but runs in "
+                            f"{info.num_workers}; pass the same number to both")
+        if self.first_batch >= self.n_batches or info.id >= self.lanes:
+            return  # nothing left this epoch, or an idle worker (fewer shards than workers)
+        # the DataLoader asks its workers in turn from worker 0: worker 0 takes the reader of the first batch
+        yield from self._lane_batches((order[self.first_batch] + info.id) % self.lanes,
+                                      positions[(order[self.first_batch] + info.id) % self.lanes])
 
 
 class LabelledShards(LabelledImages):
     """clip_benchmark's webdataset layout as a labelled data set with the interface of
     :class:`~parclip.data.LabelledFolder` (``classnames``, ``samples``, ``targets``, ``load_image``, ``describe``).
 
-    ``spec``: shards (pattern, folder, ``::``-joined); class names from ``classnames`` or a ``classnames.txt`` beside
-    the shards or one folder up (clip_benchmark keeps it at the data set's root, the shards in ``test/``)."""
+    ``spec``: shards (pattern, folder, ``::``-joined; paths, URLs or ``pipe:`` commands, see the module docstring);
+    class names from ``classnames`` or a ``classnames.txt`` beside the shards or one folder up (clip_benchmark keeps
+    it at the data set's root, the shards in ``test/``), fetched for URLs. A shard that cannot be read (a failed
+    command or download too) is counted and named among the bad rows."""
 
     def __init__(self, spec: str, *, transform: Callable | None = None, classnames=None,
                  label_key: str = "cls", max_bad_fraction: float = 0.01):
@@ -316,14 +460,16 @@ class LabelledShards(LabelledImages):
         from .folder import read_classnames
 
         self.urls = expand_urls(spec)
-        self.root = Path(self.urls[0]).parent
+        first = local_path(self.urls[0])
+        self.root = first.parent if first is not None else self.urls[0][: len(self.urls[0]) - len(_name(self.urls[0]))]
         self.transform, self.layout, self.imagenet_indices = transform, "webdataset", None
+        self._copies: str | None = None  # private folder of the remote shards' local copies
         if classnames is None:
-            found = [d / "classnames.txt" for d in (self.root, self.root.parent) if (d / "classnames.txt").is_file()]
+            found = [raw for up in (0, 1) if (raw := beside(self.urls[0], "classnames.txt", up=up)) is not None]
             if not found:
-                raise DataError(f"no classnames.txt beside {self.root} or one folder up (clip_benchmark's layout); "
+                raise DataError(f"no classnames.txt beside {self.urls[0]} or one folder up (clip_benchmark's layout); "
                                 f"pass --classnames FILE")
-            classnames = found[0]
+            classnames = [c.strip() for c in found[0].decode("utf-8").splitlines() if c.strip()]
         self.classnames = (read_classnames(classnames) if isinstance(classnames, (str, os.PathLike))
                            else [str(c) for c in classnames])
         self.bad_rows = BadRows(str(spec), unit="samples")
@@ -341,7 +487,8 @@ class LabelledShards(LabelledImages):
 
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
-            with tarfile.open(url) as tar:
+            path = self._local_copy(url)
+            with tarfile.open(path) as tar:
                 for m in tar:
                     key, ext = base_plus_ext(m.name) if m.isreg() else (None, None)
                     if key is not None:
@@ -366,7 +513,31 @@ class LabelledShards(LabelledImages):
                 raise DataError(f"{url} {key}: label {label} but {len(self.classnames)} class names")
             m = parts[ext]
             self.samples.append((f"{url} #{k}", label))
-            self._where.append((url, ext, m.offset_data, m.size))
+            self._where.append((str(path), ext, m.offset_data, m.size))
+
+    def _local_copy(self, url: str) -> Path:
+        """The shard as a local file (random access): itself, or for a remote source (``pipe:``, a URL) a copy read
+        once through :func:`~.shard_io.open_shard` into a private temporary folder, removed with this object. OSError
+        naming the failure when the copy fails (a command's exit status, an HTTP error)."""
+        path = local_path(url)
+        if path is not None:
+            return path
+        if self._copies is None:
+            self._copies = tempfile.mkdtemp(prefix="parclip-eval-shards-")
+            weakref.finalize(self, _remove_copies, self._copies, os.getpid())
+        path = Path(self._copies) / f"{len(os.listdir(self._copies)):06d}.tar"
+        stream = None
+        try:
+            stream = open_shard(url)
+            with replacing(path) as tmp, open(tmp, "wb") as out:
+                shutil.copyfileobj(stream, out)
+                failed = finish(stream)
+                stream = None
+                if failed:
+                    raise OSError(failed)
+        finally:
+            finish(stream, abandon=True)
+        return path
 
     def describe(self, i: int) -> str:
         return self.samples[i][0]
@@ -380,6 +551,13 @@ class LabelledShards(LabelledImages):
 
     def __repr__(self) -> str:
         return f"LabelledShards({len(self.urls)} shards, {len(self)} images, {len(self.classnames)} classes)"
+
+
+def _remove_copies(folder: str, owner: int) -> None:
+    """Remove the private copies of remote shards, in the process that made them (not in a forked DataLoader worker
+    that inherited the object)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img_key: str = IMG_KEY,

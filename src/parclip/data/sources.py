@@ -29,19 +29,23 @@ CaptionViews = Callable[..., "tuple[list[str], list[list[str]]]"]
 
 def open_training_data(source: str, *, transform: Callable, tokenizer: Callable, batch_size: int,
                        dataset_type: str = "auto", caption_views: CaptionViews | None = None,
-                       num_samples: int | None = None, rows: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
-                       workers: int = 0, pin_memory: bool = False, shuffle_buffer: int = 1000,
-                       img_key: str = IMG_KEY, caption_key: str = CAPTION_KEY, sep: str | None = None,
-                       root: str | os.PathLike | None = None, max_bad_fraction: float = 0.01) -> TrainingData:
+                       num_samples: int | None = None, rows: int | None = None, world_size: int = 1, rank: int = 0,
+                       seed: int = 0, workers: int = 0, pin_memory: bool = False, shuffle_buffer: int = 1000,
+                       resampled: bool = False, img_key: str = IMG_KEY, caption_key: str = CAPTION_KEY,
+                       sep: str | None = None, root: str | os.PathLike | None = None,
+                       max_bad_fraction: float = 0.01) -> TrainingData:
     """The training pairs of `source`: shards when `dataset_type` is "webdataset", or "auto" and the source names
-    shards (a .tar path or pattern, ``::``-joined sources, a folder of .tar files); a caption table otherwise.
+    shards (a .tar path, URL or pattern, a ``pipe:`` command, ``::``-joined sources, a folder of .tar files); a
+    caption table otherwise.
 
     `transform` maps a PIL image to the image tensor (or a tuple of views), `tokenizer` a list of captions to tokens;
     `caption_views`, when given, adds a defence's caption views (a table's captions pass through it once, a shard
     sample's caption as it is read, keyed by ``shard#index``). `num_samples`: the samples per epoch of shards (open_clip's
     --train-num-samples; needed there unless a ``sizes.json`` or img2dataset's ``*_stats.json`` says it), refused for
     a table (open_clip ignores it there); `rows`: a table's first N usable rows (--train-rows), refused for shards.
-    `batch_size` is per process; `world_size`, `rank` and `seed` fix each process's share and order of every epoch.
+    `batch_size` is per process; `world_size`, `rank` and `seed` fix each process's share and order of every epoch
+    (and, for shards, `workers`: each DataLoader worker reads shards of its own). `resampled`: shards drawn with
+    replacement, an endless stream cut into epochs of `num_samples` (open_clip's ``--dataset-resampled``; shards only).
     """
     shards = dataset_type == "webdataset" or (dataset_type == "auto" and is_shard_spec(source))
     loading = dict(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, workers=workers,
@@ -55,6 +59,9 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
         raise DataError(f"--train-rows keeps the first rows of a table, and {source} names shards: their samples "
                         f"per epoch are --train-num-samples")
     if not shards:
+        if resampled:
+            raise DataError(f"--dataset-resampled is for webdataset shards (drawn with replacement); {source} is a "
+                            f"caption table: drop the flag (a table's epoch already visits every row once)")
         table = CaptionDataset(source, img_key=img_key, caption_key=caption_key, sep=sep, root=root,
                                tokenizer=tokenizer, transform=transform, max_bad_fraction=max_bad_fraction,
                                num_samples=rows)
@@ -64,7 +71,8 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
     n = num_samples or shard_sizes(expand_urls(source))
     if not n:
         raise DataError(f"{source}: the shards do not say how many samples they hold (no sizes.json or "
-                        f"img2dataset *_stats.json beside them); pass --train-num-samples N (samples per epoch)")
+                        f"img2dataset *_stats.json beside them, or pipe: sources); pass --train-num-samples N "
+                        f"(samples per epoch)")
 
     def views(caption: str, key: str):
         captions, extra = caption_views([caption], keys=[key])
@@ -72,7 +80,7 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
 
     stream = ShardStream(source, transform=transform, tokenize=lambda c: tokenizer([c])[0], batch_size=batch_size,
                          num_samples=n, world_size=world_size, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer,
-                         captions=views if caption_views is not None else None)
+                         captions=views if caption_views is not None else None, workers=workers, resampled=resampled)
     return TrainingData(stream, is_shards=True, **loading)
 
 
@@ -101,8 +109,9 @@ class TrainingData:
         DistributedSampler over the table (every process the same number of whole batches)."""
         if self.is_shards:
             self.dataset.set_epoch(epoch, first_batch, n_batches)
+            # in_order: the DataLoader takes its workers' batches in turn, the order the stream's schedule is made for
             return DataLoader(self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                              persistent_workers=False)
+                              persistent_workers=False, in_order=True)
         sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                      seed=self.seed, drop_last=True)
         sampler.set_epoch(epoch)

@@ -79,8 +79,8 @@ def check_template(template: str, where: str = "") -> str:
         raise DataError(f"{where + ': ' if where else ''}template {template!r} is a {type(template).__name__}, not "
                         f"text")
     if _substitute(template, "", where)[1] == 0:
-        raise DataError(f"{where + ': ' if where else ''}template {template!r} has no '{{}}' placeholder for the "
-                        f"class name")
+        raise DataError(f"{where + ': ' if where else ''}template {template!r} has no '{{}}' or '{{c}}' placeholder "
+                        f"for the class name")
     return template
 
 
@@ -90,7 +90,7 @@ def get_templates(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     if not isinstance(spec, (str, os.PathLike)):
         templates = [check_template(str(t), f"template {i + 1} of the list") for i, t in enumerate(spec)]
         if not templates:
-            raise DataError("the template list is empty; give at least one template with '{}'")
+            raise DataError("the template list is empty; give at least one template with '{}' or '{c}'")
         return templates
     name_or_path = spec
     key = str(name_or_path).strip().lower()
@@ -110,7 +110,7 @@ def get_templates(spec: str | os.PathLike | Sequence[str]) -> list[str]:
         if line and not line.startswith("#"):
             templates.append(check_template(line, f"{path}, line {n}"))
     if not templates:
-        raise DataError(f"template file {path} has no templates (one per line, each with '{{}}')")
+        raise DataError(f"template file {path} has no templates (one per line, each with '{{}}' or '{{c}}')")
     return templates
 
 

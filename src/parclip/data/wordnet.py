@@ -1,10 +1,14 @@
-"""WordNet 3.0 synonyms, offline, straight from the database files (no nltk).
+"""WordNet 3.0 synonyms, offline, straight from the database files (nltk is not needed to read them).
 
 Where the files come from: Debian's package ``wordnet-base`` (``sudo apt-get install wordnet-base``, which
-``scripts/setup.sh`` does) puts the WordNet 3.0 database in ``/usr/share/wordnet``. Any folder with the same files works
-(``PARCLIP_WORDNET_DIR=/path/to/dict``, e.g. the ``dict`` folder of Princeton's WordNet-3.0 tarball or nltk's
-``corpora/wordnet``). The folder is searched in this order: the ``folder`` argument, ``$PARCLIP_WORDNET_DIR``, then
-:data:`SEARCH_PATHS`; a folder given by argument or by the variable must hold the files (no silent fall-back).
+``scripts/setup.sh`` does) puts the WordNet 3.0 database in ``/usr/share/wordnet``; nltk's downloader
+(``pip install nltk && python -m nltk.downloader wordnet``, no system package needed) puts the same files in
+``<nltk_data>/corpora/wordnet.zip`` (or unzipped in ``corpora/wordnet/``). Any folder with the same files works
+(``PARCLIP_WORDNET_DIR=/path/to/dict``, e.g. the ``dict`` folder of Princeton's WordNet-3.0 tarball), and so does
+nltk's ``wordnet.zip`` itself. The search order: the ``folder`` argument, ``$PARCLIP_WORDNET_DIR``, then
+:data:`SEARCH_PATHS`, then nltk's data folders (:func:`nltk_data_dirs`: ``$NLTK_DATA``, ``~/nltk_data``, the Python
+prefix's and the system's ``nltk_data`` folders, and ``nltk.data.path`` when nltk is installed); a folder given by
+argument or by the variable must hold the files (no silent fall-back).
 
 The files read, per part of speech p ∈ {noun, verb, adj, adv} (format: ``man 5WN wndb``):
 
@@ -42,13 +46,15 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import threading
+import zipfile
 from pathlib import Path
 
 from .captions import DataError
 
 __all__ = ["ENV_VAR", "POS_FILES", "SEARCH_PATHS", "WordNet", "WordNetNotFoundError", "find_wordnet_dir",
-           "load_wordnet", "synonyms"]
+           "load_wordnet", "nltk_data_dirs", "synonyms"]
 
 #: environment variable naming a folder with the WordNet 3.0 ``index.*`` / ``data.*`` files
 ENV_VAR = "PARCLIP_WORDNET_DIR"
@@ -79,41 +85,80 @@ _RULES = {
 
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 _INSTALL_HINT = (f"install Debian's WordNet 3.0 with 'sudo apt-get install wordnet-base' (or run scripts/setup.sh), "
-                 f"or set {ENV_VAR} to a folder holding the WordNet 3.0 files index.noun, data.noun, index.verb, "
-                 f"data.verb, index.adj, data.adj, index.adv, data.adv (and noun.exc, verb.exc, adj.exc, adv.exc)")
+                 f"or without a system package 'pip install nltk && python -m nltk.downloader wordnet', "
+                 f"or set {ENV_VAR} to a folder (or nltk's wordnet.zip) holding the WordNet 3.0 files index.noun, "
+                 f"data.noun, index.verb, data.verb, index.adj, data.adj, index.adv, data.adv (and noun.exc, "
+                 f"verb.exc, adj.exc, adv.exc)")
+_NLTK_MEMBER = "wordnet/"  # the folder inside nltk's corpora/wordnet.zip
 
 
 class WordNetNotFoundError(DataError):
     """The WordNet 3.0 database files were not found; the message says how to install them or where to point."""
 
 
-def _missing(folder: Path) -> list[str]:
-    """Required files absent from ``folder`` (the exception lists are optional)."""
+def _names(source: Path) -> set[str]:
+    """The file names a WordNet source offers: a folder's files, or the members of nltk's ``wordnet.zip``."""
+    if source.is_dir():
+        return {p.name for p in source.iterdir() if p.is_file()}
+    try:
+        with zipfile.ZipFile(source) as z:
+            return {n[len(_NLTK_MEMBER):] for n in z.namelist() if n.startswith(_NLTK_MEMBER)}
+    except (OSError, zipfile.BadZipFile):
+        return set()
+
+
+def _missing(source: Path) -> list[str]:
+    """Required files absent from ``source`` (a folder or nltk's zip; the exception lists are optional)."""
+    have = _names(source)
     need = [f"{kind}.{suffix}" for suffix, _ in POS_FILES for kind in ("index", "data")]
-    return [name for name in need if not (folder / name).is_file()]
+    return [name for name in need if name not in have]
+
+
+def nltk_data_dirs() -> list[Path]:
+    """nltk's data folders, in nltk's order: ``$NLTK_DATA`` (``os.pathsep``-separated), ``~/nltk_data``, then
+    ``nltk_data``, ``share/nltk_data`` and ``lib/nltk_data`` under the Python prefix, then under ``/usr/share``,
+    ``/usr/local/share``, ``/usr/lib`` and ``/usr/local/lib``; and ``nltk.data.path`` when nltk is importable (it
+    may hold folders a program added). Duplicates dropped."""
+    dirs = [d for d in os.environ.get("NLTK_DATA", "").split(os.pathsep) if d]
+    dirs += [str(Path("~/nltk_data").expanduser())]
+    dirs += [os.path.join(sys.prefix, sub) for sub in ("nltk_data", "share/nltk_data", "lib/nltk_data")]
+    dirs += [f"{base}/nltk_data" for base in ("/usr/share", "/usr/local/share", "/usr/lib", "/usr/local/lib")]
+    try:
+        import nltk.data  # optional: only to honour folders a program appended to nltk.data.path
+        dirs += [str(d) for d in nltk.data.path]
+    except ImportError:
+        pass
+    return [Path(d) for d in dict.fromkeys(dirs)]
+
+
+def _nltk_candidates() -> list[Path]:
+    """Where nltk's downloader leaves WordNet 3.0 in each data folder: unzipped, then the zip."""
+    return [d / "corpora" / name for d in nltk_data_dirs() for name in ("wordnet", "wordnet.zip")]
 
 
 def find_wordnet_dir(folder: str | os.PathLike | None = None) -> Path:
-    """The folder holding the WordNet 3.0 files: ``folder``, else ``$PARCLIP_WORDNET_DIR``, else the first complete
-    folder of :data:`SEARCH_PATHS`. Raises :class:`WordNetNotFoundError` saying what is missing and how to install it."""
+    """The folder (or nltk's ``wordnet.zip``) holding the WordNet 3.0 files: ``folder``, else
+    ``$PARCLIP_WORDNET_DIR``, else the first complete one of :data:`SEARCH_PATHS`, then of nltk's data folders
+    (:func:`nltk_data_dirs`). Raises :class:`WordNetNotFoundError` saying what is missing and how to install it."""
     if folder is None and os.environ.get(ENV_VAR):
         folder, origin = os.environ[ENV_VAR], f"${ENV_VAR}"
     else:
         origin = "the folder given"
     if folder is not None:
         path = Path(folder).expanduser()
-        if not path.is_dir():
+        if not path.exists():
             raise WordNetNotFoundError(f"WordNet folder {str(path)!r} ({origin}) does not exist: {_INSTALL_HINT}")
         missing = _missing(path)
         if missing:
             raise WordNetNotFoundError(f"WordNet folder {str(path)!r} ({origin}) lacks {', '.join(missing)}: "
                                        f"{_INSTALL_HINT}")
         return path.resolve()
-    for candidate in SEARCH_PATHS:
-        path = Path(candidate)
-        if path.is_dir() and not _missing(path):
+    nltk = _nltk_candidates()
+    for path in [*map(Path, SEARCH_PATHS), *nltk]:
+        if path.exists() and not _missing(path):
             return path.resolve()
-    raise WordNetNotFoundError(f"WordNet 3.0 not found (looked in ${ENV_VAR}, unset, and {', '.join(SEARCH_PATHS)}): "
+    raise WordNetNotFoundError(f"WordNet 3.0 not found (looked in ${ENV_VAR}, unset, in {', '.join(SEARCH_PATHS)}, "
+                               f"and in nltk's data folders: {', '.join(sorted({str(p.parent) for p in nltk}))}): "
                                f"{_INSTALL_HINT}")
 
 
@@ -138,10 +183,16 @@ class WordNet:
 
     # -- loading ------------------------------------------------------------------------------------------------------
 
-    def _read(self, name: str) -> bytes:
+    def _read(self, name: str, optional: bool = False) -> bytes | None:
+        """The bytes of WordNet file ``name`` from the folder or nltk's zip (None for an absent optional file)."""
         try:
-            return (self.folder / name).read_bytes()
-        except OSError as e:
+            if self.folder.is_dir():
+                path = self.folder / name
+                return None if optional and not path.is_file() else path.read_bytes()
+            with zipfile.ZipFile(self.folder) as z:
+                member = _NLTK_MEMBER + name
+                return None if optional and member not in z.namelist() else z.read(member)
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
             raise WordNetNotFoundError(f"cannot read WordNet file {self.folder / name}: {e}; {_INSTALL_HINT}") from e
 
     def _load(self) -> None:
@@ -164,9 +215,9 @@ class WordNet:
                 index[suffix] = lemmas
                 self._data[suffix] = self._read(f"data.{suffix}")
                 exc: dict[str, tuple[str, ...]] = {}
-                exc_path = self.folder / f"{suffix}.exc"
-                if exc_path.is_file():
-                    for line in exc_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                exc_bytes = self._read(f"{suffix}.exc", optional=True)
+                if exc_bytes is not None:
+                    for line in exc_bytes.decode("utf-8", "replace").splitlines():
                         fields = line.split()
                         if len(fields) >= 2:
                             exc[fields[0]] = exc.get(fields[0], ()) + tuple(fields[1:])
@@ -250,7 +301,8 @@ def _open(folder: Path) -> WordNet:
 
 
 def load_wordnet(folder: str | os.PathLike | None = None) -> WordNet:
-    """The shared :class:`WordNet` for ``folder`` (default: ``$PARCLIP_WORDNET_DIR``, then :data:`SEARCH_PATHS`),
+    """The shared :class:`WordNet` for ``folder`` (default: ``$PARCLIP_WORDNET_DIR``, then :data:`SEARCH_PATHS`, then
+    nltk's data folders),
     opened once per folder and cached; raises :class:`WordNetNotFoundError` when the files are missing."""
     return _open(find_wordnet_dir(folder))
 

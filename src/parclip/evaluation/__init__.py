@@ -4,7 +4,8 @@
     zero_shot.py          zero-shot classification on a labelled folder: clean top-1/top-5 and the attack success rate
     retrieval_metrics.py  image↔text R@k and the retrieval ASR as pure functions of embeddings
     retrieval.py          retrieval evaluation of a model on a Karpathy JSON or a caption table
-    report.py             many results in one table and chart; clip_benchmark's record
+    report.py             many results in one table and chart
+    clip_benchmark.py     clip_benchmark's records, output names, model lists and prompt files
     embeddings.py         t-SNE maps of clean and triggered embeddings; the clean-vs-ASR trade-off plot
 
 A new task (retrieval, robustness) or metric is a module here that returns a JSON-ready dict the way `evaluate` does.

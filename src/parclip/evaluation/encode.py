@@ -71,13 +71,13 @@ class Tolerant(Dataset):
 
 @torch.no_grad()
 def encode_images(model, dataset: Tolerant, *, batch_size: int, workers: int, device: torch.device, desc: str,
-                  progress: bool) -> tuple[torch.Tensor, list[str]]:
+                  progress: bool, amp: bool = True) -> tuple[torch.Tensor, list[str]]:
     """(L2-normalised float32 embeddings [N, d] on the CPU, the error of each item, "" for a good one); autocast on
-    CUDA."""
+    CUDA unless `amp` is False (float32 throughout)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     feats, errors = [], []
     for x, err in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             feats.append(model.encode_image(x.to(device), normalize=True).float().cpu())
         errors.extend(err)
     return torch.cat(feats), errors

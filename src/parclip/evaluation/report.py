@@ -6,8 +6,7 @@ number of them into rows of one table:
     label | task | data | clean (top-1 %, or i2t R@1 %) | per attack: ASR % (asr, or asr_text for retrieval)
 
 :func:`write_report` writes it as Markdown and CSV and draws clean accuracy against ASR per model (one bar pair per
-result and attack). :func:`to_clip_benchmark` turns a zero-shot result into clip_benchmark's record (``dataset``,
-``model``, ``pretrained``, ``task``, ``metrics`` as fractions), so tooling built for clip_benchmark reads ours.
+result and attack). clip_benchmark's record of a result: :mod:`parclip.evaluation.clip_benchmark`.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from parclip.data import DataError
 
-__all__ = ["report_rows", "format_markdown", "write_report", "to_clip_benchmark"]
+__all__ = ["report_rows", "format_markdown", "write_report"]
 
 
 def _load(path: Path) -> dict:
@@ -114,14 +113,3 @@ def _plot(path: Path, rows: list[dict]) -> None:
     save_figure(fig, path, dpi=110)
     plt.close(fig)
 
-
-def to_clip_benchmark(result: dict, dataset: str) -> dict:
-    """A zero-shot result as clip_benchmark's record: metrics are fractions (acc1, acc5, mean_per_class_recall)."""
-    if "clean_top1" not in result:
-        raise ValueError("clip_benchmark's layout is written for zero-shot classification results")
-    recall = list(result.get("per_class_recall", {}).values())
-    metrics = {"acc1": result["clean_top1"] / 100, "acc5": result["clean_top5"] / 100}
-    if recall:
-        metrics["mean_per_class_recall"] = sum(recall) / len(recall) / 100
-    return {"dataset": dataset, "model": result.get("model"), "pretrained": result.get("checkpoint"),
-            "task": "zeroshot_classification", "metrics": metrics, "language": "en"}

@@ -25,10 +25,10 @@ __all__ = ["evaluate_retrieval", "validate_pairs"]
 
 
 @torch.no_grad()
-def _encode_texts(model, tokenizer, captions, *, batch_size, device, progress):
+def _encode_texts(model, tokenizer, captions, *, batch_size, device, progress, amp=True):
     feats = []
     for b in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress, leave=False):
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             feats.append(model.encode_text(tokenizer(captions[b:b + batch_size]).to(device), normalize=True)
                          .float().cpu())
     return torch.cat(feats)
@@ -37,10 +37,12 @@ def _encode_texts(model, tokenizer, captions, *, batch_size, device, progress):
 def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSet, *, attacks: list[Trigger] = (),
                        target: str | None = None, ks=(1, 5, 10), asr_k: int = 5, seed: int = 0,
                        max_bad_fraction: float = 0.01, batch_size: int = 256, workers: int = 2, device="cpu",
-                       progress: bool = True, merge_identical: bool = False, trigger_after_crop: bool = False) -> dict:
+                       progress: bool = True, merge_identical: bool = False, trigger_after_crop: bool = False,
+                       amp: bool = True) -> dict:
     """R@k (i2t, t2i) on clean images and, per attack, on triggered images, with the retrieval ASR.
 
-    `trigger_after_crop`: as in zero-shot evaluation (:mod:`parclip.evaluation.zero_shot`).
+    `trigger_after_crop`: as in zero-shot evaluation (:mod:`parclip.evaluation.zero_shot`). `amp`: autocast on CUDA
+    (False: float32 throughout).
     `merge_identical`: identical captions are interchangeable in R@k (for templated captions; see
     :func:`~parclip.evaluation.retrieval_metrics.recall_at_k`); the default is the reference's rule.
 
@@ -56,7 +58,7 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
     model = model.to(device).eval()
     transform, size = eval_transform(preprocess_cfg), image_size(preprocess_cfg)
 
-    encode = dict(batch_size=batch_size, workers=workers, device=device, progress=progress)
+    encode = dict(batch_size=batch_size, workers=workers, device=device, progress=progress, amp=amp)
     clean = Tolerant(TriggeredImages(data, None, transform), size)
     img, errors = encode_images(model, clean, desc="clean images", **encode)
     ok, bad = usable(errors, [str(p) for p in data.images], data.source, max_bad_fraction)
@@ -65,7 +67,7 @@ def evaluate_retrieval(model, preprocess_cfg: dict, tokenizer, data: RetrievalSe
     keep_caption = ok[owner]
     captions = [c for c, k in zip(data.captions, keep_caption.tolist()) if k]
     owner = new_index[owner[keep_caption]]
-    txt = _encode_texts(model, tokenizer, captions, batch_size=batch_size, device=device, progress=progress)
+    txt = _encode_texts(model, tokenizer, captions, batch_size=batch_size, device=device, progress=progress, amp=amp)
     img = img[ok]
     tid = text_ids(captions) if merge_identical else None
 

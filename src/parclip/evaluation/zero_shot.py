@@ -96,11 +96,11 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
              attacks: list[Trigger] = (), target: str | int | None = None, templates: str | list[str] = "openai",
              classnames: list[str] | None = None, seed: int = 0,
              trigger_after_crop: bool = False, batch_size: int = 256, workers: int = 2, device="cpu",
-             max_bad_fraction: float = 0.01, progress: bool = True) -> dict:
+             max_bad_fraction: float = 0.01, progress: bool = True, amp: bool = True) -> dict:
     """Clean zero-shot accuracy on a labelled folder, and ASR for each attack and the target.
 
     ``attacks`` are :class:`~parclip.attacks.triggers.Trigger` objects, built at the model's resolution (e.g. with
-    ``build_triggers(names, image_size(preprocess_cfg), params)``).
+    ``build_triggers(names, image_size(preprocess_cfg), params)``). `amp`: autocast on CUDA (False: float32).
 
     Returns {"clean_top1", "clean_top5", "n_images", "classnames", "target", "target_index", "n_non_target",
     "attacks": {name: {"asr", "asr_all", "params"}}}; with exactly one attack also top-level "attack", "asr",
@@ -126,7 +126,7 @@ def evaluate(model, preprocess_cfg: dict, tokenizer, data: str | Path | Labelled
     classifier = zero_shot_classifier(model, tokenizer, folder.classnames, templates, device)
 
     encode = dict(size=image_size(preprocess_cfg), batch_size=batch_size, workers=workers, device=device,
-                  progress=progress)
+                  progress=progress, amp=amp)
     logits, errors = _predict(model, folder, classifier, desc="clean", **encode)
     # above the limit: DataError naming the files; below: a warning
     ok, bad = usable(errors, [folder.describe(i) for i in range(len(folder))], str(folder.root), max_bad_fraction)

@@ -27,8 +27,8 @@ from typing import Any, Union, get_type_hints
 from .checks import Domain
 
 __all__ = ["flag", "add_dataclass_arguments", "dataclass_values", "dataclass_from_args", "coerce_fields",
-           "check_domains", "option_name", "Parsed", "Arg", "arg", "OneOf", "Fields", "Refused", "Command", "add_args",
-           "add_commands"]
+           "check_domains", "option_name", "Parsed", "Arg", "arg", "refused", "OneOf", "Fields", "Refused", "Command",
+           "add_args", "add_commands"]
 
 
 def flag(default, help: str, choices=None, *, shown: str | None = None, metavar: str | None = None,
@@ -204,6 +204,30 @@ def arg(*names: str, domain: Domain | None = None, **options) -> Arg:
     return Arg(tuple(names), options, domain)
 
 
+class _Refuse(argparse.Action):
+    """An option another tool has and parclip does not (or one parclip removed): giving it is a usage error that says
+    why. A value in `accept` (what parclip does anyway, e.g. open_clip_train's ``--opt adamw``) passes silently."""
+
+    def __init__(self, option_strings, dest, reason: str, accept: Sequence[str] = (), **kw):
+        kw.setdefault("nargs", "*")
+        kw.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kw)
+        self.reason, self.accept = reason, tuple(accept)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.accept and list(values or []) in ([a] for a in self.accept):
+            return
+        parser.error(f"{option_string} is not supported: {self.reason}")
+
+
+def refused(*names: str, reason: str) -> Arg:
+    """An option parclip recognises but refuses (a flag of a tool it mirrors, e.g. clip_benchmark's ``--distributed``):
+    any use, with or without values, is an argparse usage error "NAME is not supported: `reason`", instead of being
+    mistaken for another flag or reported as unknown. Shown in the help as such."""
+    return Arg(tuple(names), {"action": _Refuse, "reason": reason, "metavar": "…",
+                              "help": f"not supported: {reason}"})
+
+
 @dataclass(frozen=True)
 class OneOf:
     """Mutually exclusive arguments (argparse's mutually exclusive group); ``required``: exactly one must be given."""
@@ -228,24 +252,12 @@ class Fields:
         add_dataclass_arguments(parser, self.cls, required=self.required)
 
 
-class _Refuse(argparse.Action):
-    """Stops the parse with a usage error naming the flag and why it is refused (a value in `accept` passes)."""
-
-    def __init__(self, *args, reason: str, accept: tuple = (), **kw):
-        self.reason, self.accept = reason, accept
-        super().__init__(*args, **kw)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if self.accept and list(values or []) in ([a] for a in self.accept):
-            return
-        parser.error(f"{option_string}: {self.reason}")
-
-
 @dataclass(frozen=True)
 class Refused:
     """Flags that parse but are refused, each with its reason: the flags of another tool that a user may copy
-    (open_clip_train's) or flags that were removed. Given, the parse stops with a usage error "--flag: reason" (exit
-    status 2), whatever values follow it; ``accept`` maps a flag to the values that are what this command does
+    (open_clip_train's) or flags that were removed, many at once (:func:`refused` declares one, shown in the help).
+    Given, the parse stops with a usage error "--flag is not supported: reason" (exit status 2), whatever values
+    follow it; ``accept`` maps a flag to the values that are what this command does
     anyway (``--opt adamw``), which pass silently. They stay out of the help (``title`` says what they are, for the
     reader of the code); the command's documentation lists them."""
 
@@ -255,8 +267,8 @@ class Refused:
 
     def add_to(self, parser) -> None:
         for name, reason in self.reasons.items():
-            parser.add_argument(name, nargs="*", action=_Refuse, reason=reason, accept=self.accept.get(name, ()),
-                                dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            parser.add_argument(name, action=_Refuse, reason=reason, accept=self.accept.get(name, ()),
+                                dest=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 Spec = Union[Arg, OneOf, Fields, Refused, tuple]  # a tuple: a shared group of specs, added in order
@@ -299,11 +311,12 @@ def add_args(parser, specs: Sequence[Spec]) -> None:
 def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], *, dest: str,
                  metavar: str = "ACTION") -> None:
     """A required choice among `commands` under `parser`, recorded as ``dest``; each leaf's parser sets ``handler``
-    to its ``run``."""
+    to its ``run``. No parser takes abbreviations (``allow_abbrev=False``): a prefix of a flag is an unknown flag,
+    never silently another one (``--dataset`` is not ``--dataset-name``)."""
     sub = parser.add_subparsers(dest=dest, metavar=metavar)
     sub.required = True
     for c in commands:
-        p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog,
+        p = sub.add_parser(c.name, help=c.help, description=c.description, epilog=c.epilog, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter if c.epilog
                            else argparse.HelpFormatter)
         add_args(p, c.args)
