@@ -62,7 +62,8 @@ class TrainConfig:
                                 "('shards/{00000..00099}.tar', several sources joined by '::', as open_clip)")
     dataset_type: str = _f("auto", "auto: webdataset for .tar paths and brace patterns, csv otherwise",
                            ["auto", "csv", "webdataset"])
-    data_root: str | None = _f(None, "folder that image paths in the table are relative to (default: the table's folder)")
+    data_root: str | None = _f(None, "folder that image paths in the tables (--train-data, --val-data) are relative to "
+                               "(default: each table's folder)")
     csv_img_key: str = _f(IMG_KEY, "table column with image paths (open_clip_train's default)")
     csv_caption_key: str = _f(CAPTION_KEY, "table column with captions (open_clip_train's default)")
     csv_separator: str = _f(SEPARATOR, "table column separator (open_clip_train's default: tab, also for .csv)",
@@ -100,7 +101,7 @@ class TrainConfig:
     val_target: str | None = _f(None, "target class of --val-attack")
     val_templates: str = _f("openai", "prompt templates for validation: openai, simple, fashion or a file")
     val_every: int = _f(0, "--imagenet-val: zero-shot every N steps instead of every --zeroshot-frequency epochs "
-                        "(parclip's own; 0: off); the final step always validates", domain=NATURAL)
+                        "(parclip's own; 0: by epochs); the final step always validates", domain=NATURAL)
     # objective
     objective: str = _f("par", "the defence (`parclip defences list`): par (Perturb and Recover), cleanclip, roclip, "
                         "or clip (plain CLIP loss: fine-tuning, or planting a backdoor on poisoned data); each brings "

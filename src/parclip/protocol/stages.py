@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from parclip.data.captions import CAPTION_KEY, IMG_KEY
+from parclip.data.captions import CAPTION_KEY, IMG_KEY, SEPARATOR
 from parclip.utils.files import write_json
 
 from .cache import cached, config_spec
@@ -97,6 +97,9 @@ def export_data(s: Settings) -> dict:
     return {k: str(paths[k]) for k in ("root", "train_csv", "holdout_csv", "test_dir", "retrieval_csv")}
 
 
+TABLE_LAYOUT = [IMG_KEY, CAPTION_KEY, SEPARATOR]  # in the split stages' specs: tables of another layout are re-split
+
+
 def _read_pairs(path: str) -> tuple[list[str], list[dict]]:
     """A table parclip wrote (the default layout: tab-separated, filepath / title / label)."""
     from parclip.data import read_table
@@ -124,7 +127,7 @@ def split_train(s: Settings, data: dict) -> dict:
     """Seeded split of train.csv: the attacker's planting pairs and the validation folder (VAL_IMAGES others)."""
     out = Path(s.cache) / "data"
     spec = {"train_csv": data["train_csv"], "n_pairs": s.plant["n_pairs"], "val_images": s.val_images,
-            "seed": s.seed}
+            "seed": s.seed, "table": TABLE_LAYOUT}
 
     def compute():
         fields, rows = _read_pairs(data["train_csv"])
@@ -144,7 +147,7 @@ def split_holdout(s: Settings, data: dict) -> dict:
     """The defender's split of its clean pairs (holdout.csv): the last `s.defender_val` as a labelled validation
     folder, the others to clean on."""
     out = Path(s.cache) / "data"
-    spec = {"holdout_csv": data["holdout_csv"], "val_pairs": s.defender_val}
+    spec = {"holdout_csv": data["holdout_csv"], "val_pairs": s.defender_val, "table": TABLE_LAYOUT}
 
     def compute():
         fields, rows = _read_pairs(data["holdout_csv"])
