@@ -65,11 +65,16 @@ def test_a_refused_open_clip_flag_stops_the_parse_naming_it_and_why(argv, capsys
     assert e.value.code == 2 and f"error: {argv[0]} is not supported: {OPEN_CLIP_REFUSED[argv[0]]}" in err
 
 
-def test_what_parclip_does_anyway_passes(tmp_path):
-    args = build_parser().parse_args(["train", "--train-data", "t.csv", "--opt", "adamw", "--precision",
-                                      "amp_bfloat16", "--resume", "latest", "--warmup-steps", "40"])
+def test_what_parclip_does_anyway_passes(tmp_path, capsys):
+    args = build_parser().parse_args(["train", "--train-data", "t.csv", "--opt", "adamw", "--gather-with-grad",
+                                      "--save-most-recent", "--precision", "amp_bfloat16", "--resume", "latest",
+                                      "--warmup-steps", "40"])
     cfg = config_from_args(args)
     assert (cfg.precision, cfg.resume, cfg.warmup) == ("amp_bf16", "latest", 40)
+    for argv in (["--opt", "adamw", "sgd"], ["--gather-with-grad", "x"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", *argv])
+        assert f"error: {argv[0]} is not supported" in capsys.readouterr().err
 
 
 def test_lr_start_is_gone_with_an_error_that_gives_the_new_flags(tmp_path, capsys):

@@ -249,14 +249,16 @@ OPEN_CLIP_REFUSED = {
     "--opt": "parclip trains with AdamW only (open_clip's default, --opt adamw, is accepted)",
     "--use-bn-sync": "BatchNorm is set by --bn-mode (frozen running statistics for PAR); SyncBatchNorm is not used",
     "--skip-scheduler": "use --schedule constant",
-    "--save-most-recent": "parclip always keeps the most recent checkpoint (checkpoints/latest.pt); drop the flag",
+    "--save-most-recent": "takes no value: parclip always keeps the most recent checkpoint (checkpoints/latest.pt), "
+                          "so the bare flag is accepted",
     "--pretrained-image": "start from a CLIP checkpoint with --pretrained",
     "--lock-image": _LOCKING, "--lock-image-unlocked-groups": _LOCKING, "--lock-image-freeze-bn-stats": _LOCKING,
     "--lock-text": _LOCKING, "--lock-text-unlocked-layers": _LOCKING, "--lock-text-freeze-layer-norm": _LOCKING,
     "--image-mean": _PREPROCESS, "--image-std": _PREPROCESS, "--image-interpolation": _PREPROCESS,
     "--image-resize-mode": _PREPROCESS, "--aug-cfg": _PREPROCESS,
     "--local-loss": "the loss is always over the whole global batch (embeddings gathered from every process)",
-    "--gather-with-grad": "always on in parclip (embeddings are gathered with their gradient); drop the flag",
+    "--gather-with-grad": "takes no value: parclip always gathers embeddings with their gradient, so the bare flag is "
+                          "accepted",
     "--force-context-length": _ARCHITECTURE, "--force-image-size": _ARCHITECTURE,
     "--force-patch-dropout": _ARCHITECTURE, "--force-custom-text": _ARCHITECTURE,
     "--torchscript": "TorchScript is not supported; --torchcompile compiles the forward",
@@ -281,7 +283,8 @@ OPEN_CLIP_REFUSED = {
 """open_clip_train's flags that `parclip train` refuses, each with its reason (README: Coming from open_clip_train).
 Given, the parse stops naming the flag and the reason; the rest of open_clip_train's flags are TrainConfig fields or
 their aliases and mean what they mean there."""
-OPEN_CLIP_ACCEPTED = {"--opt": ("adamw",)}
+OPEN_CLIP_ACCEPTED = {"--opt": [["adamw"]], "--gather-with-grad": [[]], "--save-most-recent": [[]]}
+"""The uses of refused flags that are what parclip does anyway: they pass silently."""
 
 REMOVED = {
     "lr_start": "removed; --lr is now the peak rate (open_clip's meaning), where the reference schedule "

@@ -206,16 +206,17 @@ def arg(*names: str, domain: Domain | None = None, **options) -> Arg:
 
 class _Refuse(argparse.Action):
     """An option another tool has and parclip does not (or one parclip removed): giving it is a usage error that says
-    why. A value in `accept` (what parclip does anyway, e.g. open_clip_train's ``--opt adamw``) passes silently."""
+    why. A use whose values are one of the lists in `accept` (what parclip does anyway, e.g. open_clip_train's
+    ``--opt adamw``: ``[["adamw"]]``, or a switch that is always on: ``[[]]``) passes silently."""
 
-    def __init__(self, option_strings, dest, reason: str, accept: Sequence[str] = (), **kw):
+    def __init__(self, option_strings, dest, reason: str, accept: Sequence[Sequence[str]] = (), **kw):
         kw.setdefault("nargs", "*")
         kw.setdefault("default", argparse.SUPPRESS)
         super().__init__(option_strings, dest, **kw)
-        self.reason, self.accept = reason, tuple(accept)
+        self.reason, self.accept = reason, [list(a) for a in accept]
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if self.accept and list(values or []) in ([a] for a in self.accept):
+        if list(values or []) in self.accept:
             return
         parser.error(f"{option_string} is not supported: {self.reason}")
 
@@ -257,8 +258,8 @@ class Refused:
     """Flags that parse but are refused, each with its reason: the flags of another tool that a user may copy
     (open_clip_train's) or flags that were removed, many at once (:func:`refused` declares one, shown in the help).
     Given, the parse stops with a usage error "--flag is not supported: reason" (exit status 2), whatever values
-    follow it; ``accept`` maps a flag to the values that are what this command does
-    anyway (``--opt adamw``), which pass silently. They stay out of the help (``title`` says what they are, for the
+    follow it; ``accept`` maps a flag to the uses that are what this command does
+    anyway (``{"--opt": [["adamw"]], "--gather-with-grad": [[]]}``), which pass silently. They stay out of the help (``title`` says what they are, for the
     reader of the code); the command's documentation lists them."""
 
     title: str
