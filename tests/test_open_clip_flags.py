@@ -244,3 +244,15 @@ def test_report_to_wandb_without_wandb_says_how_to_install_it(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match=re.escape("pip install 'parclip[wandb]'")):
         RunLog(tmp_path, "wandb")
     assert make_config(report_to="wandb,tensorboard").report_to == "tensorboard,wandb"
+
+
+def test_val_data_reads_pairs_from_a_table_or_shards_in_order(fmnist_small, shards):
+    """Catches --val-data shards yielding other pairs (or another order) than the table they were made from."""
+    from parclip.data.sources import validation_pairs
+
+    keys = dict(img_key="filepath", caption_key="title")
+    table = list(validation_pairs(str(fmnist_small["train_csv"]), limit=12, **keys))
+    stream = list(validation_pairs(f"{shards[0]}/{{00000..00005}}.tar", limit=12, **keys))
+    assert len(table) == len(stream) == 12
+    assert [c for _, c in stream] == [c for _, c in table]
+    assert all(a.tobytes() == b.tobytes() for (a, _), (b, _) in zip(table, stream))
