@@ -105,6 +105,8 @@ def test_values_inside_the_domain_parse_with_their_type():
     (dict(train_rows=0), "--train-rows must be an int >= 1"),
     (dict(precision="fp16"), "--precision fp16 is not supported: open_clip's half-precision weights"),
     (dict(precision="pure_bf16"), "--precision pure_bf16 is not supported"),
+    (dict(dataset_type="synthetic"), "--dataset-type synthetic is not supported: open_clip's random smoke-test"),
+    (dict(schedule="const-cooldown"), "--schedule const-cooldown is not supported: the const-cooldown schedule"),
     (dict(report_to="mlflow"), "--report-to mlflow"),
     (dict(workers=-1), "--workers must be an int >= 0"),
     (dict(val_every=-1), "--val-every must be an int >= 0"),

@@ -31,6 +31,13 @@ REFUSED_PRECISIONS = {
     p: "open_clip's half-precision weights: parclip keeps fp32 weights (PAR's small steps, 3e-6 at the end of the "
        "reference schedule's first phase, and its distance to the frozen model are lost in 16-bit weights); use amp "
        "or amp_bf16 (autocast) for the speed" for p in ("bf16", "fp16", "pure_bf16", "pure_fp16")}
+_COOLDOWN = "the const-cooldown schedule is not implemented; schedules: --schedule reference, cosine, constant"
+REFUSED_VALUES = {
+    "dataset_type": {"synthetic": "open_clip's random smoke-test data is not offered: train on a table or shards"},
+    "schedule": {"const-cooldown": _COOLDOWN},
+    "precision": REFUSED_PRECISIONS,
+}
+"""open_clip_train's values of a shared flag that parclip refuses, with the reason (they parse, then stop the run)."""
 REPORT_TARGETS = ("tensorboard", "wandb")
 ALIASES = {"warmup_steps": "warmup"}
 """Older or open_clip spellings of a field, accepted as YAML keys and make_config arguments too."""
@@ -61,7 +68,7 @@ class TrainConfig:
     train_data: str | None = _f(None, "clean image–caption pairs: a table (CSV/TSV), or webdataset shards "
                                 "('shards/{00000..00099}.tar', several sources joined by '::', as open_clip)")
     dataset_type: str = _f("auto", "auto: webdataset for .tar paths and brace patterns, csv otherwise",
-                           ["auto", "csv", "webdataset"])
+                           ["auto", "csv", "webdataset", "synthetic"])
     data_root: str | None = _f(None, "folder that image paths in the tables (--train-data, --val-data) are relative to "
                                "(default: each table's folder)")
     csv_img_key: str = _f(IMG_KEY, "table column with image paths (open_clip_train's default)")
@@ -159,7 +166,7 @@ class TrainConfig:
     schedule: str = _f("reference", "reference: PAR's schedule (--lr decaying linearly to --lr × --lr-decay-ratio "
                        "over the warm-up, then cosine to --lr-end); cosine: linear warm-up from 0 to --lr then cosine "
                        "(open_clip's); constant (open_clip's const)",
-                       ["reference", "cosine", "constant", "const"], aliases=("--lr-scheduler",))
+                       ["reference", "cosine", "constant", "const", "const-cooldown"], aliases=("--lr-scheduler",))
     wd: float = _f(1e-4, "AdamW weight decay on ≥2-D weights (biases, norms, embeddings of dim<2 get none)",
                    domain=NONNEGATIVE)
     beta1: float = _f(0.9, "AdamW β1", domain=BETA)
@@ -214,8 +221,10 @@ class TrainConfig:
                 raise ValueError(f"--warmup {self.warmup:g}: --warmup is a whole number of optimiser steps, as in "
                                  f"open_clip_train; a fraction of the run is now --warmup-fraction {self.warmup:g}")
             self.warmup = int(self.warmup)
-        if self.precision in REFUSED_PRECISIONS:
-            raise ValueError(f"--precision {self.precision} is not supported: {REFUSED_PRECISIONS[self.precision]}")
+        for name, refused in REFUSED_VALUES.items():
+            if getattr(self, name) in refused:
+                raise ValueError(f"{option_name(name)} {getattr(self, name)} is not supported: "
+                                 f"{refused[getattr(self, name)]}")
         if self.precision == "amp_bfloat16":
             self.precision = "amp_bf16"  # open_clip's other spelling
         if self.dataset_resampled and self.dataset_type == "csv":
@@ -237,7 +246,6 @@ _PREPROCESS = ("preprocessing is the model's own (its open_clip config), and the
                "defence's (--augment)")
 _ARCHITECTURE = "the architecture is the model's config (--model); parclip does not override it"
 _LAUNCH = "launch with torchrun or srun: the process group and the device come from their environment"
-_COOLDOWN = "the const-cooldown schedule is not implemented; schedules: --schedule reference, cosine, constant"
 OPEN_CLIP_REFUSED = {
     "--train-data-upsampling-factors": "not implemented: ::-joined shard sources are read in proportion to their "
                                        "sizes",
