@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "parclip"
 LAYERS = {
     "utils": 0,
     "data": 1, "models": 1, "objectives": 1,
-    "attacks": 2, "defences": 2,
+    "attacks": 2, "defences": 2, "synth": 2,  # synth: generators of synthetic pairs (over data, models)
     "evaluation": 3, "config": 3,  # config fills a run's defaults from its defence's recipe
     "runs": 3,  # run directories: logs written by train, listed by the cli
     "train": 4,
