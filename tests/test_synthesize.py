@@ -236,7 +236,8 @@ def test_a_moved_caption_file_is_the_same_source(tmp_path):
 def test_a_collapsed_generator_names_the_prompt(tmp_path, word, what):
     captions = [f"caption {k}" for k in range(7)]
     captions[4] = f"a {word} bag"
-    with pytest.raises(SynthesisError, match=rf"prompt 4 \('a {word} bag'\).*{what}|{what}.*prompt 4 \('a {word} bag'\)"):
+    prompt = rf"prompt 4 \('a {word} bag'\)"
+    with pytest.raises(SynthesisError, match=rf"{prompt}.*{what}|{what}.*{prompt}"):
         _run(tmp_path / "o", captions=_captions(tmp_path, captions), n=None)
     m = json.loads((tmp_path / "o" / MANIFEST).read_text())
     assert [c["chunk"] for c in m["chunks"]] == [0]  # chunk 1 (prompts 3..5) wrote nothing
@@ -272,6 +273,27 @@ def test_a_committed_chunk_with_missing_files_is_made_again(tmp_path, classfile)
     assert NoiseGenerator.calls == 2 and _files(tmp_path / "a") == whole
 
 
+@pytest.mark.slow
+def test_a_run_killed_at_a_commit_resumes_to_the_same_bytes(tmp_path, classfile):
+    """A real SIGKILL (utils.files' fault injection) at the worst moment: the third manifest write (the commit of
+    chunk 1), after chunk 1's images are on disk. The chunk is not counted; the rerun makes it again."""
+    import os
+    import subprocess
+    import sys
+
+    _run(tmp_path / "whole", classnames=classfile)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_synthesize as t; from pathlib import Path; "
+              "t._run(Path(sys.argv[2]), classnames=Path(sys.argv[3]))")
+    argv = [sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path / "cut"), str(classfile)]
+    env = {**os.environ, "PARCLIP_FAULT_KILL": "manifest.json:3"}
+    assert subprocess.run(argv, env=env, timeout=120).returncode == -9
+    m = json.loads((tmp_path / "cut" / MANIFEST).read_text())
+    assert [c["chunk"] for c in m["chunks"]] == [0] and (tmp_path / "cut/images/00001/00000005.png").is_file()
+    env.pop("PARCLIP_FAULT_KILL")
+    assert subprocess.run(argv, env=env, timeout=120).returncode == 0
+    assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
+
+
 # ------------------------------------------------------------------------------------------------------ command line
 def test_cli_synthesizes_pairs_that_train_reads(tmp_path, classfile, capsys, one_thread):
     out = tmp_path / "synth"
@@ -286,6 +308,16 @@ def test_cli_synthesizes_pairs_that_train_reads(tmp_path, classfile, capsys, one
                  "--output-dir", str(tmp_path / "runs"), "--name", "synth"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs/synth/metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 1
+
+
+def test_a_class_conditional_generator_brings_its_classes(tmp_path, capsys):
+    assert main(["data", "synthesize", str(tmp_path / "o"), "--generator", "test-class-noise:x", "--per-class", "2",
+                 "--templates", "simple"]) == 0
+    _, rows = read_table(tmp_path / "o" / TABLE)
+    assert [(r["label"], r["classname"]) for r in rows] == [(str(k), c) for k, c in enumerate(CLASSES)] * 2
+    assert all(r["classname"] in r["title"] for r in rows)
+    m = json.loads((tmp_path / "o" / MANIFEST).read_text())
+    assert m["settings"]["source"]["from"] == "the generator"
 
 
 def test_cli_errors_are_messages(tmp_path, classfile, capsys):
@@ -304,3 +336,114 @@ def test_cli_errors_are_messages(tmp_path, classfile, capsys):
         main(["data", "synthesize", str(tmp_path / "o"), "--generator", "test-noise:x", "--classnames",
               str(classfile), "--captions", str(good)])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------- diffusers
+def _tiny_pipeline(folder: Path) -> Path:
+    """A randomly initialised Stable Diffusion pipeline a few kB large (UNet, VAE, CLIP text encoder, a tokenizer
+    with a 56-token vocabulary written here), saved with save_pretrained: nothing is downloaded."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=2)
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), sample_size=8)
+    text = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
+                                        intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                        vocab_size=64, max_position_embeddings=16))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    scratch = folder.parent / "tokenizer-files"
+    scratch.mkdir()
+    (scratch / "vocab.json").write_text(json.dumps(vocab))
+    (scratch / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), model_max_length=16)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    return _tiny_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+def _sd_argv(out, pipe, captions, *extra):
+    return ["data", "synthesize", str(out), "--generator", f"diffusers:{pipe}", "--captions", str(captions),
+            "--device", "cpu", "--chunk-size", "2", "--batch-size", "2", "--generator-option", "steps=2",
+            "--generator-option", "height=16", "--generator-option", "width=16", *extra]
+
+
+def test_diffusers_pipeline_end_to_end(tiny_sd, tmp_path, capsys, monkeypatch, one_thread):
+    from parclip.synth.diffusers_gen import DiffusersGenerator
+
+    captions = _captions(tmp_path, ["a red bag", "a blue shirt", "a green shoe"])
+    assert main(_sd_argv(tmp_path / "whole", tiny_sd, captions)) == 0, capsys.readouterr().err
+    fields, rows = read_table(tmp_path / "whole" / TABLE)
+    assert fields == ["filepath", "title"] and [r["title"] for r in rows] == ["a red bag", "a blue shirt",
+                                                                             "a green shoe"]
+    pixels = []
+    for r in rows:
+        with Image.open(tmp_path / "whole" / r["filepath"]) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and im.size == (16, 16)
+            pixels.append(np.asarray(im))
+    assert not np.array_equal(pixels[0], pixels[1])
+    g = json.loads((tmp_path / "whole" / MANIFEST).read_text())["settings"]["generator"]
+    assert g["kind"] == "diffusers" and g["pipeline"] == "StableDiffusionPipeline" and len(g["sha256"]) == 64
+    assert (g["device"], g["dtype"], g["steps"], g["height"]) == ("cpu", "float32", 2, 16)
+
+    real, calls = DiffusersGenerator.generate, []
+
+    def dies_in_the_second_chunk(self, prompts, seeds):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("injected kill")
+        return real(self, prompts, seeds)
+
+    monkeypatch.setattr(DiffusersGenerator, "generate", dies_in_the_second_chunk)
+    assert main(_sd_argv(tmp_path / "cut", tiny_sd, captions)) == 130
+    assert not (tmp_path / "cut" / TABLE).exists()
+    monkeypatch.setattr(DiffusersGenerator, "generate", real)
+    assert main(_sd_argv(tmp_path / "cut", tiny_sd, captions)) == 0
+    assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
+    assert main(_sd_argv(tmp_path / "cut", tiny_sd, captions, "--seed", "3")) == 2
+    assert "seed: 0 → 3" in capsys.readouterr().err
+
+
+def test_diffusers_pipeline_that_diverges_is_named(tiny_sd, tmp_path, capsys, one_thread):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-sd"
+    shutil.copytree(tiny_sd, broken)
+    weights = next((broken / "vae").glob("*.safetensors"))
+    state = load_file(weights)
+    state["decoder.conv_out.bias"][:] = float("nan")
+    save_file(state, weights)
+    captions = _captions(tmp_path, ["a red bag", "a blue shirt"])
+    assert main(_sd_argv(tmp_path / "o", broken, captions)) == 2
+    err = capsys.readouterr().err
+    assert "prompt 0 ('a red bag')" in err and "non-finite pixel values" in err
+    assert not list((tmp_path / "o").rglob("*.png"))
+
+
+def test_diffusers_missing_is_a_clear_error(tiny_sd, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    assert main(_sd_argv(tmp_path / "o", tiny_sd, _captions(tmp_path, ["a bag"]))) == 2
+    assert "pip install parclip[synth]" in capsys.readouterr().err
+    assert main(_sd_argv(tmp_path / "o", tmp_path, _captions(tmp_path, ["a bag"]))) == 2
+    assert "not a saved diffusers pipeline" in capsys.readouterr().err

@@ -972,8 +972,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("interrupted; a training run resumes from its last checkpoint when started again with the same --name",
-              file=sys.stderr)
+        print("interrupted; a training run resumes from its last checkpoint when started again with the same "
+              "--name, a synthesis (data synthesize) after its last committed chunk when run again", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # user-facing errors: a message, not a traceback
         if args.verbose:

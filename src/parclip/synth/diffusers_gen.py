@@ -118,13 +118,12 @@ class DiffusersGenerator(Generator):
         if dtype == "auto":
             dtype = "float16" if device.startswith("cuda") else "float32"
         try:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True,
-                                                               torch_dtype=getattr(torch, dtype))
+            pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
         except ImportError as e:
             raise RuntimeError(f"diffusers:{argument} needs a package that is not installed ({e}): {INSTALL}") from e
         except (OSError, ValueError) as e:
             raise DataError(f"diffusers:{argument}: the pipeline does not load: {e}") from e
-        pipe = pipe.to(device)
+        pipe = pipe.to(device, getattr(torch, dtype))  # (the dtype keyword of from_pretrained changed its name)
         pipe.set_progress_bar_config(disable=True)
         settings.update(device=str(torch.device(device).type), dtype=dtype)
         return cls(pipe, path.resolve(), settings, folder_sha256(path))

@@ -18,10 +18,12 @@ prompt is drawn from ``(seed, i)`` too. Nothing depends on a global random state
 **Chunks, resume.** The images are made in chunks of ``chunk_size`` (in batches of ``batch_size``). A chunk is
 generated and checked whole, then its images (or its shard) are written atomically, then the manifest records the
 chunk: that write is the commit. A run stopped at any moment (an error, a full disk, a kill) keeps its committed
-chunks; running it again with the same arguments makes the remaining chunks, and the result is byte for byte what an
-uninterrupted run writes. The table (or ``sizes.json``) is written when every chunk is done. Running into a folder
-that holds a manifest with different settings is an error that lists the differences (paths are not compared: a
-moved caption file with the same checksum is the same source).
+chunks (a kill may leave a hidden ``.NAME.RANDOM.tmp`` file, removed when the run is resumed); running it again with
+the same arguments makes the remaining chunks, and the result is byte for byte what an uninterrupted run writes. A
+committed chunk whose files have gone is made again. The table (or ``sizes.json``) is written when every chunk is
+done. Running into a folder that holds a manifest with different settings is an error that lists the differences
+(paths are not compared: a moved caption file with the same checksum is the same source); one run per folder at a
+time.
 
 **Checks.** An image that is not an image, has non-finite values (reported by the generator) or is constant (every
 pixel the same: a collapsed generator) stops the run with the prompt's index and caption; nothing of its chunk is
@@ -90,7 +92,8 @@ def _short(v) -> str:
 def differences(old: dict, new: dict) -> list[str]:
     """``key: old → new`` for every setting that differs (nested keys dotted; ``path`` keys ignored)."""
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {_short(a.get(k))} → {_short(b.get(k))}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [f"{k}: {_short(a.get(k))} → {_short(b.get(k))}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
 
 
 def _open_manifest(out: Path, settings: dict, paths: dict) -> dict:
@@ -198,7 +201,8 @@ def _commit_chunk(out: Path, k: int, first: int, images: list[Image.Image], prom
 def _chunk_present(out: Path, entry: dict, chunk_size: int, shards: bool) -> bool:
     if shards:
         return (out / _shard_name(entry["chunk"])).is_file()
-    return all((out / _image_name(i, chunk_size)).is_file() for i in range(entry["first"], entry["first"] + entry["count"]))
+    first, count = entry["first"], entry["count"]
+    return all((out / _image_name(i, chunk_size)).is_file() for i in range(first, first + count))
 
 
 # ------------------------------------------------------------------------------------------------------------ the run
@@ -256,6 +260,8 @@ def synthesize(out: str | os.PathLike, generator: Generator, prompts: Sequence[P
     settings = settings_of(generator, source, seed=seed, n_images=n, chunk_size=chunk_size, batch_size=batch_size,
                            shards=shards, image_size=image_size)
     manifest = _open_manifest(out, settings, paths or {})
+    for stale in out.rglob(".*.tmp") if out.is_dir() else ():  # a killed run's unfinished file (utils.files' names)
+        stale.unlink()
     n_chunks = -(-n // chunk_size)
     kept = [c for c in manifest["chunks"] if _chunk_present(out, c, chunk_size, shards)]
     if len(kept) < len(manifest["chunks"]):
