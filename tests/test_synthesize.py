@@ -295,15 +295,19 @@ def test_a_run_killed_at_a_commit_resumes_to_the_same_bytes(tmp_path, classfile)
 
 
 # ------------------------------------------------------------------------------------------------------ command line
-def test_cli_synthesizes_pairs_that_train_reads(tmp_path, classfile, capsys, one_thread):
+@pytest.mark.parametrize("shards", [False, True], ids=["table", "shards"])
+def test_cli_synthesizes_pairs_that_train_reads(tmp_path, classfile, capsys, one_thread, shards):
     out = tmp_path / "synth"
     assert main(["data", "synthesize", str(out), "--generator", "test-noise:x", "--classnames", str(classfile),
-                 "--templates", "fashion", "--per-class", "4", "--image-size", "28", "--chunk-size", "5"]) == 0
+                 "--templates", "fashion", "--per-class", "4", "--image-size", "28", "--chunk-size", "5",
+                 *(["--shards"] if shards else [])]) == 0
     printed = capsys.readouterr().out
-    assert f"12 synthetic pairs from test-noise:x → {out / TABLE}" in printed and "parclip train" in printed
-    with Image.open(out / "images" / "00000" / "00000000.png") as im:
-        assert im.size == (28, 28)
-    assert main(["train", "--model", "parclip-micro", "--train-data", str(out / TABLE), "--objective", "clip",
+    data = out / ("shards/{00000..00002}.tar" if shards else TABLE)
+    assert f"12 synthetic pairs from test-noise:x → {data}" in printed and "parclip train" in printed
+    if not shards:
+        with Image.open(out / "images" / "00000" / "00000000.png") as im:
+            assert im.size == (28, 28)
+    assert main(["train", "--model", "parclip-micro", "--train-data", str(data), "--objective", "clip",
                  "--epochs", "1", "--batch-size", "12", "--workers", "0", "--no-progress",
                  "--output-dir", str(tmp_path / "runs"), "--name", "synth"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs/synth/metrics.jsonl").read_text().splitlines()]
