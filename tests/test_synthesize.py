@@ -135,6 +135,30 @@ def test_a_caption_file_with_empty_lines_or_none_is_refused(tmp_path):
         read_captions(tmp_path / "latin1.txt")
 
 
+def test_the_caption_source_and_the_counts_fit_together(tmp_path, classfile):
+    captions = _captions(tmp_path, ["a bag", "a shirt", "a coat"])
+    prompts, source = make_prompts(None, captions=captions, n=2)
+    assert [p.caption for p in prompts] == ["a bag", "a shirt"] and source["lines"] == 3
+    with pytest.raises(DataError, match="--n 4 but .* has only 3 captions"):
+        make_prompts(None, captions=captions, n=4)
+    with pytest.raises(DataError, match="drop --classnames and --per-class"):
+        make_prompts(None, captions=captions, per_class=2)
+    with pytest.raises(DataError, match="--n N .* or --per-class N"):
+        make_prompts(None, classnames=classfile)
+    with pytest.raises(DataError, match="unknown template set"):
+        make_prompts(None, classnames=classfile, templates="nope", n=3)
+
+
+def test_image_from_array_refuses_non_finite_values():
+    assert image_from_array(np.full((4, 5), 0.5)).size == (5, 4)  # greyscale floats -> RGB
+    assert image_from_array(np.zeros((4, 4, 3), np.uint8)).mode == "RGB"
+    spoiled = np.full((4, 4, 3), 0.2)
+    spoiled[1, 2, 0] = np.inf
+    with pytest.raises(GeneratorError, match="1 of 48 are NaN or infinite") as e:
+        image_from_array(spoiled, index=3)
+    assert e.value.index == 3
+
+
 def test_class_conditional_captions_need_exactly_one_class():
     ok = caption_prompts(["a photo of a t-shirt/top", "two shirts", "A BAG."], classnames=CLASSES)
     assert [(p.label, p.classname) for p in ok] == [(0, "t-shirt/top"), (3, "shirt"), (2, "bag")]
