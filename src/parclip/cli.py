@@ -4,6 +4,7 @@
     parclip data fashion-mnist OUT    export Fashion-MNIST as image files + captions CSV + labelled test folder
     parclip data check TABLE          decode every image of a caption table and report bad rows
     parclip data convert SRC OUT      caption table ↔ webdataset shards; labelled folder → clip_benchmark shards
+    parclip data synthesize OUT       generated image–caption pairs from a generator (diffusers, ...) and captions
     parclip poison TABLE OUT          plant a trigger into a seeded share of an image–caption table
     parclip train                     fine-tune: --objective par|cleanclip|roclip (clean) or clip (plain / plant)
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
@@ -204,7 +205,101 @@ def _data_convert(args) -> int:
     return 0
 
 
-DATA = Command("data", "prepare data: Fashion-MNIST export, table checks", actions=(
+def _generator_options(pairs) -> dict:
+    """``["steps=4", "guidance=0"]`` (``--generator-option KEY=VALUE``) -> ``{"steps": "4", ...}``: strings, which the
+    generator parses and checks."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--generator-option {pair!r}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def _data_synthesize(args) -> int:
+    from parclip.synth import load_generator
+    from parclip.synth.prompts import make_prompts
+    from parclip.synth.synthesize import TABLE, synthesize
+
+    options = _generator_options(args.generator_option)
+    if args.device is not None:
+        options["device"] = args.device
+    try:
+        generator = load_generator(args.generator, **options)
+    except KeyError as e:  # an unknown kind: the message lists the known ones
+        raise ValueError(e.args[0]) from None
+    except TypeError as e:  # a generator's load refused an option
+        raise ValueError(f"--generator {args.generator}: {e} (check --generator-option and --device)") from None
+    classes = generator.classnames if generator.conditioning == "class" else None
+    prompts, source = make_prompts(classes, classnames=args.classnames, captions=args.captions,
+                                   templates=args.templates, n=args.n, per_class=args.per_class, seed=args.seed)
+    manifest = synthesize(args.out, generator, prompts, source, seed=args.seed, chunk_size=args.chunk_size,
+                          batch_size=args.batch_size, shards=args.shards, image_size=args.image_size,
+                          paths={"generator": args.generator, "classnames": args.classnames,
+                                 "captions": args.captions})
+    out = Path(args.out)
+    data = out / (manifest["outputs"]["shards"] if args.shards else TABLE)
+    print(f"{len(prompts)} synthetic pairs from {args.generator} → {data} (manifest: {out / 'manifest.json'})")
+    print(f"train on them: parclip train --train-data '{data}' ...")
+    return 0
+
+
+SYNTHESIZE_EPILOG = """examples:
+  # 1000 pairs per Fashion-MNIST class from a local Stable Diffusion folder, captions from the fashion templates
+  parclip data synthesize synth/ --generator diffusers:/models/sd-turbo --classnames classes.txt \\
+      --templates fashion --per-class 1000 --image-size 224 --generator-option steps=1 --generator-option guidance=0
+  # one image per line of a caption file (SynthCLIP's recipe), as webdataset shards
+  parclip data synthesize synth_wds/ --generator diffusers:/models/sd-turbo --captions captions.txt --shards
+  # killed or out of disk? run the same command again: it continues after the last committed chunk
+  parclip train --train-data synth/synthetic.csv --model ViT-B-32-quickgelu --pretrained poisoned.pt ...
+"""
+
+SYNTHESIZE = Command(
+    "synthesize", "generated image–caption pairs: a generator + class names × templates, or a caption file",
+    run=_data_synthesize,
+    description="Make one image per prompt with a generator and write OUT/images/*/*.png + OUT/synthetic.csv\n"
+    "(tab-separated filepath, title[, label, classname]: what `parclip train --train-data` reads with\n"
+    "its defaults), or with --shards OUT/shards/*.tar + sizes.json; and OUT/manifest.json (generator,\n"
+    "seed, caption source and its checksum, templates, counts, the chunks done).\n\n"
+    "Prompts: --captions FILE (image i from line i+1; empty lines are an error), or class names\n"
+    "(--classnames FILE, or a class-conditional generator's own) filled into --templates, one template\n"
+    "drawn per image. Image i is seeded by (--seed, i).\n\n"
+    "Resume: work is committed in chunks. A run that stops (an error, a full disk, a kill) continues\n"
+    "where it stopped when run again with the same arguments, and ends with exactly the files an\n"
+    "uninterrupted run writes; other arguments into the same folder are refused, with the differences.\n"
+    "A generator that makes constant or non-finite images stops the run, naming the prompt.\n\n"
+    "Generators: diffusers:PATH (a local diffusers text-to-image pipeline folder; pip install\n"
+    "parclip[synth]) and the other registered kinds of parclip.synth. Details: docs/synthetic.md.",
+    epilog=SYNTHESIZE_EPILOG,
+    args=(OUT_DIR,
+          arg("--generator", required=True, metavar="KIND:ARG",
+              help="the generator, e.g. diffusers:/models/sd-turbo (a local pipeline folder)"),
+          OneOf((arg("--classnames", default=None, metavar="FILE",
+                     help="class names, one per line, filled into --templates (default for a class-conditional "
+                     "generator: its own classes)"),
+                 arg("--captions", default=None, metavar="FILE", help="captions, one per line: one image each"))),
+          arg("--templates", default="simple",
+              help="with class names: caption templates: simple (default), openai, fashion or a file"),
+          OneOf((arg("--n", type=int, default=None, domain=COUNT,
+                     help="images in total (class i mod C for image i; with --captions: the first N captions)"),
+                 arg("--per-class", type=int, default=None, domain=COUNT, help="images per class"))),
+          SEED,
+          arg("--batch-size", type=int, default=16, domain=COUNT, help="prompts per generator call (default 16)"),
+          arg("--chunk-size", type=int, default=1000, domain=COUNT,
+              help="images per committed chunk, the unit of resuming; with --shards the samples per shard "
+              "(default 1000)"),
+          arg("--shards", action="store_true", help="write webdataset shards instead of PNG files and a table"),
+          arg("--image-size", type=int, default=None, domain=IMAGE_SIZE,
+              help="squash-resize every image to this side (default: as generated)"),
+          arg("--device", default=None, help="where the generator runs (default: its choice; diffusers: cuda when "
+              "there is one)"),
+          arg("--generator-option", action="append", default=[], metavar="KEY=VALUE",
+              help="generator option, repeatable; diffusers: steps, guidance, height, width, dtype, "
+              "negative_prompt")))
+
+
+DATA = Command("data", "prepare data: Fashion-MNIST export, table checks, synthetic pairs", actions=(
     Command("fashion-mnist", "export Debian's dataset-fashion-mnist as PNGs + captions CSV + test folder",
             run=_data_fashion_mnist,
             description="Writes OUT/train.csv and OUT/holdout.csv (tab-separated filepath, title, label, the default table "
@@ -234,6 +329,7 @@ DATA = Command("data", "prepare data: Fashion-MNIST export, table checks", actio
                   arg("--maxcount", type=int, default=10000, domain=COUNT,
                       help="samples per shard (default 10000)"),
                   TABLE_ARGS)),
+    SYNTHESIZE,
 ))
 
 
@@ -876,8 +972,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("interrupted; a training run resumes from its last checkpoint when started again with the same --name",
-              file=sys.stderr)
+        print("interrupted; a training run resumes from its last checkpoint when started again with the same "
+              "--name, a synthesis (data synthesize) after its last committed chunk when run again", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # user-facing errors: a message, not a traceback
         if args.verbose:

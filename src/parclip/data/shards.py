@@ -61,7 +61,8 @@ from .captions import CAPTION_KEY, IMG_KEY, DataError, logger
 from .labelled import LabelledImages
 from .shard_io import beside, finish, is_remote, local_path, open_shard
 
-__all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shards", "ShardStream",
+__all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shard", "write_shards",
+           "ShardStream",
            "table_to_shards", "shards_to_table", "folder_to_shards",
            "LabelledShards", "IMAGE_EXTS", "decode_image"]
 
@@ -212,6 +213,19 @@ def _caption(sample: dict, key: str) -> str:
     if not text:
         raise DataError(f"no caption ({key}) in sample {sample.get('__key__')!r}")
     return text
+
+
+def write_shard(samples: Iterable[dict], path: str | os.PathLike, *, mtime: float | None = None) -> int:
+    """Write samples (as :func:`write_shards` takes them) into the one shard ``path``, atomically; returns how many.
+    ``mtime``: the members' modification time (default: now; a fixed value makes the tar reproducible byte for byte)."""
+    import webdataset as wds
+
+    n = 0
+    with replacing(path) as tmp, wds.TarWriter(tmp, mtime=mtime) as sink:
+        for sample in samples:
+            sink.write(sample)
+            n += 1
+    return n
 
 
 def write_shards(samples: Iterable[dict], pattern: str | os.PathLike, *, maxcount: int = 10000) -> list[str]:

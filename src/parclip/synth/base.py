@@ -21,8 +21,8 @@ from typing import ClassVar
 
 from PIL import Image
 
-__all__ = ["CONDITIONINGS", "Prompt", "Generator", "register_generator", "generator_class", "list_generators",
-           "load_generator"]
+__all__ = ["CONDITIONINGS", "Prompt", "Generator", "GeneratorError", "image_from_array", "register_generator",
+           "generator_class", "list_generators", "load_generator"]
 
 CONDITIONINGS = ("class", "text")
 
@@ -35,6 +35,38 @@ class Prompt:
     caption: str
     label: int | None = None
     classname: str | None = None
+
+
+class GeneratorError(RuntimeError):
+    """A generator made an unusable image (non-finite or constant pixels, a wrong count or type). ``index``: the
+    image's position in the batch passed to :meth:`Generator.generate` (None when unknown); the synthesis loop
+    turns it into the prompt's index and caption."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+def image_from_array(array, index: int | None = None) -> Image.Image:
+    """An RGB PIL image from an ``[H, W, 3]`` (or ``[H, W]``) array of floats in [0, 1] (values outside are clipped)
+    or of uint8; a :class:`GeneratorError` with ``index`` when a float value is NaN or infinite (a generator that
+    diverged). For generators whose models return floats: check here, before the uint8 conversion hides it."""
+    import numpy as np
+
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise GeneratorError(f"the generator produced non-finite pixel values ({int((~np.isfinite(a)).sum())} "
+                                 f"of {a.size} are NaN or infinite)", index)
+        a = (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        return Image.fromarray(a, "L").convert("RGB")
+    if a.ndim != 3 or a.shape[-1] not in (3, 4):
+        raise GeneratorError(f"expected an [H, W, 3] image array, got shape {a.shape}", index)
+    return Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB")
 
 
 class Generator(ABC):
