@@ -13,7 +13,9 @@ from parclip.synth.fit import fit_family, read_class_images
 from parclip.synth.stored import CONFIG_FILE, WEIGHTS_FILE
 
 KINDS = ["pca-gauss", "cvae"]
-FAST = {"pca-gauss": dict(components=4), "cvae": dict(epochs=30, batch_size=32, width=8, latent=4, lr=3e-3)}
+# name -> (kind, fast settings); pca-mix: the same kind with a 3-cluster mixture per class
+CONFIGS = {"pca-gauss": ("pca-gauss", dict(components=4)), "pca-mix": ("pca-gauss", dict(components=4, clusters=3)),
+           "cvae": ("cvae", dict(epochs=30, batch_size=32, width=8, latent=4, lr=3e-3))}
 
 
 def toy_data(n_per_class: int = 64, seed: int = 0):
@@ -29,7 +31,8 @@ def toy_data(n_per_class: int = 64, seed: int = 0):
 @pytest.fixture(scope="module")
 def trained(one_thread):
     x, y = toy_data()
-    return {k: fit_family(k, x, y, ["left", "right"], seed=0, **FAST[k]) for k in KINDS}
+    return {name: fit_family(kind, x, y, ["left", "right"], seed=0, **options)
+            for name, (kind, options) in CONFIGS.items()}
 
 
 def _arrays(images):
@@ -40,9 +43,9 @@ def test_every_family_is_registered_and_trainable():
     assert set(KINDS) <= set(list_generators()) and set(KINDS) == set(FAMILIES)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_round_trip_is_bit_identical(trained, kind, tmp_path):
-    gen = trained[kind]
+@pytest.mark.parametrize("name", CONFIGS)
+def test_round_trip_is_bit_identical(trained, name, tmp_path):
+    gen, kind = trained[name], CONFIGS[name][0]
     folder = gen.store(tmp_path / kind)
     assert {p.name for p in folder.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
     with open(folder / WEIGHTS_FILE, "rb") as f:
@@ -56,14 +59,18 @@ def test_round_trip_is_bit_identical(trained, kind, tmp_path):
     assert d["kind"] == kind and d["conditioning"] == "class" and d["weights"] == str(folder / WEIGHTS_FILE)
     assert len(d["sha256"]) == 64 and d["settings"]["classnames"] == ["left", "right"]
     assert load_generator(f"{kind}:{folder / CONFIG_FILE}").describe()["sha256"] == d["sha256"]
+    assert load_generator(f"{kind}:{folder}", device="cpu").classnames == ["left", "right"]
+    with pytest.raises(TypeError, match="unknown option"):
+        load_generator(f"{kind}:{folder}", steps=4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_image_i_depends_only_on_its_prompt_and_seed(trained, kind):
-    gen = trained[kind]
+@pytest.mark.parametrize("name", CONFIGS)
+def test_image_i_depends_only_on_its_prompt_and_seed(trained, name):
+    gen = trained[name]
     prompts = [Prompt("l", 0), Prompt("r", 1), Prompt("l", 0), Prompt("r", 1)]
     batch = gen.generate(prompts, [10, 11, 12, 13])
     assert all(im.mode == "RGB" and im.size == (28, 28) for im in batch)
+    assert gen.generate(prompts, [10, 11, 12, 13])[3].tobytes() == batch[3].tobytes()  # reproducible
     alone = gen.generate([prompts[2]], [12])[0]
     assert np.array_equal(np.asarray(alone), np.asarray(batch[2]))
     torch.manual_seed(123)  # the global random state plays no part
@@ -73,10 +80,10 @@ def test_image_i_depends_only_on_its_prompt_and_seed(trained, kind):
     assert (px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all()  # grey as RGB
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_conditioning_makes_the_asked_class(trained, kind):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_conditioning_makes_the_asked_class(trained, name):
     """Generated images of each class look like that class: the bright half is on the class's side."""
-    gen = trained[kind]
+    gen = trained[name]
     labels = [0, 1] * 20
     images = gen.generate([Prompt("", k) for k in labels], list(range(len(labels))))
     side = [np.asarray(im)[..., 0].astype(float) for im in images]
@@ -84,9 +91,9 @@ def test_conditioning_makes_the_asked_class(trained, kind):
     assert np.mean(np.array(pred) == np.array(labels)) >= 0.95
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_bad_prompts_and_seeds_are_refused(trained, kind):
-    gen = trained[kind]
+@pytest.mark.parametrize("name", CONFIGS)
+def test_bad_prompts_and_seeds_are_refused(trained, name):
+    gen = trained[name]
     with pytest.raises(ValueError, match="needs a label"):
         gen.generate([Prompt("a photo")], [0])
     with pytest.raises(ValueError, match="outside 0..1"):
@@ -127,6 +134,14 @@ def test_hostile_or_broken_files_are_refused(trained, kind, tmp_path):
         load_generator(f"{kind}:{tmp_path / 'nowhere'}")
 
 
+def test_a_mixture_uses_its_clusters_by_weight(trained):
+    gen = trained["pca-mix"]
+    w = gen.tensors["weight"]
+    assert w.shape == (2, 3) and torch.allclose(w.sum(1), torch.ones(2)) and (w > 0).all()
+    with pytest.raises(ValueError, match="mixture weights"):
+        type(gen)({**gen.tensors, "weight": torch.full((2, 3), 0.5)}, gen.config)
+
+
 def test_non_finite_weights_are_refused(trained, tmp_path):
     gen = trained["pca-gauss"]
     gen2 = type(gen)({**gen.tensors, "mean": gen.tensors["mean"].clone().fill_(float("nan"))}, gen.config)
@@ -137,7 +152,7 @@ def test_non_finite_weights_are_refused(trained, tmp_path):
 
 def test_train_generator_reads_the_pairs_table_only(fmnist_small, tmp_path, one_thread):
     """train_generator learns from the table it is given (train.csv: the 600 pre-training rows, not holdout.csv)."""
-    out = train_generator(fmnist_small["train_csv"], tmp_path / "g", seed=0, family="pca-gauss", components=4)
+    out = train_generator(fmnist_small["train_csv"], tmp_path / "g", seed=0, family="pca-gauss", components=4, clusters=2)
     gen = load_generator(f"pca-gauss:{out}")
     assert gen.config["n_train"] == 600 and gen.config["train_table"] == str(fmnist_small["train_csv"])
     assert gen.classnames[0] == "t-shirt" and len(gen.classnames) == 10
@@ -157,3 +172,15 @@ def test_a_table_without_labels_gets_classes_from_captions(tmp_path):
     write_table(tmp_path / "bad.csv", ["filepath", "title"], [{"filepath": "0.png", "title": "a hat"}])
     with pytest.raises(Exception, match="names 0 of the classes"):
         read_class_images(tmp_path / "bad.csv", ["t-shirt", "shirt", "bag"])
+
+
+def test_the_default_is_the_measured_choice():
+    """train_generator's default family and settings are those of the candidate docs/synth_quality.md chose."""
+    from pathlib import Path
+
+    from parclip.synth import DEFAULT_FAMILY
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "docs" / "synth_quality" / "quality.json").read_text())
+    (chosen,) = [r for r in report["candidates"] if r["candidate"] == report["chosen"]]
+    assert chosen["family"] == DEFAULT_FAMILY and not report["smoke"]
+    assert {k: chosen["settings"][k] for k in FAMILIES[DEFAULT_FAMILY][1]} == FAMILIES[DEFAULT_FAMILY][1]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from parclip.evaluation.synth_quality import (embed_images, embedding_frechet_distance, frechet_distance,
-                                              gaussian_stats, per_class_top1, real_baseline_split, recognisability,
-                                              sqrtm_psd, top1_percent)
+from parclip.evaluation.synth_quality import (copy_statistics, embed_images, embedding_frechet_distance,
+                                              frechet_distance, gaussian_stats, nearest_distances, per_class_top1,
+                                              real_baseline_split, recognisability, sqrtm_psd, top1_percent)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,29 @@ def test_real_baseline_split_is_disjoint_and_balanced():
         real_baseline_split(labels, 4)
 
 
+def test_nearest_distances_brute_force():
+    rng = np.random.default_rng(0)
+    q, r = rng.normal(size=(7, 5)), rng.normal(size=(11, 5))
+    brute = np.sqrt(((q[:, None] - r[None]) ** 2).sum(-1)).min(1)
+    assert np.allclose(nearest_distances(q, r, chunk=3), brute)
+    assert np.allclose(nearest_distances(r[:4], r), 0, atol=1e-6)
+
+
+def test_copy_statistics_tell_a_copier_from_a_generator():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(200, 4, 4)).astype(np.uint8)
+    train_y = np.repeat([0, 1], 100)
+    unseen = rng.integers(0, 256, size=(50, 4, 4)).astype(np.uint8)
+    unseen_y = np.repeat([0, 1], 25)
+    copies = train[[0, 1, 2, 150, 151]]  # replayed training images: distance 0
+    c = copy_statistics(copies, unseen, train, gen_labels=[0, 0, 0, 1, 1], unseen_labels=unseen_y,
+                        train_labels=train_y)
+    assert c["median_nn_generated"] == pytest.approx(0, abs=1e-6) and c["ratio"] < 1e-6 and c["near_copies"] == 1.0
+    fresh = rng.integers(0, 256, size=(50, 4, 4)).astype(np.uint8)
+    f = copy_statistics(fresh, unseen, train, gen_labels=unseen_y, unseen_labels=unseen_y, train_labels=train_y)
+    assert 0.8 < f["ratio"] < 1.25 and f["near_copies"] <= 0.1
+
+
 def test_recognisability_through_a_model(micro):
     """The plumbing: embeddings of PIL images, zero-shot over the model's class embeddings; an image's top-1 is the
     same whether it is embedded alone or with others."""
@@ -105,6 +128,7 @@ def test_the_benchmark_smoke_run(tmp_path, capsys, one_thread, read_png):
     assert report["chosen"] in ("pca-gauss", "cvae") and report["per_class"] == 4
     for r in report["candidates"]:
         assert 0 <= r["top1"] <= 100 and r["fd"] >= 0 and r["n"] == 40 and r["train_seconds"] >= 0
+        assert r["copies"]["median_nn_generated"] > 0 and 0 <= r["copies"]["near_copies"] <= 1
         read_png(out / f"samples_{r['candidate']}.png", min_side=80, coloured=-1)  # grey images
         # the stored generator is the one measured: it loads and makes images
         from parclip.synth import Prompt, load_generator

@@ -18,6 +18,15 @@ A = Σ₁^{1/2} (Σ₁Σ₂ is similar to AΣ₂A, which is symmetric positive s
 roots of the eigenvalues of A Σ₂ A; negative eigenvalues from rounding are clipped to 0. An FD has no absolute scale
 and is biased upwards for small samples: compare it with the FD between two disjoint real samples of the same size
 (:func:`real_baseline_split`).
+
+Copying: a generator can lower its FD by replaying its training images. The nearest-neighbour distance of an image q
+to a set R (pixels in [0, 1], flattened),
+
+    d(q, R) = min_{r ∈ R} ‖q − r‖₂,
+
+of generated images to the generator's training images, compared with the same for real images the generator never
+saw (:func:`copy_statistics`), tells a generator that makes new images (distances like unseen real images') from one
+that replays (distances near 0).
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from torch.utils.data import Dataset
 from .encode import Tolerant, encode_images
 from .zero_shot import topk_correct, zero_shot_classifier
 
-__all__ = ["gaussian_stats", "sqrtm_psd", "frechet_distance", "embedding_frechet_distance", "top1_percent",
+__all__ = ["nearest_distances", "copy_statistics", "gaussian_stats", "sqrtm_psd", "frechet_distance", "embedding_frechet_distance", "top1_percent",
            "per_class_top1", "real_baseline_split", "embed_images", "recognisability"]
 
 
@@ -97,6 +106,41 @@ def real_baseline_split(labels: Sequence[int], per_class: int, seed: int = 0) ->
         first += sorted(pick[:per_class].tolist())
         second += sorted(pick[per_class:].tolist())
     return first, second
+
+
+def nearest_distances(queries: np.ndarray, reference: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """d_i = min_j ‖q_i − r_j‖₂ for rows q_i of ``queries`` [N, D] and r_j of ``reference`` [M, D], computed as
+    sqrt(max(‖q‖² + ‖r‖² − 2 q·r, 0)) in float64, ``chunk`` queries at a time."""
+    q, r = np.asarray(queries, np.float64), np.asarray(reference, np.float64)
+    if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1] or not len(r):
+        raise ValueError(f"nearest_distances: shapes {q.shape} and {r.shape}")
+    rr = (r ** 2).sum(1)
+    out = np.empty(len(q))
+    for i in range(0, len(q), chunk):
+        qc = q[i:i + chunk]
+        d2 = (qc ** 2).sum(1)[:, None] + rr[None, :] - 2 * qc @ r.T
+        out[i:i + chunk] = np.sqrt(np.clip(d2.min(1), 0, None))
+    return out
+
+
+def copy_statistics(generated: np.ndarray, unseen: np.ndarray, train: np.ndarray, *, gen_labels, unseen_labels,
+                    train_labels, quantile: float = 0.01) -> dict:
+    """Nearest-neighbour distances to the same-class training images (:func:`nearest_distances`, images as
+    [N, H, W] uint8, scaled to [0, 1]) of generated and of unseen real images: the medians, their ratio
+    (generated / unseen; < 1: generated images sit closer to the training set than new real ones do) and the share
+    of generated images nearer than the ``quantile`` of the unseen images' distances ("near copies")."""
+    def dists(x, labels):
+        x = x.reshape(len(x), -1) / 255.0
+        labels, out = np.asarray(labels), np.empty(len(x))
+        for c in np.unique(labels):
+            ref = train.reshape(len(train), -1)[np.asarray(train_labels) == c] / 255.0
+            out[labels == c] = nearest_distances(x[labels == c], ref)
+        return out
+    g, u = dists(generated, gen_labels), dists(unseen, unseen_labels)
+    threshold = float(np.quantile(u, quantile))
+    return {"median_nn_generated": float(np.median(g)), "median_nn_unseen": float(np.median(u)),
+            "ratio": float(np.median(g) / np.median(u)), "near_copy_threshold": threshold,
+            "near_copies": float((g < threshold).mean())}
 
 
 class _Images(Dataset):

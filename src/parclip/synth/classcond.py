@@ -57,7 +57,9 @@ class TrainedClassGenerator(Generator):
 
     @classmethod
     def load(cls, argument: str, **options) -> TrainedClassGenerator:
-        """The generator stored in folder ``argument`` (or its generator.json); no options."""
+        """The generator stored in folder ``argument`` (or its generator.json). ``device`` is accepted and ignored
+        (these generators are small and sample on the CPU); any other option is an error."""
+        options.pop("device", None)
         if options:
             raise TypeError(f"{cls.kind}: unknown option(s) {', '.join(sorted(options))}")
         tensors, config, folder = read_generator_files(argument, cls.kind, cls.expected_tensors)

@@ -60,13 +60,14 @@ def _check_safetensors(path: Path) -> None:
     """Refuse anything but a safetensors file, by content: 8-byte little-endian header length, then a JSON object."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER:
+        return  # (a header length whose first byte is 0x80 is still safetensors: this check comes first)
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise GeneratorFileError(f"{path} is a pickle / torch.save archive, not safetensors: parclip never unpickles "
                                  f"generator weights (they could run code); store them with "
                                  f"safetensors.torch.save_file")
-    if len(head) < 9 or head[8:9] != b"{" or not 0 < struct.unpack("<Q", head[:8])[0] <= _MAX_HEADER:
-        raise GeneratorFileError(f"{path} is not a safetensors file (bad header); the file may be truncated or of "
-                                 f"another format")
+    raise GeneratorFileError(f"{path} is not a safetensors file (bad header); the file may be truncated or of "
+                             f"another format")
 
 
 def read_generator_files(path: str | os.PathLike, kind: str,
