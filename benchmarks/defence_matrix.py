@@ -75,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--badclip-side", type=int, default=PATCH_SIDE,
                     help=f"side in pixels of the optimised BadCLIP patch at {IMAGE_SIZE} px (default {PATCH_SIDE}; "
                     "the BadCLIP paper's 16 px at 224 is 0.5 %% of the image, 2-3 px here)")
+    ap.add_argument("--synthetic", type=int, default=0, metavar="N",
+                    help="clean on N synthetic pairs (a generator trained on the foundation's pre-training pairs "
+                    "only, SYNTH in parclip.protocol.settings; docs/synthetic.md) instead of the real clean pairs; "
+                    "cells and runs get a '-synthN' suffix; give it its own --out (matrix.json/.md) and share --cache")
     ap.add_argument("--jobs", type=int, default=1, help="processes for stages B and C (1 torch thread each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch per stage")
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     try:
         common = dict(out=str(Path(args.out).absolute()), cache=str(Path(args.cache or args.out).absolute()),
                       seed=args.seed, smoke=args.smoke, lr=args.lr, workers=0 if args.jobs > 1 else 1,
-                      badclip_side=args.badclip_side)
+                      badclip_side=args.badclip_side, synthetic=args.synthetic)
         grid = {"lr_grid": list(args.lr_grid)} if args.lr_grid else {}
         s = Settings.defender(**common, **grid) if args.defender else Settings(**common, **grid)
     except ValueError as e:

@@ -217,6 +217,22 @@ def test_defence_matrix_defender_rule_trains_from_the_highest_rate_down(dm, tmp_
         assert trained == {f"{d}-badnet_rs-lr{lr:g}" for lr in lrs}
         cfg = yaml.safe_load((out / "runs" / f"{d}-badnet_rs-lr{lrs[0]:g}" / "config.yaml").read_text())
         assert cfg["train_data"] == split["train_csv"]
+    # --synthetic: the same cells cleaned on generated pairs, from a generator that saw only the foundation's pairs
+    synth_out = tmp_path / "synth"
+    assert dm.main(["--smoke", "--out", str(synth_out), "--cache", str(out), "--attacks", "badnet_rs", "--defences",
+                    "none", "clip", "par", "--defender", "--synthetic", "256"]) == 0
+    record = json.loads((out / "data" / "synthetic-pca-gauss-256" / "synthetic.json").read_text())
+    generator = json.loads((Path(record["generator"]) / "generator.json").read_text())
+    assert Path(generator["config"]["train_table"]) == (out / "data" / "fashion-mnist" / "train.csv").absolute()
+    rows = Path(record["train_csv"]).read_text().splitlines()[1:]
+    assert len(rows) == 256 and not {Path(r.split("\t")[0]).name for r in rows} & holdout
+    matrix = json.loads((synth_out / "matrix.json").read_text())
+    assert matrix["protocol"]["clean_data"]["synthetic"] == 256
+    assert "256 synthetic pairs" in (synth_out / "matrix.md").read_text()
+    for d in ("clip", "par"):
+        lr = matrix["cells"][d]["badnet_rs"]["lr"]
+        cfg = yaml.safe_load((synth_out / "runs" / f"{d}-badnet_rs-lr{lr:g}-synth256" / "config.yaml").read_text())
+        assert cfg["train_data"] == record["train_csv"]
 
 
 def test_goal_table_checks_each_part_of_the_goal():

@@ -184,3 +184,23 @@ def test_the_default_is_the_measured_choice():
     (chosen,) = [r for r in report["candidates"] if r["candidate"] == report["chosen"]]
     assert chosen["family"] == DEFAULT_FAMILY and not report["smoke"]
     assert {k: chosen["settings"][k] for k in FAMILIES[DEFAULT_FAMILY][1]} == FAMILIES[DEFAULT_FAMILY][1]
+
+
+def test_cli_trains_a_generator_that_synthesize_loads(fmnist_small, tmp_path, capsys, one_thread):
+    """`parclip data train-generator` stores a generator `data synthesize` loads by KIND:FOLDER; its pairs name
+    Fashion-MNIST's classes and the images are the generator's (not copies of the table's files)."""
+    from parclip.cli import main
+
+    gen = tmp_path / "gen"
+    assert main(["data", "train-generator", str(fmnist_small["train_csv"]), str(gen), "--seed", "1"]) == 0
+    assert f"--generator pca-gauss:{gen}" in capsys.readouterr().out
+    assert json.loads((gen / "generator.json").read_text())["config"]["seed"] == 1
+    out = tmp_path / "synth"
+    assert main(["data", "synthesize", str(out), "--generator", f"pca-gauss:{gen}", "--templates", "fashion",
+                 "--per-class", "2"]) == 0
+    rows = (out / "synthetic.csv").read_text().splitlines()
+    assert rows[0].split("\t")[:2] == ["filepath", "title"] and len(rows) == 21
+    assert {r.split("\t")[3] for r in rows[1:]} == set(load_generator(f"pca-gauss:{gen}").classnames)
+    assert main(["data", "train-generator", str(fmnist_small["train_csv"]), str(tmp_path / "g2"),
+                 "--family", "nope"]) == 2  # an unknown family is a message, not a traceback
+    assert "pca-gauss" in capsys.readouterr().err

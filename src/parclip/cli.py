@@ -5,6 +5,7 @@
     parclip data check TABLE          decode every image of a caption table and report bad rows
     parclip data convert SRC OUT      caption table ↔ webdataset shards; labelled folder → clip_benchmark shards
     parclip data synthesize OUT       generated image–caption pairs from a generator (diffusers, ...) and captions
+    parclip data train-generator T O  a small class-conditional generator (pca-gauss, cvae) fitted to a table's images
     parclip poison TABLE OUT          plant a trigger into a seeded share of an image–caption table
     parclip train                     fine-tune: --objective par|cleanclip|roclip (clean) or clip (plain / plant)
     parclip eval                      clean zero-shot accuracy and attack success rate on a labelled folder
@@ -245,6 +246,38 @@ def _data_synthesize(args) -> int:
     return 0
 
 
+def _data_train_generator(args) -> int:
+    from parclip.synth import DEFAULT_FAMILY, train_generator
+
+    classnames = Path(args.classnames).read_text(encoding="utf-8").split("\n") if args.classnames else None
+    classnames = [c.strip() for c in classnames if c.strip()] if classnames else None
+    family = args.family or DEFAULT_FAMILY
+    folder = train_generator(args.table, args.out, seed=args.seed, family=family, classnames=classnames,
+                             size=args.size)
+    print(f"a {family} generator trained on {args.table} → {folder}\n"
+          f"make pairs with it: parclip data synthesize OUT --generator {family}:{folder} --per-class N")
+    return 0
+
+
+TRAIN_GENERATOR = Command(
+    "train-generator", "fit a small class-conditional image generator to a caption table's images",
+    run=_data_train_generator,
+    description="Fit one of parclip's small class-conditional generators (pca-gauss: per-class mixtures of\n"
+    "low-rank Gaussians, seconds on a CPU, the default; cvae: a small conditional VAE, minutes) to the\n"
+    "images of a caption table, each row's class from its label column or from the one class its caption\n"
+    "names, and store it in OUT (safetensors + JSON) for `parclip data synthesize --generator KIND:OUT`.\n"
+    "Meant for small grey images such as Fashion-MNIST (docs/synth_quality.md measures them); for\n"
+    "natural images use a diffusers pipeline.",
+    epilog="example:\n  parclip data train-generator fmnist/train.csv gen/ && "
+    "parclip data synthesize synth/ --generator pca-gauss:gen/ --templates fashion --per-class 1000",
+    args=(arg("table", help="caption table whose images the generator learns (train on clean pairs only)"), OUT_DIR,
+          arg("--family", default=None, help="pca-gauss (default, the measured choice) or cvae"),
+          arg("--classnames", default=None, metavar="FILE",
+              help="class names, one per line, in label order (default: Fashion-MNIST's ten)"),
+          arg("--size", type=int, default=28, domain=IMAGE_SIZE, help="image side the generator makes (default 28)"),
+          SEED))
+
+
 SYNTHESIZE_EPILOG = """examples:
   # 1000 pairs per Fashion-MNIST class from a local Stable Diffusion folder, captions from the fashion templates
   parclip data synthesize synth/ --generator diffusers:/models/sd-turbo --classnames classes.txt \\
@@ -329,6 +362,7 @@ DATA = Command("data", "prepare data: Fashion-MNIST export, table checks, synthe
                   arg("--maxcount", type=int, default=10000, domain=COUNT,
                       help="samples per shard (default 10000)"),
                   TABLE_ARGS)),
+    TRAIN_GENERATOR,
     SYNTHESIZE,
 ))
 

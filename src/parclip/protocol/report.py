@@ -31,8 +31,17 @@ def markdown_table(matrix: dict, attacks: list[str]) -> str:
                  f"(target '{target}'); `none` is the planted model; the foundation row is the trigger's natural ASR"
                  + (f"; (x) = the learning rate chosen on the validation split by the rule "
                     f"\"{matrix['protocol']['lr']['select']}\"." if matrix["protocol"]["lr"].get("grid")
-                    else f"; every defence at lr {fmt(matrix['protocol']['lr']['fixed'])}."))
+                    else f"; every defence at lr {fmt(matrix['protocol']['lr']['fixed'])}.")
+                 + _clean_data_note(matrix["protocol"].get("clean_data", "real")))
     return "\n".join(lines)
+
+
+def _clean_data_note(clean_data) -> str:
+    """The footnote naming synthetic cleaning pairs (nothing for real ones)."""
+    if clean_data == "real":
+        return ""
+    return (f" Cleaned on {clean_data['synthetic']} synthetic pairs (a {clean_data['family']} generator trained on "
+            f"the foundation's pre-training pairs only); the validation that chooses the rate is real.")
 
 
 def plot_matrix(path: Path, matrix: dict, attacks: list[str]) -> None:

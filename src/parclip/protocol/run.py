@@ -12,9 +12,9 @@ from pathlib import Path
 from parclip.utils.files import write_json, write_text
 
 from .report import curves_table, markdown_table, plot_curves, plot_matrix
-from .settings import LR_SCALE, MODEL, SELECTION_RULES, Settings
+from .settings import LR_SCALE, MODEL, SELECTION_RULES, SYNTH, Settings
 from .stages import (export_data, point_config, split_holdout, split_train, stage_badclip_patch, stage_cell,
-                     stage_foundation, stage_plant, stage_point)
+                     stage_foundation, stage_plant, stage_point, stage_synthetic)
 
 
 def _init_worker() -> None:
@@ -55,6 +55,9 @@ def foundation_stage(s: Settings, attacks: list[str]) -> tuple[dict, dict, dict,
     split = split_train(s, data)
     if s.select == "defender":
         split_holdout(s, data)
+    if s.synthetic:
+        synth = stage_synthetic(s, data)
+        print(f"    synthetic clean pairs: {synth['n']} from {synth['generator']}", flush=True)
     foundation = stage_foundation(s, data)
     print(f"    foundation: clean top-1 {foundation['clean_top1']:.1f}%", flush=True)
     needs_patch = "badclip" in attacks and "patch" not in s.trigger_params.get("badclip", {})
@@ -148,4 +151,5 @@ def protocol_record(s: Settings, attacks: list[str], defences: list[str]) -> dic
                    "val_images": s.defender_val if s.select == "defender" else s.val_images,
                    "val_split": "the last clean pairs" if s.select == "defender" else "train-side"}
             if s.lr_grid else {"fixed": s.lr, "scale": LR_SCALE},
-            "badclip_patch": s.patch if "badclip" in attacks else None}
+            "badclip_patch": s.patch if "badclip" in attacks else None,
+            "clean_data": {"synthetic": s.synthetic, **SYNTH} if s.synthetic else "real"}

@@ -77,6 +77,11 @@ SELECTION_RULES = {
     "defender": f"val: the highest rate with clean top-1 >= planted - {MAX_VAL_DROP:g} (none: the rate with the best "
                 "clean top-1)",
 }
+# ---- Synthetic clean pairs (docs/synthetic.md): a generator of the measured family (docs/synth_quality.md) trained on
+# the foundation's pre-training pairs only (train.csv: no defender pair, no triggered image), then `synthetic` pairs
+# of the class names × the fashion templates. Cleaning on them uses the same budget, grid and rule; the defender's
+# labelled validation stays real (it chooses the rate). ----
+SYNTH = dict(family="pca-gauss", n=10000, chunk_size=2000)
 EVAL = dict(templates=TEMPLATES, target=TARGET, batch_size=500, trigger_after_crop=False)
 # Fields that do not change what is computed: left out of the specs that decide whether a stage is reused.
 NOT_IN_SPEC = {"output_dir", "name", "workers", "progress", "log_every", "save_every", "resume", "device"}
@@ -112,9 +117,11 @@ class Settings:
     val_images: int = VAL_IMAGES
     defender_val: int = DEFENDER["val_pairs"]
     badclip_side: int = PATCH_SIDE
+    synthetic: int = 0  # > 0: clean on this many synthetic pairs (SYNTH) instead of the real clean pairs
 
     def __post_init__(self):
         NATURAL.check("protocol: seed", self.seed)
+        NATURAL.check("protocol: synthetic", self.synthetic)
         NATURAL.check("protocol: workers", self.workers)
         COUNT.check("protocol: val_images", self.val_images)
         COUNT.check("protocol: defender_val", self.defender_val)
@@ -137,6 +144,7 @@ class Settings:
             self.patch.update(steps=5, batch_size=32)
             self.val_images = 200
             self.defender_val = 64
+            self.synthetic = min(self.synthetic, 512)
             for c in self.curves.values():  # two points each, one of them the matrix's own setting (a shared run)
                 c["values"] = [v for v in c["values"] if v in (1.0, 2.0, 1e-4, 3e-4)]
         unknown = set(self.defences) - set(DEFENCES)

@@ -24,7 +24,7 @@ from parclip.data.captions import CAPTION_KEY, IMG_KEY, SEPARATOR
 from parclip.utils.files import write_json
 
 from .cache import cached, config_spec
-from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, PATCH_SIDE, SELECTION_RULES, TEMPLATES, Settings
+from .settings import IMAGE_SIZE, LR_SCALE, MAX_VAL_DROP, PATCH_SIDE, SELECTION_RULES, SYNTH, TEMPLATES, Settings
 
 # ------------------------------------------------------------------------------------------------ building blocks
 
@@ -164,9 +164,39 @@ def split_holdout(s: Settings, data: dict) -> dict:
 
 
 def clean_pairs(s: Settings) -> Path:
-    """The pairs stage C cleans on: holdout.csv, or under the defender's protocol its part that is not validation."""
+    """The pairs stage C cleans on: holdout.csv, or under the defender's protocol its part that is not validation;
+    with `s.synthetic`, the synthetic pairs of :func:`stage_synthetic` instead."""
     data = Path(s.cache) / "data"
+    if s.synthetic:
+        from parclip.synth.synthesize import TABLE
+        return synthetic_dir(s) / "pairs" / TABLE
     return data / "defender_train.csv" if s.select == "defender" else data / "fashion-mnist" / "holdout.csv"
+
+
+def synthetic_dir(s: Settings) -> Path:
+    return Path(s.cache) / "data" / f"synthetic-{SYNTH['family']}-{s.synthetic}"
+
+
+def stage_synthetic(s: Settings, data: dict) -> dict:
+    """`s.synthetic` synthetic clean pairs: a SYNTH["family"] generator trained on the foundation's pre-training pairs
+    only (train.csv: never the defender's pairs, never a triggered image), then the class names × the fashion
+    templates, one image each (class i mod 10, so any prefix is balanced), seeded per image."""
+    from parclip.synth import load_generator, train_generator
+    from parclip.synth.prompts import make_prompts
+    from parclip.synth.synthesize import synthesize
+
+    out = synthetic_dir(s)
+    spec = {"train_csv": data["train_csv"], "synth": SYNTH, "n": s.synthetic, "seed": s.seed, "templates": TEMPLATES}
+
+    def compute():
+        folder = train_generator(data["train_csv"], out / "generator", seed=s.seed, family=SYNTH["family"])
+        generator = load_generator(f"{SYNTH['family']}:{folder}")
+        prompts, source = make_prompts(generator.classnames, templates=TEMPLATES, n=s.synthetic, seed=s.seed)
+        synthesize(out / "pairs", generator, prompts, source, seed=s.seed, chunk_size=SYNTH["chunk_size"],
+                   batch_size=256, progress=s.progress)
+        return {"train_csv": str(clean_pairs(s)), "generator": str(folder), "n": s.synthetic}
+
+    return cached(out / "synthetic.json", spec, compute)
 
 
 def val_split(s: Settings) -> tuple[str, Path]:
@@ -251,7 +281,8 @@ def clean_config(s: Settings, defence: str, plant: dict, lr: float, **knobs):
     defence's settings; the run folder's name says which, so a curve point equal to a matrix cell shares its run."""
     values = {**s.clean, **s.defences[defence], "lr": lr}
     changed = "".join(f"-{k}{v:g}" for k, v in knobs.items() if values.get(k) != v)
-    run = Path(s.out) / "runs" / f"{defence}-{plant['spec']['attack']}-lr{lr:g}{changed}"
+    synth = f"-synth{s.synthetic}" if s.synthetic else ""
+    run = Path(s.out) / "runs" / f"{defence}-{plant['spec']['attack']}-lr{lr:g}{changed}{synth}"
     return run, train_config(s, run, model=f"local-dir:{plant['model']}", train_data=str(clean_pairs(s)),
                              seed=s.seed, **{**values, **knobs})
 
@@ -278,7 +309,7 @@ def with_val(s: Settings, rec: dict, path: Path, trigger, attack: str) -> dict:
 def stage_cell(s: Settings, defence: str, attack: str, plant: dict, patch: str | None) -> dict:
     """One cell: clean the planted model with `defence` (at each lr of the grid, choosing on val), evaluate on test."""
     trigger = make_trigger(s, attack, patch)
-    path = Path(s.out) / "cells" / f"{defence}__{attack}.json"
+    path = Path(s.out) / "cells" / f"{defence}__{attack}{f'__synth{s.synthetic}' if s.synthetic else ''}.json"
     if s.defences[defence] is None:
         spec = {"plant": plant["key"], "defence": defence}
         return cached(path, spec, lambda: {"defence": defence, "attack": attack, "test": plant["test"],
