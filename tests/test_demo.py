@@ -123,3 +123,25 @@ def test_format_table_shows_every_metric():
     text = demo.format_table(rows)
     assert "PAR" in text and "81.9%" in text and "4.7%" in text and "100.0%" in text and "7.1%" in text
     assert "3e-4" in text
+
+
+@pytest.mark.slow  # reuses the smoke demo's foundation and planted model; trains its cells on synthetic pairs
+def test_demo_cleans_on_synthetic_pairs_when_asked(smoke_demo, capsys):
+    """`parclip demo --clean-data synthetic`: the same planted model, its cells cleaned on the protocol's synthetic
+    pairs (not the real held-out ones), chosen on the same real validation; the real cells stay as they were."""
+    from parclip.cli import main
+
+    out, _ = smoke_demo
+    real_cells = {d: (out / "cells" / f"{d}__badnet_rs.json").read_text() for d in ("clip", "par")}
+    assert main(["demo", "--smoke", "--out", str(out), "--clean-data", "synthetic"]) == 0
+    assert "synthetic pairs (a generator fitted to the foundation's pairs)" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    n = saved["protocol"]["synthetic_pairs"]
+    assert saved["protocol"]["clean_data"] == "synthetic" and n > 0
+    table = out / "data" / f"synthetic-{protocol.SYNTH['family']}-{n}" / "pairs" / "synthetic.csv"
+    for defence in ("clip", "par"):
+        cell = json.loads((out / "cells" / f"{defence}__badnet_rs__synth{n}.json").read_text())
+        cfg = yaml.safe_load((out / "runs" / f"{defence}-badnet_rs-lr{cell['lr']:g}-synth{n}" / "config.yaml")
+                             .read_text())
+        assert cfg["train_data"] == str(table)
+        assert (out / "cells" / f"{defence}__badnet_rs.json").read_text() == real_cells[defence]

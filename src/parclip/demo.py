@@ -26,7 +26,7 @@ from parclip.data import LabelledFolder
 from parclip.data.retrieval import read_retrieval
 from parclip.evaluation import evaluate_retrieval
 from parclip.models import create_model, get_tokenizer
-from parclip.protocol import LABELS, Settings, fmt, make_trigger, stage_cell
+from parclip.protocol import LABELS, SYNTH, Settings, fmt, make_trigger, stage_cell
 from parclip.protocol.run import foundation_stage, matrix_stage, plant_stage
 from parclip.utils.files import save_figure, write_json
 
@@ -54,13 +54,13 @@ def defence_keys(names) -> list[str]:
 
 
 def demo_settings(out, *, attacks: list[str], target: str = "bag", tau: float | None = None, seed: int = 0,
-                  trigger_params: dict | None = None, smoke: bool = False) -> Settings:
+                  trigger_params: dict | None = None, smoke: bool = False, synthetic: bool = False) -> Settings:
     """The benchmark's settings under the defender's protocol (`Settings.defender`, grid DEMO_LR_GRID) in one folder
-    (`out` holds every stage), with the demo's overrides: PAR's τ, the target, and the user's trigger parameters on
-    top of the protocol's."""
+    (`out` holds every stage), with the demo's overrides: PAR's τ, the target, the user's trigger parameters on
+    top of the protocol's, and `synthetic`: clean on SYNTH["n"] synthetic pairs instead of the real ones."""
     out = str(Path(out).absolute())
     s = Settings.defender(out=out, cache=out, seed=seed, smoke=smoke, progress=True, target=target,
-                          lr_grid=list(DEMO_LR_GRID))
+                          lr_grid=list(DEMO_LR_GRID), synthetic=SYNTH["n"] if synthetic else 0)
     if tau is not None:
         s.defences["par"] = dict(s.defences["par"], tau=tau)
     for name, share in split_trigger_params(attacks, trigger_params).items():
@@ -80,18 +80,18 @@ def forget_stages(s: Settings) -> None:
 
 def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target: str = "bag", tau: float | None = None,
              seed: int = 0, fresh: bool = False, trigger_params: dict | None = None,
-             defences: list[str] | None = None, smoke: bool = False) -> dict:
+             defences: list[str] | None = None, smoke: bool = False, synthetic: bool = False) -> dict:
     """The demo for one attack; writes results.json and results.png into `out`. `attack="all"` runs the matrix.
     `smoke`: the benchmark's smoke size (a few hundred images, one epoch per stage: checks the set-up, the numbers
-    say nothing)."""
+    say nothing). `synthetic`: the defences clean on synthetic pairs (:func:`demo_settings`)."""
     if attack == "all":
         return run_matrix(out, target=target, tau=tau, seed=seed, fresh=fresh, trigger_params=trigger_params,
-                          defences=defences, smoke=smoke)
+                          defences=defences, smoke=smoke, synthetic=synthetic)
     t0 = time.time()
     keys = defence_keys(defences)
     name = trigger_class(attack).name
     s = demo_settings(out, attacks=[name], target=target, tau=tau, seed=seed, trigger_params=trigger_params,
-                      smoke=smoke)
+                      smoke=smoke, synthetic=synthetic)
     if fresh:
         forget_stages(s)
     print("[1/5] exporting Fashion-MNIST; [2/5] the clean foundation, pre-trained from scratch …", flush=True)
@@ -103,7 +103,9 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
         raise RuntimeError(f"planting {name} failed (see the error above); run the demo again to retry")
     plant = plants[name]
     trigger = make_trigger(s, name, patch)
-    print(f"[4/5] cleaning with {', '.join(LABELS[k] for k in keys)} on the held-out clean pairs, "
+    pairs = (f"{s.synthetic} synthetic pairs (a generator fitted to the foundation's pairs)" if s.synthetic
+             else "the held-out clean pairs")
+    print(f"[4/5] cleaning with {', '.join(LABELS[k] for k in keys)} on {pairs}, "
           f"{s.clean['epochs']} epochs; the defender's rule picks each rate without the trigger: the highest of "
           f"{', '.join(f'{lr:g}' for lr in sorted(s.lr_grid, reverse=True))} whose clean accuracy on "
           f"{s.defender_val} validation pairs is within 2 points of the poisoned model's …", flush=True)
@@ -120,7 +122,9 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
                "tau": s.defences["par"]["tau"], "defences": [LABELS[k] for k in keys], "seed": seed,
                "seconds": round(time.time() - t0, 1), "protocol": {"clean": s.clean, "plant": s.plant,
                                                                   "foundation": s.foundation, "lr_grid": s.lr_grid,
-                                                                  "select": s.select, "val_pairs": s.defender_val}}
+                                                                  "select": s.select, "val_pairs": s.defender_val,
+                                                                  "clean_data": "synthetic" if s.synthetic else "real",
+                                                                  "synthetic_pairs": s.synthetic}}
     out = Path(s.out)
     write_json(out / "results.json", results)
     _plot(out / "results.png", rows, data["test_dir"], trigger, seed)
@@ -131,7 +135,7 @@ def run_demo(out: str | Path = "demo_out", *, attack: str = "badnet_rs", target:
 
 def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None, target: str = "bag",
                tau: float | None = None, seed: int = 0, fresh: bool = False, trigger_params: dict | None = None,
-               defences: list[str] | None = None, smoke: bool = False) -> dict:
+               defences: list[str] | None = None, smoke: bool = False, synthetic: bool = False) -> dict:
     """The demo for every attack (or `attacks`): the benchmark's matrix, planted model and the chosen defences
     (PAR always) × attacks, clean top-1 / ASR. Writes matrix.json, matrix.md and matrix.png into `out`. BadCLIP's
     patch is optimised against the foundation unless `trigger_params` name a patch file."""
@@ -140,7 +144,7 @@ def run_matrix(out: str | Path = "demo_out", *, attacks: list[str] | None = None
     keys = defence_keys(defences)
     keys = ["none", *keys, *([] if "par" in keys else ["par"])]
     s = demo_settings(out, attacks=names, target=target, tau=tau, seed=seed, trigger_params=trigger_params,
-                      smoke=smoke)
+                      smoke=smoke, synthetic=synthetic)
     if fresh:
         forget_stages(s)
     print("[foundation] exporting Fashion-MNIST and pre-training the clean foundation …", flush=True)

@@ -10,10 +10,10 @@ the benchmark's matrix.
 from .cache import cached, canonical, config_spec, key_of
 from .report import fmt, markdown_table, plot_curves, plot_matrix
 from .run import curves_stage, foundation_stage, matrix_stage, plant_stage, protocol_record, run_all
-from .settings import (CURVES, DEFENCES, LABELS, MODEL, TARGET, TEMPLATES, TRIGGER_PARAMS, Settings)
+from .settings import CURVES, DEFENCES, LABELS, MODEL, SYNTH, TARGET, TEMPLATES, TRIGGER_PARAMS, Settings
 from .stages import evaluate_model, make_trigger, select_lr, stage_cell, stage_plant
 
-__all__ = ["CURVES", "DEFENCES", "LABELS", "MODEL", "TARGET", "TEMPLATES", "TRIGGER_PARAMS", "Settings", "cached",
+__all__ = ["CURVES", "DEFENCES", "LABELS", "MODEL", "SYNTH", "TARGET", "TEMPLATES", "TRIGGER_PARAMS", "Settings", "cached",
            "canonical", "config_spec", "curves_stage", "evaluate_model", "fmt", "foundation_stage", "key_of",
            "make_trigger", "markdown_table", "matrix_stage", "plant_stage", "plot_curves", "plot_matrix",
            "protocol_record", "run_all", "select_lr", "stage_cell", "stage_plant"]
