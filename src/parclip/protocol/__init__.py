@@ -13,7 +13,7 @@ from .run import curves_stage, foundation_stage, matrix_stage, plant_stage, prot
 from .settings import CURVES, DEFENCES, LABELS, MODEL, SYNTH, TARGET, TEMPLATES, TRIGGER_PARAMS, Settings
 from .stages import evaluate_model, make_trigger, select_lr, stage_cell, stage_plant
 
-__all__ = ["CURVES", "DEFENCES", "LABELS", "MODEL", "SYNTH", "TARGET", "TEMPLATES", "TRIGGER_PARAMS", "Settings", "cached",
-           "canonical", "config_spec", "curves_stage", "evaluate_model", "fmt", "foundation_stage", "key_of",
+__all__ = ["CURVES", "DEFENCES", "LABELS", "MODEL", "SYNTH", "TARGET", "TEMPLATES", "TRIGGER_PARAMS", "Settings",
+           "cached", "canonical", "config_spec", "curves_stage", "evaluate_model", "fmt", "foundation_stage", "key_of",
            "make_trigger", "markdown_table", "matrix_stage", "plant_stage", "plot_curves", "plot_matrix",
            "protocol_record", "run_all", "select_lr", "stage_cell", "stage_plant"]
