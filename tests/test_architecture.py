@@ -17,6 +17,7 @@ LAYERS = {
     "evaluation": 3, "config": 3,  # config fills a run's defaults from its defence's recipe
     "runs": 3,  # run directories: logs written by train, listed by the cli
     "train": 4,
+    "scan": 4,  # trigger-agnostic backdoor scan: the trigger library and zero-shot evaluation, no training
     "protocol": 5,  # the benchmark's protocol: stages that train and measure
     "demo": 6,
     "cli": 7, "__main__": 8, "triggers": 7, "evaluate": 7,  # triggers.py / evaluate.py: re-exports of 0.1 paths

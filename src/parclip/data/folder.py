@@ -31,7 +31,7 @@ from ..utils.progress import progress_bar
 from .captions import UNREADABLE, BadRows, DataError, open_rgb
 from .labelled import LabelledImages
 
-__all__ = ["LabelledFolder", "IMAGE_EXTENSIONS", "read_classnames", "walk_images"]
+__all__ = ["LabelledFolder", "ImageFiles", "IMAGE_EXTENSIONS", "read_classnames", "walk_images"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _WNID = re.compile(r"n\d{8}")
@@ -163,3 +163,36 @@ class LabelledFolder(LabelledImages):
     def __repr__(self) -> str:
         return f"LabelledFolder({str(self.root)!r}, {len(self)} images, {len(self.classnames)} classes)"
 
+
+
+class ImageFiles:
+    """The images under a folder without labels (every image file at any depth, :func:`walk_images`' order):
+    ``len``, ``load_image(i)`` (PIL RGB, DataError naming the file), ``describe(i)``; ``targets`` is None.
+    Empty files are left out and counted in ``bad_rows``."""
+
+    targets = None
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"image folder not found: {self.root}")
+        self.bad_rows = BadRows(str(self.root), unit="images")
+        self.paths = []
+        for path in walk_images(self.root):
+            self.bad_rows.examined += 1
+            if os.path.getsize(path) == 0:
+                self.bad_rows.add(None, os.path.relpath(path, self.root), EMPTY_FILE)
+            else:
+                self.paths.append(path)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, i: int) -> Image.Image:
+        return open_rgb(self.paths[i])
+
+    def describe(self, i: int) -> str:
+        return os.path.relpath(self.paths[i], self.root)
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({str(self.root)!r}, {len(self)} images)"
