@@ -32,7 +32,7 @@ from PIL import Image
 from parclip.attacks.triggers import get_trigger, pil_to_uint8, squash_resize, uint8_to_pil
 from parclip.data.sources import open_labelled
 from parclip.models import create_model, get_tokenizer
-from parclip.protocol.settings import TRIGGER_PARAMS
+from parclip.protocol.settings import TARGET, TRIGGER_PARAMS
 from parclip.scan import ScanConfig, decide, scan, write_scan
 from parclip.scan.run import compare_reference
 from parclip.utils.files import atomic_write, write_json, write_text
@@ -54,12 +54,12 @@ def models(cache: Path, cells: list[Path]) -> list[dict]:
         out.append({"id": f"planted {a}", "kind": "planted", "attack": a, "model": Path(d["model"]),
                     "asr": d["test"]["asr"], "natural": natural[a]})
     for folder in cells:
-        source = "synthetic" if "synth" in folder.as_posix() else "real"
         for p in sorted(folder.glob("*.json")):
             d = json.loads(p.read_text())
             if d["defence"] == "none" or d["attack"] not in natural:
                 continue
-            src = "synthetic" if "synth" in p.name else source
+            n = p.stem.rpartition("__synth")[2] if "__synth" in p.stem else ""
+            src = f"synthetic {int(n) // 1000}k" if n.isdigit() else "real"
             out.append({"id": f"{d['defence']} {src} {d['attack']}", "kind": f"{d['defence']} ({src})",
                         "attack": d["attack"], "model": Path(d["model"]), "asr": d["test"]["asr"],
                         "natural": natural[d["attack"]]})
@@ -121,9 +121,11 @@ def verdicts(rows: list[dict], thresholds: dict) -> None:
 
 
 
-def _cell(v: dict, truth: bool) -> str:
+def _cell(v: dict, truth: bool, target: str) -> str:
     tests = [e["test"].split()[0] for e in v["evidence"] if e["fired"]]
     mark = "TP" if v["backdoored"] and truth else "FP" if v["backdoored"] else "FN" if truth else "TN"
+    if mark == "TP" and v["target"] != target:
+        mark = "TP, wrong target"
     return f"{mark}: {'+'.join(tests) or '–'}" + (f" → {v['target']}" if v["target"] else "")
 
 
@@ -145,9 +147,10 @@ def table(rows: list[dict], thresholds: dict, calibrate_on) -> str:
         small = min(per, key=lambda x: x["area"])
         asr = "–" if r["asr"] is None else f"{r['asr']:.1f} ({r['natural']:.1f})"
         lines.append(f"| {r['kind']} | {r['attack'] or '–'} | {asr} | {'yes' if r['backdoored'] else 'no'} | "
-                     f"{'' if r['calibration'] else 'held out'} | {_cell(r['verdict_alone'], r['backdoored'])} | "
+                     f"{'' if r['calibration'] else 'held out'} | "
+                     f"{_cell(r['verdict_alone'], r['backdoored'], TARGET)} | "
                      + ("(the reference) | " if r["id"] == "foundation" else
-                        f"{_cell(r['verdict_ref'], r['backdoored'])} | ")
+                        f"{_cell(r['verdict_ref'], r['backdoored'], TARGET)} | ")
                      + f"{small['area']:.4f} ({small['class']}) | {r['alone']['encoder']['area']:.4f} |")
     lines += ["", "| | calibration: TP / FP / FN / TN | held out: TP / FP / FN / TN |", "|---|---|---|"]
     for mode, label in (("alone", "alone"), ("ref", "vs the foundation's scan")):

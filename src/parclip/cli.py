@@ -1050,9 +1050,11 @@ SCAN = Command(
               choices=["sweep", "encoder", "classifier"], help="the tests to run (default: all three)"),
           arg("--n-images", type=int, default=1000, domain=COUNT, help="images of the sweep (default: 1000)"),
           arg("--n-invert", type=int, default=512, domain=COUNT, help="images the inversions use (default: 512)"),
-          arg("--encoder-steps", type=int, default=200, domain=COUNT),
+          arg("--encoder-steps", type=int, default=200, domain=COUNT, help="Adam steps of the encoder-level "
+              "inversion (default: 200)"),
           arg("--class-steps", type=int, default=100, domain=COUNT, help="Adam steps per class (default: 100)"),
-          arg("--invert-batch-size", type=int, default=64, domain=COUNT),
+          arg("--invert-batch-size", type=int, default=64, domain=COUNT, help="images per inversion step "
+              "(default: 64)"),
           arg("--max-classes", type=int, default=10, domain=COUNT, help="classes inverted at the classifier "
               "level: all when there are at most this many, else the likeliest (default: 10)"),
           arg("--triggers", nargs="+", default=None, help="sweep only these triggers (default: the library; "

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 __all__ = ["THRESHOLDS", "decide"]
 
-THRESHOLDS = {"sweep_lift": 40.0, "sweep_excess": 40.0, "anomaly": 2.0, "class_ratio": 0.6, "encoder_ratio": 0.5,
-              "encoder_area": 0.005}
+# Calibrated by benchmarks/scan_table.py on the embedded benchmark (parclip-rn-tiny, Fashion-MNIST at 32 px): per
+# statistic, the most extreme value among the calibration models without a backdoor (the clean foundation, and the
+# BadNet-Stripes, SIG and Blended models that cleaning left within 20 points of the natural ASR), moved by a 25 %
+# margin (lifts × 1.25, areas and ratios × 0.8). docs/scan.md#measured gives the table and the held-out attacks.
+THRESHOLDS = {"sweep_lift": 64.8, "anomaly": 8.05, "encoder_area": 0.0121,  # alone
+              "sweep_excess": 68.2, "class_ratio": 0.361, "encoder_ratio": 0.895}  # against a reference scan
 
 
 def _sweep(rows: list[dict], t: dict) -> dict:
