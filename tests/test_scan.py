@@ -167,6 +167,15 @@ def test_a_scan_repeats_exactly(models):
     assert runs[0]["encoder"] == runs[1]["encoder"] and runs[0]["classifier"] == runs[1]["classifier"]
 
 
+def test_with_more_classes_than_max_classes_the_likeliest_are_inverted(models):
+    model, pp = models["planted"]
+    cfg = ScanConfig(**{**SMALL, "encoder_steps": 10, "class_steps": 5, "max_classes": 2})
+    result, _ = scan(model, pp, get_tokenizer("parclip-micro"), Toy(), classnames=NAMES,
+                     templates=["a photo of a {} thing."], config=cfg, workers=0, progress=False)
+    inverted = [r["class"] for r in result["classifier"]["per_class"]]
+    assert len(inverted) == 2 and "blue" in inverted  # the sweep's target (and the encoder trigger's) comes first
+
+
 def test_output_files(scans, tmp_path):
     result, artefacts = scans["planted"]
     write_scan(tmp_path, result, artefacts, model="planted")

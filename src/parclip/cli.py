@@ -83,6 +83,7 @@ TRIGGER_PARAM_ARG = arg("--trigger-param", action="append", default=[], metavar=
                         "patch=badCLIP.jpg (badclip), mask=mask.png (water_patt); see `parclip triggers list`")
 SEED = arg("--seed", type=int, default=0, domain=NATURAL)
 DEVICE = arg("--device", default="auto")
+QUIET = arg("--quiet", action="store_true", help="no progress bars")
 JSON_ROWS = arg("--json", action="store_true", help="print the rows as JSON")
 OUT_DIR = arg("out", help="output folder")
 LABELLED_DATA = arg("--data", required=True, help="labelled folder ROOT/<class>/*")
@@ -658,7 +659,7 @@ CLIP_BENCHMARK_ARGS = (  # clip_benchmark eval's flags, spelled as it spells the
     arg("--dump_classnames", "--dump-classnames", action="store_true", help="put the class names into the record"),
     arg("--dump_templates", "--dump-templates", action="store_true", help="put the templates into the record"),
     arg("--no_amp", "--no-amp", dest="amp", action="store_false", help="no autocast on CUDA: float32 throughout"),
-    arg("--quiet", action="store_true", help="no progress bars"),
+    QUIET,
     arg("--model_type", "--model-type", type=_model_type, default="open_clip", help="open_clip (the only one)"),
     refused("--distributed", reason="parclip eval is one process; split --dataset over several calls instead"),
     refused("--save_clf", "--load_clfs", reason="parclip builds the class embeddings once per data set and "
@@ -1062,7 +1063,7 @@ SCAN = Command(
           TRIGGER_PARAM_ARG, SEED,
           arg("--batch-size", type=int, default=256, domain=COUNT, help="encoding batch"),
           arg("--workers", type=int, default=2, domain=NATURAL), DEVICE,
-          arg("--quiet", action="store_true", help="no progress bars")))
+          QUIET))
 
 
 # ---------------------------------------------------------------------------------------------------- the parser, main

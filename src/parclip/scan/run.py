@@ -137,16 +137,17 @@ def _sweep(ctx, cfg: ScanConfig) -> list[dict]:
 
 
 def _candidates(ctx, cfg: ScanConfig, encoder_hits: torch.Tensor | None, sweep: list[dict]) -> list[int]:
-    """Classes for the classifier-level inversion: all when few; else those the encoder-level trigger and the sweep
-    point at, then the rest by how many images the encoder-level trigger sends to them."""
-    C = len(ctx["classnames"])
+    """Classes for the classifier-level inversion: all when at most `max_classes`; else, in this order, the class the
+    encoder-level trigger sends most images to, the sweep's targets by lift, then the rest by how many images the
+    encoder-level trigger sends to them."""
+    C, names = len(ctx["classnames"]), ctx["classnames"]
     if C <= cfg.max_classes:
         return list(range(C))
-    score = torch.zeros(C) if encoder_hits is None else encoder_hits.float()
-    for r in sweep:
-        c = ctx["classnames"].index(r["target"])
-        score[c] = max(score[c].item(), 1e6 + r["lift"])
-    return score.argsort(descending=True)[:cfg.max_classes].tolist()
+    hits = torch.zeros(C) if encoder_hits is None else encoder_hits.float()
+    order = [] if encoder_hits is None else [int(hits.argmax())]
+    order += [names.index(r["target"]) for r in sorted(sweep, key=lambda r: -r["lift"]) if r["lift"] > 0]
+    order += hits.argsort(descending=True).tolist()
+    return list(dict.fromkeys(order))[:cfg.max_classes]
 
 
 def _inversions(ctx, cfg: ScanConfig, sweep: list[dict], progress: bool) -> tuple[dict | None, dict | None, dict]:
