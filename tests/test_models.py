@@ -417,3 +417,12 @@ def test_eval_transform_shape_and_normalization(micro):
     assert big.shape == (3, 56, 56)
     with pytest.raises(ValueError, match="unknown preprocess_cfg keys"):
         M.eval_transform({**pp, "means": [0.5] * 3})
+
+
+def test_denormalize_inverts_normalize_with_the_same_statistics():
+    from parclip.models import denormalize, normalize
+
+    x = torch.rand(2, 3, 4, 4)
+    for cfg in ({"mean": [0.2, 0.3, 0.4], "std": [0.5, 0.6, 0.7]}, {}):  # {}: OpenAI's statistics for both
+        assert torch.allclose(denormalize(normalize(x, cfg), cfg), x, atol=1e-6)
+    assert not torch.allclose(normalize(x, {}), x)

@@ -6,7 +6,7 @@
                       refusal of NaN/Inf weights, errors, ``local-dir:`` folders
     architectures.py  the registry: parclip's own configs, building offline with random weights, which architectures
                       a state dict fits
-    transforms.py     the preprocess config, ``image_size``, the eval transform, ``normalize``
+    transforms.py     the preprocess config, ``image_size``, the eval transform, ``normalize`` / ``denormalize``
     configs/          parclip's own small architectures (open_clip JSON configs)
 """
 from .checkpoints import (
@@ -25,12 +25,12 @@ from .checkpoints import (
 )
 from .architectures import list_model_names
 from .factory import create_model, get_tokenizer, model_config, save_model
-from .transforms import eval_transform, image_size, normalize
+from .transforms import denormalize, eval_transform, image_size, normalize
 
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
     "NonFiniteWeightsError", "create_model", "model_config", "get_tokenizer", "load_state_dict", "load_weights",
     "save_model",
-    "eval_transform", "image_size", "normalize", "list_model_names", "check_state_dict", "LOCAL_DIR_PREFIX",
+    "eval_transform", "image_size", "normalize", "denormalize", "list_model_names", "check_state_dict", "LOCAL_DIR_PREFIX",
     "CONFIG_FILE", "WEIGHTS_FILE", "weights_sha256",
 ]

@@ -12,7 +12,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-__all__ = ["image_size", "eval_transform", "normalize", "full_preprocess_cfg", "jsonable_preprocess"]
+__all__ = ["image_size", "eval_transform", "normalize", "denormalize", "full_preprocess_cfg", "jsonable_preprocess"]
 
 
 def image_size(preprocess_cfg: Mapping) -> int:
@@ -53,9 +53,21 @@ def eval_transform(preprocess_cfg: dict):
 
 
 
+def _statistics(x: torch.Tensor, preprocess_cfg: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's per-channel mean and std ([3, 1, 1], OpenAI's when the config has none) on x's device and dtype."""
+    mean = torch.tensor(preprocess_cfg.get("mean") or OPENAI_DATASET_MEAN, device=x.device, dtype=x.dtype)
+    std = torch.tensor(preprocess_cfg.get("std") or OPENAI_DATASET_STD, device=x.device, dtype=x.dtype)
+    return mean[:, None, None], std[:, None, None]
+
+
 def normalize(x: torch.Tensor, preprocess_cfg: Mapping) -> torch.Tensor:
     """``(x - mean) / std`` per channel with the model's statistics (OpenAI's when the config has none);
     ``x`` float ``[B, 3, H, W]`` in [0, 1]."""
-    mean = torch.tensor(preprocess_cfg.get("mean") or OPENAI_DATASET_MEAN, device=x.device, dtype=x.dtype)
-    std = torch.tensor(preprocess_cfg.get("std") or OPENAI_DATASET_STD, device=x.device, dtype=x.dtype)
-    return (x - mean[:, None, None]) / std[:, None, None]
+    mean, std = _statistics(x, preprocess_cfg)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor, preprocess_cfg: Mapping) -> torch.Tensor:
+    """The inverse of :func:`normalize`: ``x * std + mean`` (the eval transform's output back to [0, 1] pixels)."""
+    mean, std = _statistics(x, preprocess_cfg)
+    return x * std + mean

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-__all__ = ["Inversion", "Objective", "invert", "collapse_objective", "class_objective", "cluster_tightness",
+__all__ = ["Inversion", "Objective", "invert", "stamp", "collapse_objective", "class_objective", "cluster_tightness",
            "kmeans", "anomaly_index"]
 
 
@@ -53,9 +53,8 @@ class Inversion:
         return self.area if self.found else 1.0
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
-        """``(1 - m) x + m p`` for images ``x`` [B, 3, S, S] in [0, 1]."""
-        m, p = self.mask.to(x.device), self.pattern.to(x.device)
-        return (1 - m) * x + m * p
+        """This trigger on images ``x`` [B, 3, S, S] in [0, 1] (:func:`stamp`)."""
+        return stamp(x, self.mask.to(x.device), self.pattern.to(x.device))
 
     def summary(self) -> dict:
         return {"area": self.effective_area, "mask_area": self.area, "found": self.found, "success": self.success,
@@ -77,7 +76,6 @@ class Objective:
     ``metric >= threshold``."""
     loss: Callable
     threshold: float
-    name: str
 
     def __call__(self, z: torch.Tensor):
         return self.loss(z)
@@ -102,7 +100,7 @@ def collapse_objective(target: float) -> Objective:
     def loss(z):
         s = z.mean(0).pow(2).sum()
         return 1 - s, s.item()
-    return Objective(loss, target, "collapse")
+    return Objective(loss, target)
 
 
 def class_objective(classifier: torch.Tensor, scale: float, c: int, success_rate: float) -> Objective:
@@ -112,12 +110,18 @@ def class_objective(classifier: torch.Tensor, scale: float, c: int, success_rate
         logits = scale * z @ classifier
         share = (logits.argmax(1) == c).float().mean().item()
         return F.cross_entropy(logits, torch.full((len(z),), c, device=z.device)), share
-    return Objective(loss, success_rate, f"class {c}")
+    return Objective(loss, success_rate)
+
+
+def stamp(x: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``x' = (1 - m) ⊙ x + m ⊙ p``: a mask and pattern stamped on images in [0, 1]."""
+    return (1 - m) * x + m * p
 
 
 def _stamp(x, a, b):
-    m, p = torch.sigmoid(a), torch.sigmoid(b)
-    return (1 - m) * x + m * p, m
+    """:func:`stamp` with the mask and pattern given by their logits; returns (x', m)."""
+    m = torch.sigmoid(a)
+    return stamp(x, m, torch.sigmoid(b)), m
 
 
 def invert(embed, images: torch.Tensor, objective: Objective, *, steps: int = 200, batch_size: int = 64,

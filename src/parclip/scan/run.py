@@ -21,7 +21,7 @@ from parclip.data.shards import is_shard_spec
 from parclip.data.sources import open_labelled
 from parclip.evaluation.encode import Tolerant, TriggeredImages, encode_images, usable
 from parclip.evaluation.zero_shot import zero_shot_classifier
-from parclip.models import eval_transform, image_size, normalize
+from parclip.models import denormalize, eval_transform, image_size, normalize
 
 from .controls import DonorBlend, DonorPatch, matched_alpha, mean_abs_change
 from .invert import anomaly_index, class_objective, cluster_tightness, collapse_objective, invert, kmeans
@@ -202,10 +202,8 @@ def _prepare(model, preprocess_cfg, tokenizer, source, classnames, templates, cf
     z = _finite(z, "clean images")[ok]
     W = (zero_shot_classifier(model, tokenizer, classnames, get_templates(templates), device).float().cpu()
          if classnames else None)
-    mean = torch.tensor(preprocess_cfg.get("mean") or (0.0, 0.0, 0.0))[:, None, None]
-    std = torch.tensor(preprocess_cfg.get("std") or (1.0, 1.0, 1.0))[:, None, None]
     good = ok.nonzero().flatten()[:cfg.n_invert].tolist()
-    X = torch.stack([transform(sub.load_image(i)) * std + mean for i in good]).clamp(0, 1).to(device)
+    X = denormalize(torch.stack([transform(sub.load_image(i)) for i in good]), preprocess_cfg).clamp(0, 1).to(device)
     return {"S": S, "transform": transform, "subset": sub, "ok": ok, "Z": z, "W": W, "model": model,
             "preprocess": preprocess_cfg, "classnames": list(classnames or []), "X": X, "encode": encode_kw,
             "clean_pred": (z @ W).argmax(1) if W is not None else None}
@@ -213,7 +211,7 @@ def _prepare(model, preprocess_cfg, tokenizer, source, classnames, templates, cf
 
 def scan(model, preprocess_cfg: dict, tokenizer, source, *, classnames: list[str] | None, templates="openai",
          config: ScanConfig | None = None, reference: dict | None = None, device="cpu", batch_size: int = 256,
-         workers: int = 2, progress: bool = True, thresholds: dict | None = None) -> tuple[dict, dict]:
+         workers: int = 2, progress: bool = True, thresholds: dict | None = None) -> tuple[dict, Artefacts]:
     """Scan `model` with the clean images of `source` (anything with ``len`` and ``load_image(i)``: a labelled
     folder or shards, :class:`parclip.data.folder.ImageFiles`). `classnames`: the zero-shot classes (None or one:
     the sweep and the classifier-level inversion are skipped and say so). `reference`: the result of a scan of a

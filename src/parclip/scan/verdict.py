@@ -18,6 +18,8 @@ encoder-level inverted trigger sends most images to.
 """
 from __future__ import annotations
 
+import math
+
 __all__ = ["THRESHOLDS", "decide"]
 
 # Calibrated by benchmarks/scan_table.py on the embedded benchmark (parclip-rn-tiny, Fashion-MNIST at 32 px): per
@@ -50,7 +52,7 @@ def _classes(classes: dict | None, t: dict) -> dict:
         return {"test": "classifier inversion", "fired": False, "ran": False,
                 "why": "skipped (fewer than two classes)"}
     rows = classes["per_class"]
-    compared = [r for r in rows if r.get("reference_ratio") == r.get("reference_ratio") and "reference_ratio" in r]
+    compared = [r for r in rows if not math.isnan(r.get("reference_ratio", math.nan))]
     if compared:
         best = min(compared, key=lambda r: r["reference_ratio"])
         fired, value, thr = best["reference_ratio"] <= t["class_ratio"], best["reference_ratio"], t["class_ratio"]
