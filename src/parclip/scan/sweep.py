@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from parclip.attacks.triggers import build_triggers, get_trigger
+from parclip.attacks.triggers import get_trigger
 
 __all__ = ["PATCH_FRACTIONS", "STRENGTHS", "LIBRARY", "variants", "flip_rates", "lift"]
 
@@ -51,16 +51,15 @@ def variants(image_size: int, params: dict | None = None, names: list[str] | Non
             key, values = STRENGTHS[name]
             for v in values:
                 out.append((f"{name} {key}={v:g}", get_trigger(name, image_size, **{**own, key: v})))
-        else:
-            out.extend((n, t) for n, t in zip([name], build_triggers([name], image_size, params)))
+        else:  # a trigger outside the grids: once, as given
+            out.append((name, get_trigger(name, image_size, **own)))
     return out
 
 
 def flip_rates(pred: torch.Tensor, reference: torch.Tensor, n_classes: int) -> torch.Tensor:
     """[C] percent: ``flip(c) = 100 · #{i : ref_i ≠ c, pred_i = c} / #{i : ref_i ≠ c}`` (NaN where every reference
     is c)."""
-    hits = torch.zeros(n_classes)
-    hits.index_add_(0, pred[pred != reference], torch.ones(int((pred != reference).sum())))
+    hits = torch.bincount(pred[pred != reference], minlength=n_classes).float()
     others = len(reference) - torch.bincount(reference, minlength=n_classes).float()
     return torch.where(others > 0, 100.0 * hits / others.clamp(min=1), torch.full_like(hits, float("nan")))
 
