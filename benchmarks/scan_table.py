@@ -83,13 +83,13 @@ def scan_one(m: dict, data: Path, out: Path, cfg: ScanConfig) -> dict:
     return result
 
 
-STATS = {  # statistic: (how to read it from a result, fires when "high" or "low")
-    "sweep_lift": (lambda r: max((x["lift"] for x in r["sweep"]), default=None), "high"),
-    "anomaly": (lambda r: max(x["anomaly_index"] for x in r["classifier"]["per_class"]), "high"),
-    "encoder_area": (lambda r: r["encoder"]["area"], "low"),
-    "sweep_excess": (lambda r: max((x.get("excess", -1e9) for x in r["sweep"]), default=None), "high"),
-    "class_ratio": (lambda r: min(x.get("reference_ratio", 1e9) for x in r["classifier"]["per_class"]), "low"),
-    "encoder_ratio": (lambda r: r["encoder"].get("reference_ratio"), "low"),
+STATS = {  # statistic: (the verdict it belongs to, how to read it from that verdict's result, fires "high" or "low")
+    "sweep_lift": ("alone", lambda r: max((x["lift"] for x in r["sweep"]), default=None), "high"),
+    "anomaly": ("alone", lambda r: max(x["anomaly_index"] for x in r["classifier"]["per_class"]), "high"),
+    "encoder_area": ("alone", lambda r: r["encoder"]["area"], "low"),
+    "sweep_excess": ("ref", lambda r: max((x.get("excess", -1e9) for x in r["sweep"]), default=None), "high"),
+    "class_ratio": ("ref", lambda r: min(x.get("reference_ratio", 1e9) for x in r["classifier"]["per_class"]), "low"),
+    "encoder_ratio": ("ref", lambda r: r["encoder"].get("reference_ratio"), "low"),
 }
 
 
@@ -102,8 +102,7 @@ def with_reference(result: dict, reference: dict) -> dict:
 def calibrate(rows: list[dict]) -> dict:
     """Per statistic, the threshold that flags no calibration model without the backdoor (module docstring)."""
     out = {}
-    for stat, (read, side) in STATS.items():
-        mode = "ref" if stat in ("sweep_excess", "class_ratio", "encoder_ratio") else "alone"
+    for stat, (mode, read, side) in STATS.items():
         vals = [read(r[mode]) for r in rows if r["calibration"] and not r["backdoored"]
                 and not (mode == "ref" and r["id"] == "foundation")]
         vals = [v for v in vals if v is not None]
@@ -208,7 +207,6 @@ def main(argv=None) -> int:
     if n > 1:
         return 0
     for m in rows:
-        m["alone"] = scan_one(m, data, args.out, cfg)
         m["calibration"] = m["attack"] is None or m["attack"] in args.calibrate
     reference = rows[0]["alone"]
     for m in rows:
