@@ -11,16 +11,16 @@
    training batches at the model's resolution with PAR's augmentation, from a caption table of JPEG files and from
    the same pairs as webdataset shards (400×320 JPEGs, about the size of CC3M images), against the model's own
    training images/s from part 1: the workers needed to keep the model fed = model rate ÷ per-worker rate.
+3. PAR's frozen forward under bf16 autocast, with the frozen copy's weights in fp32 under ``torch.no_grad`` against
+   the training loop's copy (weights in bf16, ``torch.inference_mode``).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -33,39 +33,91 @@ from parclip.data import CaptionDataset
 from parclip.data.shards import ShardStream, table_to_shards
 from parclip.defences import get_defence
 from parclip.defences.augment import train_transform
-from parclip.models import create_model, get_tokenizer
-from parclip.train import accumulate_step, param_groups
+from parclip.models import create_model, get_tokenizer, image_size
+from parclip.train import accumulate_step, frozen_copy, param_groups, precision_policy
 
 
-def step_times(model_name: str, batch: int, steps: int, objective: str, *, accum: int = 1,
-               checkpointing: bool = False) -> float:
-    """Median seconds per optimiser step of `batch` images (in `accum` micro-batches)."""
+def measure_steps(model_name: str, batch: int, steps: int, objective: str, *, accum: int = 1,
+                  checkpointing: bool = False, device: str = "cpu", precision: str = "fp32",
+                  compile_backend: str | None = None, warmup: int = 1) -> dict:
+    """One configuration's optimiser steps of `batch` images (in `accum` micro-batches) on one fixed random batch:
+    the training loop's own step (:func:`parclip.train.accumulate_step` with the run's precision policy and, for PAR,
+    its frozen copy :func:`parclip.train.frozen_copy`) plus the scaler's AdamW update, `warmup` untimed steps first
+    (torch.compile compiles there). `compile_backend`: None (eager) or a torch.compile backend, applied to the model and
+    the frozen copy as `parclip train --torch-compile` does. Returns {"step_s": median seconds per step, "images_per_s",
+    "peak_mem_gib": the device's peak allocated memory over the whole configuration (model, optimiser state, frozen
+    copy, activations), None on CPU}."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
-    model, pp = create_model(model_name)
+    model, pp = create_model(model_name, device=dev)
     cfg = make_config(model=model_name, objective=objective, tau=2.0, batch_size=batch // accum, train_data="x",
                       pretrained="x")
     defence = get_defence(cfg)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False) if defence.frozen_copy() else None
-    model.logit_scale.requires_grad_(objective != "par")
+    prec = precision_policy(precision, dev)
+    frozen = frozen_copy(model, prec.name) if defence.frozen_copy() else None
+    learn_scale = objective != "par"
+    model.logit_scale.requires_grad_(learn_scale)
     if checkpointing:
         model.set_grad_checkpointing(True)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-6)
-    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
-    images = torch.randn(batch, 3, size, size)
-    texts = get_tokenizer(model_name)([f"a photo of thing {i}" for i in range(batch)])
+    forward = model
+    if compile_backend:
+        forward = torch.compile(model, backend=compile_backend)
+        frozen = torch.compile(frozen, backend=compile_backend) if frozen is not None else None
+    size = image_size(pp)
+    images = torch.randn(batch, 3, size, size, device=dev)
+    texts = get_tokenizer(model_name)([f"a photo of thing {i}" for i in range(batch)]).to(dev)
     n = batch // accum
     micro = [(images[k * n:(k + 1) * n], texts[k * n:(k + 1) * n], torch.full((n,), -1)) for k in range(accum)]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     times = []
-    for s in range(steps + 1):
+    for s in range(warmup + steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        accumulate_step(model, frozen, defence, micro, scaler, nullcontext(), objective != "par", 0, model)
-        opt.step()
-        if s:  # the first step warms up
+        accumulate_step(forward, frozen, defence, micro, prec.scaler, prec.autocast, learn_scale, 0, model)
+        prec.scaler.step(opt)
+        prec.scaler.update()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if s >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    if compile_backend:
+        torch._dynamo.reset()  # the next configuration compiles its own graphs
+    step_s = statistics.median(times)
+    return {"step_s": step_s, "images_per_s": batch / step_s, "peak_mem_gib": peak}
+
+
+def step_times(model_name: str, batch: int, steps: int, objective: str, *, accum: int = 1,
+               checkpointing: bool = False) -> float:
+    """Median seconds per optimiser step on the CPU in fp32 (:func:`measure_steps`)."""
+    return measure_steps(model_name, batch, steps, objective, accum=accum, checkpointing=checkpointing)["step_s"]
+
+
+def frozen_forward_times(model_name: str, batch: int, steps: int) -> dict:
+    """Median seconds of PAR's frozen forward on `batch` images under bf16 autocast: the copy kept in fp32 weights run
+    under ``torch.no_grad`` (autocast casts its weights at every forward), against :func:`parclip.train.frozen_copy`
+    at the autocast dtype run under ``torch.inference_mode`` (what the training loop does)."""
+    torch.manual_seed(0)
+    model, pp = create_model(model_name)
+    size = image_size(pp)
+    images = torch.randn(batch, 3, size, size)
+    texts = get_tokenizer(model_name)([f"a photo of thing {i}" for i in range(batch)])
+    out = {}
+    for name, frozen, mode in (("fp32 weights, no_grad", frozen_copy(model, "fp32"), torch.no_grad),
+                               ("bf16 weights, inference_mode", frozen_copy(model, "amp_bf16"), torch.inference_mode)):
+        times = []
+        for s in range(steps + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16), mode():
+                frozen(images, texts)
+            if s:  # the first forward warms up
+                times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
 
 
 def make_images(root: Path, n: int) -> Path:
@@ -126,6 +178,9 @@ def main(argv=None) -> None:
           f"{t_par / t_clip:.3f}")
     print(f"  PAR, --accum-freq 2          {t_par_acc:7.2f} s/step   ({t_par_acc / t_par:.3f} × PAR)")
     print(f"  PAR, --grad-checkpointing    {t_par_ckpt:7.2f} s/step   ({t_par_ckpt / t_par:.3f} × PAR)")
+    frozen = frozen_forward_times(args.model, args.batch, args.steps)
+    for name, t in frozen.items():
+        print(f"  PAR's frozen forward, bf16 autocast, {name:<29} {t:7.2f} s")
     with tempfile.TemporaryDirectory() as tmp:
         table = make_images(Path(tmp), args.images)
         table_to_shards(table, Path(tmp) / "shards", maxcount=64)

@@ -525,3 +525,29 @@ def test_validation_during_training_logs_clean_accuracy_and_asr_and_changes_noth
     assert val[-1]["val_clean_top1"] == pytest.approx(r["clean_top1"]) and val[-1]["val_asr"] == pytest.approx(r["asr"])
     with pytest.raises(ValueError, match="--val-target"):
         train(make_config(name="bad", imagenet_val=str(fmnist_small["test_dir"]), val_attack="badnet_rs", **common))
+
+
+@pytest.mark.parametrize("precision,dtype", [("amp_bf16", torch.bfloat16), ("amp", torch.float16)])
+def test_frozen_copy_is_cheap_and_computes_what_autocast_computes(micro_model_dir, precision, dtype):
+    """Catches a frozen copy that keeps gradients or training mode, stores fp32 matrix weights under AMP (twice the
+    memory, a cast every step), casts its normalisations too, or whose embeddings drift from the fp32 copy's under the
+    same autocast; with fp32 it must be an exact copy that leaves the trained model alone."""
+    model, pp = create_model(f"local-dir:{micro_model_dir}")
+    model.train()
+    images = torch.randn(4, 3, 28, 28)
+    texts = get_tokenizer(f"local-dir:{micro_model_dir}")(["a shirt", "a shoe", "a bag", "a coat"])
+    exact, low = train_mod.frozen_copy(model, "fp32"), train_mod.frozen_copy(model, precision)
+    for frozen in (exact, low):
+        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(exact(images, texts)[:2], model.eval()(images, texts)[:2]))
+    dtypes = {n: p.dtype for n, p in low.named_parameters()}
+    assert dtypes["visual.transformer.resblocks.0.mlp.c_fc.weight"] == dtype
+    assert dtypes["transformer.resblocks.0.attn.in_proj_weight"] == dtype
+    assert dtypes["visual.ln_post.weight"] == dtypes["ln_final.weight"] == torch.float32
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert nbytes(low) < 0.55 * nbytes(exact)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+        for a, b in zip(exact(images, texts)[:2], low(images, texts)[:2]):
+            assert (a.float() - b.float()).abs().max() < (2e-2 if dtype == torch.bfloat16 else 3e-3)

@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
+import open_clip
 import torch
 import torch.distributed as dist
 import yaml
@@ -47,7 +48,8 @@ from parclip.runs import RunLock, RunLog, write_run_info
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
 
-__all__ = ["train", "param_groups", "accumulate_step", "NonFiniteError"]
+__all__ = ["train", "param_groups", "precision_policy", "Precision", "frozen_copy", "accumulate_step",
+           "NonFiniteError"]
 
 log = logging.getLogger("parclip")
 
@@ -74,15 +76,17 @@ def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> None:
     runlog = RunLog(run_dir, cfg.report_to, enabled=info.is_main,  # metrics.jsonl (+ TensorBoard, wandb)
                     wandb=dict(project=cfg.wandb_project_name, notes=cfg.wandb_notes, config=dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
-    m = _models(cfg, info.device)
+    prec = precision_policy(cfg.precision, info.device)
+    m = _models(cfg, info.device, prec.name)
     data = _data(cfg, info, m)
     plan = _plan(len(data), cfg, info.world_size)
     optimizer = torch.optim.AdamW(param_groups(m.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    prec = _precision(cfg.precision, info.device)
     step = _resume(cfg.resume, run_dir, info.device, m, optimizer, prec.scaler, plan.total_steps,
                    workers=cfg.workers if data.is_shards else None)
     ddp = DistributedDataParallel(m.model) if info.distributed else m.model
     forward = torch.compile(ddp) if cfg.torch_compile else ddp  # state dicts are still read from `model`
+    if cfg.torch_compile and m.frozen is not None:
+        m = m._replace(frozen=torch.compile(m.frozen))  # θ0 is never saved: only its forward is needed
     if info.is_main:
         _announce(cfg, info, len(data), plan, prec.name)
     progress = _Progress(step, plan, show=cfg.progress and info.is_main, desc=cfg.objective)
@@ -140,12 +144,13 @@ class _Models(NamedTuple):
     learn_scale: bool
 
 
-def _models(cfg: TrainConfig, device: torch.device) -> _Models:
-    """The model to train, the defence, the frozen copy when the defence keeps one, and the tokenizer."""
+def _models(cfg: TrainConfig, device: torch.device, precision: str) -> _Models:
+    """The model to train, the defence, the frozen copy when the defence keeps one, and the tokenizer; `precision` is
+    the run's resolved --precision (the frozen copy's weights follow it)."""
     model, preprocess = create_model(cfg.model, cfg.pretrained, device=device, force_quick_gelu=cfg.force_quick_gelu,
                                      allow_unsafe_load=cfg.allow_unsafe_load, cache_dir=cfg.cache_dir)
     defence = get_defence(cfg)
-    frozen = copy.deepcopy(model).eval().requires_grad_(False) if defence.frozen_copy() else None
+    frozen = frozen_copy(model, precision) if defence.frozen_copy() else None
     learn_scale = (cfg.logit_scale if cfg.logit_scale != "auto" else defence.logit_scale) == "learned"
     model.logit_scale.requires_grad_(learn_scale)
     if cfg.grad_checkpointing:
@@ -176,6 +181,28 @@ def _data(cfg: TrainConfig, info: pdist.DistInfo, m: _Models) -> TrainingData:
     return data
 
 
+def frozen_copy(model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+    """θ0, the frozen copy of the starting model that PAR measures its distances from, made as cheap as it can be:
+    eval mode, no gradients, its forward run under ``torch.inference_mode`` (no autograd state: :func:`accumulate_step`)
+    and, under AMP (`precision` "amp" or "amp_bf16"), the weights of its matrix products stored in the autocast dtype
+    (fp16 or bf16; open_clip's ``convert_weights_to_lp``), and so are its token, position and class embeddings. Those
+    are what autocast (or open_clip, for the embeddings) casts to that dtype at every forward anyway, so the embeddings
+    are those of the fp32 copy under the same autocast up to that dtype's rounding, at about half the memory and
+    without the casts; normalisations stay fp32. Its forward must then run under the same autocast, as the training
+    loop's does. With fp32, an exact copy."""
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if precision in ("amp", "amp_bf16"):
+        dtype = torch.float16 if precision == "amp" else torch.bfloat16
+        open_clip.convert_weights_to_lp(frozen, dtype)
+        for module in frozen.modules():  # tables open_clip casts to the tower's dtype before use: the same result
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.data = module.weight.data.to(dtype)
+            for name in ("positional_embedding", "class_embedding"):
+                if isinstance(getattr(module, name, None), torch.nn.Parameter):
+                    getattr(module, name).data = getattr(module, name).data.to(dtype)
+    return frozen
+
+
 class _Plan(NamedTuple):
     global_batch: int      # images per optimiser step, over every process and micro-batch
     steps_per_epoch: int
@@ -193,19 +220,21 @@ def _plan(n_samples: int, cfg: TrainConfig, world_size: int) -> _Plan:
     return _Plan(global_batch, steps_per_epoch, steps_per_epoch * cfg.epochs)
 
 
-class _Precision(NamedTuple):
+class Precision(NamedTuple):
+    """A run's precision: its name, the autocast context of its forward passes and its gradient scaler."""
+
     name: str                                  # fp32 | amp (fp16 with a GradScaler) | amp_bf16
     autocast: object                           # the forward's autocast context, or a null one
     scaler: torch.amp.GradScaler               # enabled for fp16 only
 
 
-def _precision(precision: str, device: torch.device) -> _Precision:
+def precision_policy(precision: str, device: torch.device) -> Precision:
     """--precision: "auto" is fp16 autocast on CUDA, fp32 elsewhere; bf16 needs no loss scaling. (TrainConfig has
     already refused open_clip's half-precision weights and spelt amp_bfloat16 as amp_bf16.)"""
     name = precision if precision != "auto" else ("amp" if device.type == "cuda" else "fp32")
     autocast = (torch.autocast(device.type, dtype=torch.float16 if name == "amp" else torch.bfloat16)
                 if name in ("amp", "amp_bf16") else nullcontext())
-    return _Precision(name, autocast, torch.amp.GradScaler(device.type, enabled=name == "amp"))
+    return Precision(name, autocast, torch.amp.GradScaler(device.type, enabled=name == "amp"))
 
 
 def _resume(resume: str, run_dir: Path, device, m: _Models, optimizer, scaler, total_steps: int, *,
@@ -296,7 +325,7 @@ def _set_lr(optimizer, step: int, cfg: TrainConfig, steps_per_epoch: int) -> flo
     return lr
 
 
-def _step(forward, ddp, m: _Models, optimizer, prec: _Precision, micro: list, *, epoch: int, step: int,
+def _step(forward, ddp, m: _Models, optimizer, prec: Precision, micro: list, *, epoch: int, step: int,
           cfg: TrainConfig, run_dir: Path, device) -> tuple[torch.Tensor, dict, bool]:
     """One optimiser step on the micro-batches `micro` [(images, tokens, failed)]: the defence's loss and its gradient
     (:func:`accumulate_step`), then the update. Returns (loss, metrics, whether the update was applied).
@@ -386,9 +415,10 @@ def _embed(forward, frozen, images, texts, n: int) -> tuple[Embeddings, torch.Te
     batch = Embeddings(img=[pdist.gather_with_grad(v) for v in img.split(n)],
                        txt=[pdist.gather_with_grad(v) for v in txt.split(n)])
     if frozen is not None:
-        with torch.no_grad():
+        with torch.inference_mode():  # θ0 needs no autograd state at all
             img0, txt0, _ = frozen(images[:n], texts[:n])
-        batch.img0, batch.txt0 = pdist.gather_with_grad(img0), pdist.gather_with_grad(txt0)
+        # clones are ordinary tensors again, which autograd may use (inference tensors cannot be saved for backward)
+        batch.img0, batch.txt0 = pdist.gather_with_grad(img0.clone()), pdist.gather_with_grad(txt0.clone())
     return batch, scale
 
 
@@ -506,7 +536,7 @@ class _Progress:
         self.bar.close()
 
 
-def _validators(cfg: TrainConfig, m: _Models, device, prec: _Precision) -> list:
+def _validators(cfg: TrainConfig, m: _Models, device, prec: Precision) -> list:
     """The run's validations: zero-shot on --imagenet-val, open_clip's validation on --val-data (either, both,
     none)."""
     checks = []
