@@ -3,33 +3,36 @@
     python benchmarks/gpu_check.py [--out gpu_check.json] [--budget-s 270]   # on a machine with a CUDA GPU
     python benchmarks/gpu_check.py --dry-run [--out DIR/gpu_check.json]      # the same code on the CPU, tiny models
 
-Sections, in the order they run. Each is recorded in the JSON with its status (ok, failed with the error, or skipped
-when the time budget is spent), so one failure never hides the rest; correctness first, torch.compile last because
-compiling costs the most:
+Sections, in the order they run. Each is recorded in the JSON with its status (ok, check failed, failed with the
+error, or skipped when the time budget is spent), so one failure never hides the rest. Correctness first; the
+sections before `compile` stop starting `compile_reserve_s` early, so compiling (the costliest) gets its time:
 
   resume       `parclip train` (PAR, AMP fp16 with its gradient scaler) killed with SIGKILL while it writes its 2nd
-               checkpoint (the fault-injection point of parclip.utils.files), then run again: its final weights,
-               optimiser state and scaler state must equal an uninterrupted run's bit for bit (deterministic
-               algorithms on; the scaler's growth tracker tells a restored scaler from a fresh one).
-  distributed  `parclip train` in two processes launched by torchrun, NCCL on the one GPU (gloo on the CPU), against
-               one process on the concatenated batch: the losses and the update must agree, as the gloo test of
-               tests/test_train.py checks on the CPU. Where NCCL refuses two processes on one GPU, one process in an
-               NCCL group of one (the group and its collectives run; the two-process gather does not): `mode` says
-               which, `two_process_error` why.
+               checkpoint (the fault-injection point of parclip.utils.files), then run again: it must log that it
+               resumed (steps 1, 2 then 2, 3, 4), move the weights, and end with the weights, optimiser state and
+               scaler state of an uninterrupted run bit for bit (deterministic algorithms, no TF32, PyTorch's own
+               attention kernel; the scaler's growth tracker tells a restored scaler from a fresh one).
+  distributed  `parclip train` under torchrun against one plain process on the same global batch: the losses and the
+               update must agree, as the gloo tests of tests/test_train.py check on the CPU. Two NCCL processes where
+               there are two GPUs; on one GPU (NCCL refuses two processes on one device) one process in an NCCL
+               group of one: NCCL's set-up, an all-reduce, an all-gather, and the loop's own all-reduce through the
+               group, but no DDP and no gather of embeddings. `mode` and `why` say which.
   steps        training steps of fine-tuning (`clip`) and PAR in fp32, AMP fp16 and AMP bf16 on one fixed batch of
                random data: median step time, images/s, peak GPU memory, PAR ÷ fine-tuning step time. PAR's only
-               extra work is the frozen copy's forward (inference mode, weights in the autocast dtype): the floor of
-               the ratio is about 1.33 (one forward ≈ ⅓ of forward + backward), lower when the frozen forward is cheap.
+               extra work is the frozen copy's forward, about a third of a forward + backward at the same precision
+               (ratio ≈ 1.33); less where the frozen copy is cheaper (16-bit weights, inference mode).
   memory       PAR with --grad-checkpointing: the peak memory saved; the big model (ViT-L-14-336 at the paper's 120
                images, AMP bf16) with and without it, measured against the README's estimate (:func:`estimate_gib`).
   pipeline     the input pipeline's images/s per worker process with PAR's augmentation at the model's resolution,
                from a caption table of JPEGs and from webdataset shards of them, and the workers one GPU needs to keep
                the fastest PAR step fed (`parclip train --workers`).
-  compile      the `steps` configurations again with torch.compile (model and frozen copy), AMP fp16 first.
+  compile      the `steps` configurations with torch.compile (model and frozen copy), AMP fp16 first, then bf16
+               and fp32 while the budget lasts.
 
-`--dry-run` runs every section on the CPU with tiny models and a few steps (torch.compile with its "eager" backend:
-dynamo traces, nothing is compiled), so the suite keeps this script from rotting; its timings mean nothing. The JSON's
-format is documented in docs/gpu_check.md. Exit status 1 when a section failed or a check did not hold, 0 otherwise.
+`--dry-run` runs every section on the CPU with tiny models and a few steps (torch.compile with the "aot_eager"
+backend, which traces and differentiates the graphs but builds no kernels; AMP fp16 only), so the suite keeps this
+script from rotting; its timings mean nothing. The JSON's format is documented in docs/gpu_check.md. Exit status 1
+when a section or a configuration failed or a check did not hold, 0 otherwise.
 """
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -53,6 +58,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import make_images, measure_steps, pipeline_rates  # noqa: E402
@@ -84,24 +90,28 @@ class Settings:
     workers: int             # their data-loading workers
     pipeline_images: int
     compile_backend: str
+    compile_precisions: tuple  # in the order they compile
+    compile_reserve_s: float  # of --budget-s, kept for `compile`: the sections before it stop starting earlier
 
 
 GPU = Settings(device="cuda", model="ViT-B-32-quickgelu", batch=256, warmup=3, steps=20, big_model="ViT-L-14-336",
                big_batch=120, big_precision="amp_bf16", run_model="ViT-S-32", run_batch=32, workers=4,
-               pipeline_images=512, compile_backend="inductor")
+               pipeline_images=512, compile_backend="inductor",
+               compile_precisions=("amp", "amp_bf16", "fp32"), compile_reserve_s=100)
 DRY = Settings(device="cpu", model="parclip-micro", batch=8, warmup=1, steps=2, big_model="parclip-tiny", big_batch=8,
                big_precision="amp_bf16", run_model="parclip-micro", run_batch=8, workers=1, pipeline_images=32,
-               compile_backend="eager")
+               compile_backend="aot_eager", compile_precisions=("amp",), compile_reserve_s=0)
 
 
 # ------------------------------------------------------------------------------------------- the memory estimate
 
 
 def estimate_gib(model_name: str, n_params: int, frozen_bytes: int, batch: int, checkpointing: bool) -> dict:
-    """Peak training memory of PAR for a ViT CLIP with mixed-precision autocast and fused attention (no stored
-    attention matrix), the README's rule ("ViT-L-14-336 PAR at 120 images"):
+    """Peak training memory of PAR for a ViT CLIP with 16-bit autocast and fused attention (no stored attention
+    matrix), the README's rule ("ViT-L-14-336 PAR at 120 images"):
 
-        fixed       = n_params · (4 weights + 4 gradients + 8 AdamW moments) + the frozen copy's bytes
+        fixed       = n_params · (4 weights + 4 gradients + 8 AdamW moments + 2 for the 16-bit copies of the weights
+                      that autocast makes and keeps for the backward pass) + the frozen copy's bytes
         activations = Σ_towers  layers · batch · 34 · s · h                      (bytes kept for the backward pass;
                       s tokens, h width, 34·s·h per layer and sample: Korthikanti et al., arXiv 2205.05198, §4.1)
         with --grad-checkpointing: Σ_towers layers · batch · 2 · s · h (each block's input) + one vision block's
@@ -117,7 +127,7 @@ def estimate_gib(model_name: str, n_params: int, frozen_bytes: int, batch: int, 
         act = sum(n * batch * 2 * s_ * h_ for n, s_, h_ in towers) + 34 * s * h * batch
     else:
         act = sum(n * batch * 34 * s * h for n, s, h in towers)
-    fixed = n_params * 16 + frozen_bytes
+    fixed = n_params * 18 + frozen_bytes
     return {"fixed": fixed / 2**30, "activations": act / 2**30, "total": (fixed + act) / 2**30}
 
 
@@ -138,20 +148,31 @@ def check_steps(s: Settings, compile_backend: str | None, budget) -> dict:
     """`steps` (eager) or `compile`: every precision × {clip, par} on one fixed batch, PAR ÷ fine-tuning per
     precision."""
     rows = []
-    for precision in ("amp", "amp_bf16", "fp32") if compile_backend else PRECISIONS:
+    for precision in s.compile_precisions if compile_backend else PRECISIONS:
         pair = {}
         for objective in OBJECTIVES:
             if budget.spent():
                 rows.append({"precision": precision, "objective": objective, "skipped": "time budget"})
                 continue
-            r = measure_steps(s.model, s.batch, s.steps, objective, device=s.device, precision=precision,
-                              compile_backend=compile_backend, warmup=s.warmup)
+            r = _measured(s.model, s.batch, s.steps, objective, device=s.device, precision=precision,
+                          compile_backend=compile_backend, warmup=s.warmup)
             pair[objective] = r
             rows.append({"precision": precision, "objective": objective, **r})
-        if len(pair) == 2:
+        if all("step_s" in pair.get(o, {}) for o in OBJECTIVES):
             rows[-1]["par_over_ft"] = pair["par"]["step_s"] / pair["clip"]["step_s"]
     return {"model": s.model, "batch": s.batch, "timed_steps": s.steps, "warmup_steps": s.warmup,
-            "compile_backend": compile_backend, "rows": rows}
+            "compile_backend": compile_backend, "rows": rows, "ok": not any("error" in r for r in rows)}
+
+
+def _measured(*args, **kw) -> dict:
+    """:func:`measure_steps`, or {"error": …} when the configuration fails (out of memory, a compiler error): one
+    configuration's failure is a finding and the others still run."""
+    try:
+        return measure_steps(*args, **kw)
+    except Exception as e:  # noqa: BLE001
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"error": f"{type(e).__name__}: {e}"[:3000], "traceback": traceback.format_exc()[-3000:]}
 
 
 def check_memory(s: Settings, budget) -> dict:
@@ -165,6 +186,13 @@ def check_memory(s: Settings, budget) -> dict:
     out["step_s"], out["step_s_checkpointing"] = plain["step_s"], ckpt["step_s"]
     if plain["peak_mem_gib"] is not None:
         out["saved_gib"] = plain["peak_mem_gib"] - ckpt["peak_mem_gib"]
+    out["big_model"] = _big_model(s, steps, budget)
+    out["ok"] = not any("error" in row for row in out["big_model"]["rows"])
+    return out
+
+
+def _big_model(s: Settings, steps: int, budget) -> dict:
+    """The big model's PAR step with and without checkpointing, each against :func:`estimate_gib`."""
     n_params, frozen_bytes = _model_bytes(s.big_model, s.big_precision)
     big = {"model": s.big_model, "batch": s.big_batch, "precision": s.big_precision, "parameters": n_params,
            "frozen_copy_gib": frozen_bytes / 2**30, "rows": []}
@@ -174,14 +202,12 @@ def check_memory(s: Settings, budget) -> dict:
         if budget.spent():
             row["skipped"] = "time budget"
         else:
-            r = measure_steps(s.big_model, s.big_batch, steps, "par", device=s.device, precision=s.big_precision,
-                              warmup=1, checkpointing=checkpointing)
-            row.update(r)
-            if r["peak_mem_gib"] is not None:
-                row["measured_over_estimate"] = r["peak_mem_gib"] / est["total"]
+            row.update(_measured(s.big_model, s.big_batch, steps, "par", device=s.device, precision=s.big_precision,
+                                 warmup=1, checkpointing=checkpointing))
+            if row.get("peak_mem_gib") is not None:
+                row["measured_over_estimate"] = row["peak_mem_gib"] / est["total"]
         big["rows"].append(row)
-    out["big_model"] = big
-    return out
+    return big
 
 
 def check_pipeline(s: Settings, work: Path) -> dict:
@@ -229,35 +255,44 @@ def _run_config(s: Settings, work: Path, name: str, **kw) -> dict:
 def deterministic():
     """Bit-reproducible CUDA for the runs that are compared (then the previous settings again): deterministic
     algorithms (warning, not failing, where an op has none), no cuDNN autotuning, no TF32 (its 10-bit products would
-    differ between batch sizes), and PyTorch's own attention kernel in place of the flash and memory-efficient ones,
-    whose backward passes may add in any order. On the CPU these change nothing."""
+    differ between batch sizes), and PyTorch's own attention kernel in place of the flash, memory-efficient and cuDNN
+    ones, whose backward passes may add in any order. On the CPU these change nothing."""
     cuda = torch.backends.cuda
+    kernels = [k for k in ("flash", "mem_efficient", "cudnn") if hasattr(cuda, f"enable_{k}_sdp")]
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, cuda.matmul.allow_tf32,
-             cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+             {k: getattr(cuda, f"{k}_sdp_enabled")() for k in kernels})
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = cuda.matmul.allow_tf32 = False
-    cuda.enable_flash_sdp(False)
-    cuda.enable_mem_efficient_sdp(False)
+    for k in kernels:
+        getattr(cuda, f"enable_{k}_sdp")(False)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, cuda.matmul.allow_tf32 = saved[2:5]
-        cuda.enable_flash_sdp(saved[5])
-        cuda.enable_mem_efficient_sdp(saved[6])
+        for k, on in saved[5].items():
+            getattr(cuda, f"enable_{k}_sdp")(on)
 
 
 def _worker(argv: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
     """`python ARGV` (this script in worker mode: `--worker CONFIG`, one deterministic `train` run; or torchrun
-    launching it) in fresh processes. A run past `timeout` seconds (a hung collective) is killed and returned as
-    failed."""
+    launching it) in fresh processes. A run past `timeout` seconds (a hung collective) gets SIGTERM, which torchrun
+    passes on to its workers (they run in sessions of their own, out of reach of a kill of torchrun alone), then
+    SIGKILL 30 s later; it is returned as failed (status 124)."""
+    proc = subprocess.Popen([sys.executable, *argv], env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        return subprocess.run([sys.executable, *argv], env=dict(os.environ, **env), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return subprocess.CompletedProcess(e.cmd, 124, "", f"{err}\nkilled after {timeout:.0f} s")
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(proc.args, 124, out, f"{err}\nstopped after {timeout:.0f} s")
 
 
 def check_resume(s: Settings, work: Path) -> dict:
@@ -269,7 +304,7 @@ def check_resume(s: Settings, work: Path) -> dict:
     run = Path(cfg["output_dir"]) / cfg["name"]
     if not (run / "checkpoints" / "latest.pt").is_file():
         raise RuntimeError(f"the run to be killed left no checkpoint (exit {killed.returncode}): "
-                           f"{killed.stderr[-2000:]}")
+                           f"{killed.stderr[-8000:]}")
     at_kill = torch.load(run / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
     with deterministic():
         straight = train(make_config(**_run_config(s, work, "straight", **common)))
@@ -278,10 +313,17 @@ def check_resume(s: Settings, work: Path) -> dict:
     b = torch.load(run / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
     diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
     same = {part: _equal(a[part], b[part]) for part in ("state_dict", "optimizer", "scaler")}
+    start = load_file(work / START / "open_clip_model.safetensors")
+    moved = max((a["state_dict"][k].float() - start[k].float()).abs().max().item() for k in start)
+    # the killed run logged steps 1 and 2 (killed while saving step 2), the resumed one 2, 3, 4: a run that ignored
+    # the checkpoint and started again would log 1, 2, 1, 2, 3, 4 and, deterministic, still end identical
+    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    resumed = logged == [1, 2, 2, 3, 4]
     return {"model": s.run_model, "precision": "amp", "steps": a["step"], "killed_signal": -killed.returncode,
-            "checkpoint_step_at_kill": at_kill["step"], "weights_identical": same["state_dict"],
-            "max_weight_diff": diff, "optimizer_identical": same["optimizer"], "scaler_identical": same["scaler"],
-            "scaler": b["scaler"], "ok": all(same.values()) and -killed.returncode == 9 and at_kill["step"] == 1}
+            "checkpoint_step_at_kill": at_kill["step"], "steps_logged": logged, "resumed": resumed,
+            "moved": moved, "weights_identical": same["state_dict"], "max_weight_diff": diff,
+            "optimizer_identical": same["optimizer"], "scaler_identical": same["scaler"], "scaler": b["scaler"],
+            "ok": all(same.values()) and resumed and moved > 0 and -killed.returncode == 9 and at_kill["step"] == 1}
 
 
 def _equal(a, b) -> bool:
@@ -301,33 +343,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-MODES = ("two processes", "group of one")
+def distributed_mode(s: Settings) -> tuple[str, str]:
+    """("two processes" | "group of one", why). Two processes need a GPU each: NCCL refuses two processes on one
+    device ("Duplicate GPU detected"). The dry run takes the group of one, the mode a one-GPU machine runs (the
+    two-process equivalence on the CPU is tests/test_train.py's gloo tests)."""
+    if s.device == "cpu":
+        return "group of one", "the dry run checks the mode a one-GPU machine runs"
+    if torch.cuda.device_count() >= 2:
+        return "two processes", f"{torch.cuda.device_count()} GPUs"
+    return "group of one", "one GPU: NCCL refuses two processes on one device"
 
 
-def check_distributed(s: Settings, work: Path, modes=MODES) -> dict:
+def check_distributed(s: Settings, work: Path) -> dict:
     """`parclip train` under torchrun against one plain process on the same global batch of `run_batch` images: the
     same losses and the same update. AdamW with a huge ε makes the update lr·m̂/ε, linear in the gradient, so equal
-    updates mean equal gradients (a gradient scaled by the world size would show). Modes, tried in order until one
-    runs: two processes of `run_batch/2` images sharing the one device, then one process in a group of one."""
+    updates mean equal gradients (a gradient scaled by the world size would show). Two processes of `run_batch/2`
+    images each where there are two GPUs; otherwise one process in a process group of one, which runs NCCL's set-up,
+    an all-reduce and an all-gather on the GPU, and the training loop's own all-reduce of its counters through the
+    group, but neither DDP nor the gather of embeddings (identities with one process)."""
     linear = dict(lr=10.0, eps=1e4, wd=0.0, schedule="constant", epochs=1, precision="fp32")
     with deterministic():
         one = train(make_config(**_run_config(s, work, "one_process", **linear)))
-    initial = load_file(work / START / "open_clip_model.safetensors")
+    mode, why = distributed_mode(s)
+    nproc = 2 if mode == "two processes" else 1
+    cfg = dict(_run_config(s, work, mode.replace(" ", "_"), **linear), batch_size=s.run_batch // nproc)
+    (work / f"{cfg['name']}.yaml").write_text(yaml.safe_dump(cfg))
+    run = _worker(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+                   __file__, "--worker", str(work / f"{cfg['name']}.yaml"), *(["--group-of-one"] if nproc == 1 else [])],
+                  timeout=180)
+    if run.returncode:
+        raise RuntimeError(f"torchrun ({mode}) failed with status {run.returncode}: {run.stderr[-8000:]}")
     out = {"backend": "nccl" if s.device == "cuda" else "gloo", "model": s.run_model, "global_batch": s.run_batch,
-           "errors": {}}
-    for mode in modes:
-        nproc = 2 if mode == "two processes" else 1
-        cfg = dict(_run_config(s, work, mode.replace(" ", "_"), **linear), batch_size=s.run_batch // nproc)
-        (work / f"{cfg['name']}.yaml").write_text(yaml.safe_dump(cfg))
-        run = _worker(["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                       str(_free_port()), __file__, "--worker", str(work / f"{cfg['name']}.yaml"),
-                       *(["--group-of-one"] if nproc == 1 else [])], timeout=180)
-        if run.returncode == 0:
-            out["mode"] = mode
-            out.update(_compare_runs(one, Path(cfg["output_dir"]) / cfg["name"], initial))
-            return out
-        out["errors"][mode] = run.stderr[-1500:]
-    raise RuntimeError(f"no distributed mode ran: {out['errors']}")
+           "mode": mode, "why": why}
+    initial = load_file(work / START / "open_clip_model.safetensors")
+    return {**out, **_compare_runs(one, Path(cfg["output_dir"]) / cfg["name"], initial)}
 
 
 def _compare_runs(a: Path, b: Path, initial: dict) -> dict:
@@ -356,6 +405,12 @@ class Budget:
     def spent(self) -> bool:
         return time.monotonic() > self.end
 
+    def sooner(self, seconds: float) -> Budget:
+        """The same budget, spent `seconds` earlier (for the sections that leave time to the last one)."""
+        budget = Budget(0)
+        budget.end = self.end - seconds
+        return budget
+
 
 def run_section(report: dict, name: str, budget: Budget, fn, out: Path) -> dict:
     """Run one section into `report["sections"][name]` with its status and wall time, then write the JSON (so a
@@ -378,8 +433,12 @@ def run_section(report: dict, name: str, budget: Budget, fn, out: Path) -> dict:
 
 
 def environment(s: Settings) -> dict:
+    """Versions, the GPU, and what torch.compile's inductor needs to build kernels (a C compiler, Python's headers):
+    where they are missing, the `compile` rows' errors say so and this tells why."""
+    include = sysconfig.get_paths().get("include") or ""
     env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "cpu_count": os.cpu_count(), "device": s.device}
+           "cpu_count": os.cpu_count(), "device": s.device, "c_compiler": shutil.which("cc") or shutil.which("gcc"),
+           "python_headers": os.path.isfile(os.path.join(include, "Python.h"))}
     if s.device == "cuda":
         p = torch.cuda.get_device_properties(0)
         nccl = torch.cuda.nccl.version()
@@ -413,9 +472,12 @@ def table(report: dict) -> str:
                 lines.append(f"| {name} | {precision} | {ft.get('images_per_s', 0):.0f} | "
                              f"{par.get('images_per_s', 0):.0f} | {'–' if ratio is None else f'{ratio:.2f}'} | "
                              f"{gib(ft.get('peak_mem_gib'))} | {gib(par.get('peak_mem_gib'))} |")
-    skipped = [f"{name} {r['precision']} {r['objective']}" for name in ("steps", "compile")
-               for r in sec.get(name, {}).get("rows", []) if "skipped" in r]
-    lines.append(f"\nSkipped for the time budget: {', '.join(skipped)}." if skipped else "")
+    rows = [(name, r) for name in ("steps", "compile") for r in sec.get(name, {}).get("rows", [])]
+    skipped = [f"{name} {r['precision']} {r['objective']}" for name, r in rows if "skipped" in r]
+    failed = [f"{name} {r['precision']} {r['objective']} ({r['error'][:200]})" for name, r in rows if "error" in r]
+    lines.append("")
+    lines += [f"Skipped for the time budget: {', '.join(skipped)}."] if skipped else []
+    lines += [f"Failed: {'; '.join(failed)}."] if failed else []
     for name in ("resume", "distributed", "memory", "pipeline"):
         lines.append(f"- {name}: {sec.get(name, {}).get('status', 'not run')}. {_summary(name, sec.get(name, {}))}")
     return "\n".join(lines)
@@ -431,8 +493,8 @@ def _summary(name: str, r: dict) -> str:
                 f"{r['scaler_identical']} (scale {r['scaler']['scale']:g}, growth tracker "
                 f"{r['scaler']['_growth_tracker']})")
     if name == "distributed":
-        return (f"{r['mode']} ({r['backend']}): losses within {_num(r['max_loss_diff'])}, weights within "
-                f"{_num(r['max_weight_diff'])} of a {_num(r['moved'])} move")
+        return (f"{r['mode']} ({r['backend']}; {r['why']}): losses within {_num(r['max_loss_diff'])}, weights "
+                f"within {_num(r['max_weight_diff'])} of a {_num(r['moved'])} move")
     if name == "memory":
         big = r["big_model"]
         parts = [f"{big['model']} at {big['batch']} images ({big['precision']})"]
@@ -457,24 +519,30 @@ def gib_text(x) -> str:
     return "not measured (CPU)" if x is None else f"{x:.1f} GiB"
 
 
+@record  # under torchrun, a worker's traceback reaches torchrun's own error report
 def worker(config: Path, group_of_one: bool) -> None:
-    """`--worker CONFIG`: one deterministic `train` run, under torchrun or alone. Under torchrun every process takes
-    the first GPU when there is only one (LOCAL_RANK 0: two processes share it); with --group-of-one the process sets
-    up a process group of one itself and runs its collectives before training."""
-    if torch.cuda.is_available() and torch.cuda.device_count() == 1:
-        os.environ["LOCAL_RANK"] = "0"
-    if group_of_one:
-        import torch.distributed as dist
+    """`--worker CONFIG`: one deterministic `train` run, under torchrun or alone. With --group-of-one (under torchrun
+    with one process) the process sets up a process group of one itself (NCCL on a GPU, gloo on the CPU), checks an
+    all-reduce and an all-gather on the device, trains under that group, and takes it down."""
+    import torch.distributed as dist
 
-        dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if group_of_one:
+        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
-        x = torch.full((4,), float(dist.get_rank() + 1), device=dev)
+        x = torch.full((4,), 3.0, device=dev)
         dist.all_reduce(x)
         gathered = torch.empty(4 * dist.get_world_size(), device=dev)
         dist.all_gather_into_tensor(gathered, x)
-        assert torch.equal(gathered.cpu(), torch.ones(4)), gathered
-    with deterministic():
-        train(make_config(**yaml.safe_load(config.read_text())))
+        if not torch.equal(gathered.cpu(), torch.full((4,), 3.0)):
+            raise RuntimeError(f"collectives in a group of one changed the data: {gathered}")
+    try:
+        with deterministic():
+            train(make_config(**yaml.safe_load(config.read_text())))
+    finally:
+        if group_of_one:
+            dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
@@ -494,18 +562,21 @@ def main(argv=None) -> int:
         ap.error("no CUDA GPU is visible here; run with --dry-run to check the script on the CPU")
     s = DRY if args.dry_run else GPU
     budget, t0 = Budget(args.budget_s), time.perf_counter()
+    early = budget.sooner(s.compile_reserve_s)  # every section before `compile`
     report = {"format": 1, "dry_run": args.dry_run, "settings": asdict(s), "environment": environment(s),
               "budget_s": args.budget_s, "sections": {}}
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         work = Path(tmp)
-        sections = [("resume", lambda: check_resume(s, work)), ("distributed", lambda: check_distributed(s, work)),
-                    ("steps", lambda: check_steps(s, None, budget)), ("memory", lambda: check_memory(s, budget)),
-                    ("pipeline", lambda: check_pipeline(s, work)),
-                    ("compile", lambda: check_steps(s, s.compile_backend, budget))]
-        for name, fn in sections:
+        sections = [("resume", early, lambda: check_resume(s, work)),
+                    ("distributed", early, lambda: check_distributed(s, work)),
+                    ("steps", early, lambda: check_steps(s, None, early)),
+                    ("memory", early, lambda: check_memory(s, early)),
+                    ("pipeline", early, lambda: check_pipeline(s, work)),
+                    ("compile", budget, lambda: check_steps(s, s.compile_backend, budget))]
+        for name, limit, fn in sections:
             report["wall_s"] = time.perf_counter() - t0
             print(f"[{report['wall_s']:6.0f} s] {name} …", flush=True)
-            r = run_section(report, name, budget, fn, args.out)
+            r = run_section(report, name, limit, fn, args.out)
             print(f"          {r['status']} in {r['wall_s']:.0f} s", flush=True)
     report["wall_s"] = time.perf_counter() - t0
     feed(report)

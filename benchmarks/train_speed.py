@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import statistics
 import tempfile
 import time
@@ -45,12 +46,12 @@ def measure_steps(model_name: str, batch: int, steps: int, objective: str, *, ac
     its frozen copy :func:`parclip.train.frozen_copy`) plus the scaler's AdamW update, `warmup` untimed steps first
     (torch.compile compiles there). `compile_backend`: None (eager) or a torch.compile backend, applied to the model and
     the frozen copy as `parclip train --torch-compile` does. Returns {"step_s": median seconds per step, "images_per_s",
-    "peak_mem_gib": the device's peak allocated memory over the whole configuration (model, optimiser state, frozen
-    copy, activations), None on CPU}."""
+    "peak_mem_gib": the device's peak allocated memory in the timed steps (weights, optimiser state, frozen copy and
+    activations; not the warm-up's one-off copies and compilation buffers), None on CPU}."""
     dev = torch.device(device)
+    gc.collect()  # what earlier configurations left in reference cycles must not count here
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
     model, pp = create_model(model_name, device=dev)
     cfg = make_config(model=model_name, objective=objective, tau=2.0, batch_size=batch // accum, train_data="x",
@@ -64,29 +65,32 @@ def measure_steps(model_name: str, batch: int, steps: int, objective: str, *, ac
         model.set_grad_checkpointing(True)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=1e-6)
-    forward = model
-    if compile_backend:
-        forward = torch.compile(model, backend=compile_backend)
-        frozen = torch.compile(frozen, backend=compile_backend) if frozen is not None else None
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+    if compile_backend and frozen is not None:
+        frozen = torch.compile(frozen, backend=compile_backend)
     size = image_size(pp)
     images = torch.randn(batch, 3, size, size, device=dev)
     texts = get_tokenizer(model_name)([f"a photo of thing {i}" for i in range(batch)]).to(dev)
     n = batch // accum
     micro = [(images[k * n:(k + 1) * n], texts[k * n:(k + 1) * n], torch.full((n,), -1)) for k in range(accum)]
     times = []
-    for s in range(warmup + steps):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        accumulate_step(forward, frozen, defence, micro, prec.scaler, prec.autocast, learn_scale, 0, model)
-        prec.scaler.step(opt)
-        prec.scaler.update()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if s >= warmup:
-            times.append(time.perf_counter() - t0)
+    try:
+        for s in range(warmup + steps):
+            if s == warmup and dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)  # the peak starts again from what is allocated now
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            accumulate_step(forward, frozen, defence, micro, prec.scaler, prec.autocast, learn_scale, 0, model)
+            prec.scaler.step(opt)
+            prec.scaler.update()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if s >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        if compile_backend:
+            torch._dynamo.reset()  # the next configuration compiles its own graphs; this one's model can go
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    if compile_backend:
-        torch._dynamo.reset()  # the next configuration compiles its own graphs
     step_s = statistics.median(times)
     return {"step_s": step_s, "images_per_s": batch / step_s, "peak_mem_gib": peak}
 

@@ -103,9 +103,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (in place, no gradient); identity with one process."""
+    """Sum a tensor over ranks (in place, no gradient); identity without a process group. NCCL reduces GPU tensors
+    only, so under NCCL a tensor elsewhere (the training loop's counters live on the CPU) is summed through this
+    rank's GPU and copied back."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        if x.device.type != "cuda" and dist.get_backend() == "nccl":
+            on_gpu = x.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            x.copy_(on_gpu)
+        else:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
