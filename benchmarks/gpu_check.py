@@ -179,15 +179,15 @@ def check_memory(s: Settings, budget) -> dict:
     """Gradient checkpointing's saving on the step model, then the big model measured against its estimate."""
     steps = max(1, s.steps // 4)
     out = {"model": s.model, "batch": s.batch, "precision": "amp", "timed_steps": steps}
-    plain = measure_steps(s.model, s.batch, steps, "par", device=s.device, precision="amp", warmup=1)
-    ckpt = measure_steps(s.model, s.batch, steps, "par", device=s.device, precision="amp", warmup=1,
-                         checkpointing=True)
-    out["peak_gib"], out["peak_gib_checkpointing"] = plain["peak_mem_gib"], ckpt["peak_mem_gib"]
-    out["step_s"], out["step_s_checkpointing"] = plain["step_s"], ckpt["step_s"]
-    if plain["peak_mem_gib"] is not None:
-        out["saved_gib"] = plain["peak_mem_gib"] - ckpt["peak_mem_gib"]
+    plain, ckpt = (_measured(s.model, s.batch, steps, "par", device=s.device, precision="amp", warmup=1,
+                             checkpointing=c) for c in (False, True))
+    out["peak_gib"], out["peak_gib_checkpointing"] = plain.get("peak_mem_gib"), ckpt.get("peak_mem_gib")
+    out["step_s"], out["step_s_checkpointing"] = plain.get("step_s"), ckpt.get("step_s")
+    out["errors"] = [r["error"] for r in (plain, ckpt) if "error" in r]
+    if out["peak_gib"] is not None and out["peak_gib_checkpointing"] is not None:
+        out["saved_gib"] = out["peak_gib"] - out["peak_gib_checkpointing"]
     out["big_model"] = _big_model(s, steps, budget)
-    out["ok"] = not any("error" in row for row in out["big_model"]["rows"])
+    out["ok"] = not out["errors"] and not any("error" in row for row in out["big_model"]["rows"])
     return out
 
 
@@ -489,7 +489,8 @@ def _summary(name: str, r: dict) -> str:
         return r.get("error") or r.get("reason") or ""
     if name == "resume":
         return (f"killed by signal {r['killed_signal']} with the step-{r['checkpoint_step_at_kill']} checkpoint on "
-                f"disk; weights, optimiser and scaler identical: {r['weights_identical']}, {r['optimizer_identical']}, "
+                f"disk, steps logged {r['steps_logged']}; weights, optimiser and scaler identical to an uninterrupted "
+                f"run: {r['weights_identical']}, {r['optimizer_identical']}, "
                 f"{r['scaler_identical']} (scale {r['scaler']['scale']:g}, growth tracker "
                 f"{r['scaler']['_growth_tracker']})")
     if name == "distributed":
@@ -499,11 +500,14 @@ def _summary(name: str, r: dict) -> str:
         big = r["big_model"]
         parts = [f"{big['model']} at {big['batch']} images ({big['precision']})"]
         for row in big["rows"]:
-            got = "skipped (time budget)" if "skipped" in row else gib_text(row.get("peak_mem_gib"))
-            parts.append(f"{'with' if row['checkpointing'] else 'without'} checkpointing: measured {got}, "
+            got = ("skipped (time budget)" if "skipped" in row else f"failed ({row['error'][:200]})" if "error" in row
+                   else gib_text(row.get("peak_mem_gib")))
+            parts.append(f"{'with' if row['checkpointing'] else 'without'} checkpointing: peak {got}, "
                          f"estimate {row['estimate_gib']['total']:.1f} GiB")
-        parts.append(f"checkpointing saves {gib_text(r.get('saved_gib'))} on {r['model']} at {r['batch']} images "
-                     f"(step time × {r['step_s_checkpointing'] / r['step_s']:.2f})")
+        if r.get("step_s") and r.get("step_s_checkpointing"):
+            parts.append(f"checkpointing saves {gib_text(r.get('saved_gib'))} on {r['model']} at {r['batch']} "
+                         f"images (step time × {r['step_s_checkpointing'] / r['step_s']:.2f})")
+        parts += [f"failed: {e[:200]}" for e in r.get("errors", [])]
         return "; ".join(parts)
     rates = r["per_worker_images_per_s"]
     need = r.get("workers_needed", {})
