@@ -1,6 +1,6 @@
 """The GPU check: one short run on one GPU that proves parclip's CUDA paths and measures PAR's cost where users run it.
 
-    python benchmarks/gpu_check.py [--out gpu_check.json] [--budget-s 270]   # on a machine with a CUDA GPU
+    python benchmarks/gpu_check.py [--out gpu_check.json] [--budget-s 260]   # on a machine with a CUDA GPU
     python benchmarks/gpu_check.py --dry-run [--out DIR/gpu_check.json]      # the same code on the CPU, tiny models
 
 Sections, in the order they run. Each is recorded in the JSON with its status (ok, check failed, failed with the
@@ -21,11 +21,11 @@ sections before `compile` stop starting `compile_reserve_s` early, so compiling 
                random data: median step time, images/s, peak GPU memory, PAR ÷ fine-tuning step time. PAR's only
                extra work is the frozen copy's forward, about a third of a forward + backward at the same precision
                (ratio ≈ 1.33); less where the frozen copy is cheaper (16-bit weights, inference mode).
-  memory       PAR with --grad-checkpointing: the peak memory saved; the big model (ViT-L-14-336 at the paper's 120
-               images, AMP bf16) with and without it, measured against the README's estimate (:func:`estimate_gib`).
   pipeline     the input pipeline's images/s per worker process with PAR's augmentation at the model's resolution,
                from a caption table of JPEGs and from webdataset shards of them, and the workers one GPU needs to keep
                the fastest PAR step fed (`parclip train --workers`).
+  memory       PAR with --grad-checkpointing: the peak memory saved; the big model (ViT-L-14-336 at the paper's 120
+               images, AMP bf16) with and without it, measured against the README's estimate (:func:`estimate_gib`).
   compile      the `steps` configurations with torch.compile (model and frozen copy), AMP fp16 first, then bf16
                and fp32 while the budget lasts.
 
@@ -97,7 +97,7 @@ class Settings:
 GPU = Settings(device="cuda", model="ViT-B-32-quickgelu", batch=256, warmup=3, steps=20, big_model="ViT-L-14-336",
                big_batch=120, big_precision="amp_bf16", run_model="ViT-S-32", run_batch=32, workers=4,
                pipeline_images=512, compile_backend="inductor",
-               compile_precisions=("amp", "amp_bf16", "fp32"), compile_reserve_s=100)
+               compile_precisions=("amp", "amp_bf16", "fp32"), compile_reserve_s=90)
 DRY = Settings(device="cpu", model="parclip-micro", batch=8, warmup=1, steps=2, big_model="parclip-tiny", big_batch=8,
                big_precision="amp_bf16", run_model="parclip-micro", run_batch=8, workers=1, pipeline_images=32,
                compile_backend="aot_eager", compile_precisions=("amp",), compile_reserve_s=0)
@@ -123,7 +123,7 @@ def estimate_gib(model_name: str, n_params: int, frozen_bytes: int, batch: int, 
     grid = v["image_size"] // v["patch_size"]
     towers = [(v["layers"], grid * grid + 1, v["width"]), (t["layers"], t.get("context_length", 77), t["width"])]
     if checkpointing:
-        layers, s, h = towers[0]
+        _, s, h = towers[0]
         act = sum(n * batch * 2 * s_ * h_ for n, s_, h_ in towers) + 34 * s * h * batch
     else:
         act = sum(n * batch * 34 * s * h for n, s, h in towers)
@@ -132,10 +132,12 @@ def estimate_gib(model_name: str, n_params: int, frozen_bytes: int, batch: int, 
 
 
 def _model_bytes(model_name: str, precision: str) -> tuple[int, int]:
-    """(parameters of `model_name`, bytes of PAR's frozen copy of it at `precision`), built on the CPU."""
+    """(parameters of `model_name`, bytes of PAR's frozen copy of it at `precision`), from shapes alone (built on the
+    meta device: no memory, no initialisation)."""
+    from parclip.models.architectures import build
     from parclip.train import frozen_copy
 
-    model, _ = create_model(model_name)
+    model = build(model_name, device="meta")
     frozen = frozen_copy(model, precision)
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() * p.element_size() for p in frozen.parameters()))
@@ -211,12 +213,18 @@ def _big_model(s: Settings, steps: int, budget) -> dict:
 
 
 def check_pipeline(s: Settings, work: Path) -> dict:
-    """Images/s of one worker process (the loading done in this process) from a caption table and from shards; the
-    workers the fastest PAR step needs are added when every section has run (:func:`feed`)."""
+    """Images/s of one worker process (the loading done in this process, on one thread as in a DataLoader worker)
+    from a caption table and from shards; the workers the fastest PAR step needs are added when every section has
+    run (:func:`feed`)."""
     table = make_images(work / "pipeline", s.pipeline_images)
     table_to_shards(table, work / "pipeline" / "shards", maxcount=64)
     batch = min(64, s.pipeline_images // 4)
-    rates = pipeline_rates(s.model, table, work / "pipeline" / "shards", s.pipeline_images, batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker process
+    try:
+        rates = pipeline_rates(s.model, table, work / "pipeline" / "shards", s.pipeline_images, batch)
+    finally:
+        torch.set_num_threads(threads)
     return {"model": s.model, "images": s.pipeline_images, "source_size": [400, 320], "batch": batch,
             "per_worker_images_per_s": rates, "cpu_count": os.cpu_count()}
 
@@ -552,7 +560,7 @@ def worker(config: Path, group_of_one: bool) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON report (default %(default)s)")
-    ap.add_argument("--budget-s", type=float, default=270.0,
+    ap.add_argument("--budget-s", type=float, default=260.0,
                     help="seconds after which no further section or configuration starts (default %(default)s)")
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU with tiny models")
     ap.add_argument("--work-dir", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
@@ -574,8 +582,8 @@ def main(argv=None) -> int:
         sections = [("resume", early, lambda: check_resume(s, work)),
                     ("distributed", early, lambda: check_distributed(s, work)),
                     ("steps", early, lambda: check_steps(s, None, early)),
-                    ("memory", early, lambda: check_memory(s, early)),
                     ("pipeline", early, lambda: check_pipeline(s, work)),
+                    ("memory", early, lambda: check_memory(s, early)),
                     ("compile", budget, lambda: check_steps(s, s.compile_backend, budget))]
         for name, limit, fn in sections:
             report["wall_s"] = time.perf_counter() - t0
