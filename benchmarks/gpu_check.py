@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -66,7 +65,10 @@ from train_speed import make_images, measure_steps, pipeline_rates  # noqa: E402
 from parclip.config import make_config  # noqa: E402
 from parclip.data.shards import table_to_shards  # noqa: E402
 from parclip.models import create_model, model_config, save_model  # noqa: E402
-from parclip.train import train  # noqa: E402
+from parclip.models.architectures import build  # noqa: E402
+from parclip.protocol.traces import read_trace  # noqa: E402
+from parclip.runs import git_commit  # noqa: E402
+from parclip.train import frozen_copy, train  # noqa: E402
 from parclip.utils.files import write_json  # noqa: E402
 
 PRECISIONS = ("fp32", "amp", "amp_bf16")
@@ -134,9 +136,6 @@ def estimate_gib(model_name: str, n_params: int, frozen_bytes: int, batch: int, 
 def _model_bytes(model_name: str, precision: str) -> tuple[int, int]:
     """(parameters of `model_name`, bytes of PAR's frozen copy of it at `precision`), from shapes alone (built on the
     meta device: no memory, no initialisation)."""
-    from parclip.models.architectures import build
-    from parclip.train import frozen_copy
-
     model = build(model_name, device="meta")
     frozen = frozen_copy(model, precision)
     return (sum(p.numel() for p in model.parameters()),
@@ -233,8 +232,7 @@ def feed(report: dict) -> None:
     """The pipeline section's `par_images_per_s` (the fastest PAR configuration of `steps` and `compile`) and
     `workers_needed` to keep it fed, per source: ⌈PAR images/s ÷ one worker's images/s⌉."""
     pipe = report["sections"].get("pipeline", {})
-    rows = [r for name in ("steps", "compile") for r in report["sections"].get(name, {}).get("rows", [])]
-    rates = [r["images_per_s"] for r in rows if r.get("objective") == "par" and "images_per_s" in r]
+    rates = [r["images_per_s"] for _, r in _step_rows(report) if r.get("objective") == "par" and "images_per_s" in r]
     if pipe.get("status") == "ok" and rates:
         pipe["par_images_per_s"] = max(rates)
         pipe["workers_needed"] = {k: math.ceil(max(rates) / r) for k, r in pipe["per_worker_images_per_s"].items()}
@@ -319,19 +317,23 @@ def check_resume(s: Settings, work: Path) -> dict:
         train(make_config(**cfg))  # the same name: resumes from the killed run's checkpoint
     a = torch.load(straight / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
     b = torch.load(run / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
-    diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
+    diff = _max_diff(a["state_dict"], b["state_dict"])
     same = {part: _equal(a[part], b[part]) for part in ("state_dict", "optimizer", "scaler")}
-    start = load_file(work / START / "open_clip_model.safetensors")
-    moved = max((a["state_dict"][k].float() - start[k].float()).abs().max().item() for k in start)
+    moved = _max_diff(a["state_dict"], load_file(work / START / "open_clip_model.safetensors"))
     # the killed run logged steps 1 and 2 (killed while saving step 2), the resumed one 2, 3, 4: a run that ignored
     # the checkpoint and started again would log 1, 2, 1, 2, 3, 4 and, deterministic, still end identical
-    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    logged = [r["step"] for r in read_trace(run)["steps"]]
     resumed = logged == [1, 2, 2, 3, 4]
     return {"model": s.run_model, "precision": "amp", "steps": a["step"], "killed_signal": -killed.returncode,
             "checkpoint_step_at_kill": at_kill["step"], "steps_logged": logged, "resumed": resumed,
             "moved": moved, "weights_identical": same["state_dict"], "max_weight_diff": diff,
             "optimizer_identical": same["optimizer"], "scaler_identical": same["scaler"], "scaler": b["scaler"],
             "ok": all(same.values()) and resumed and moved > 0 and -killed.returncode == 9 and at_kill["step"] == 1}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between the tensors of two state dicts, over `b`'s keys."""
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
 
 
 def _equal(a, b) -> bool:
@@ -389,13 +391,9 @@ def check_distributed(s: Settings, work: Path) -> dict:
 
 def _compare_runs(a: Path, b: Path, initial: dict) -> dict:
     """Losses per step and final weights of two runs; `moved`: how far the first run's weights went from `initial`."""
-    def losses(run):
-        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
     wa, wb = (load_file(r / "model" / "open_clip_model.safetensors") for r in (a, b))
-    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    moved = max((wa[k] - initial[k]).abs().max().item() for k in wa)
-    la, lb = losses(a), losses(b)
+    diff, moved = _max_diff(wa, wb), _max_diff(wa, initial)
+    la, lb = ([r["loss"] for r in read_trace(run)["steps"]] for run in (a, b))
     loss_diff = max(abs(x - y) for x, y in zip(la, lb)) if la and len(la) == len(lb) else None  # None: step counts
     return {"losses": [la, lb], "max_loss_diff": loss_diff, "max_weight_diff": diff, "moved": moved,
             "ok": loss_diff is not None and loss_diff < 1e-4 and moved > 0 and diff < 1e-3 * moved}
@@ -454,11 +452,7 @@ def environment(s: Settings) -> dict:
                    cudnn=torch.backends.cudnn.version(),
                    nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        env["commit"] = None
+    env["commit"] = git_commit(Path(__file__).resolve().parent)  # {"commit", "dirty"}, or None outside a checkout
     return env
 
 
@@ -480,7 +474,7 @@ def table(report: dict) -> str:
                 lines.append(f"| {name} | {precision} | {ft.get('images_per_s', 0):.0f} | "
                              f"{par.get('images_per_s', 0):.0f} | {'–' if ratio is None else f'{ratio:.2f}'} | "
                              f"{gib(ft.get('peak_mem_gib'))} | {gib(par.get('peak_mem_gib'))} |")
-    rows = [(name, r) for name in ("steps", "compile") for r in sec.get(name, {}).get("rows", [])]
+    rows = _step_rows(report)
     skipped = [f"{name} {r['precision']} {r['objective']}" for name, r in rows if "skipped" in r]
     failed = [f"{name} {r['precision']} {r['objective']} ({r['error'][:200]})" for name, r in rows if "error" in r]
     lines.append("")
@@ -489,6 +483,11 @@ def table(report: dict) -> str:
     for name in ("resume", "distributed", "memory", "pipeline"):
         lines.append(f"- {name}: {sec.get(name, {}).get('status', 'not run')}. {_summary(name, sec.get(name, {}))}")
     return "\n".join(lines)
+
+
+def _step_rows(report: dict) -> list[tuple[str, dict]]:
+    """(section, row) for every configuration of `steps` and `compile`."""
+    return [(name, r) for name in ("steps", "compile") for r in report["sections"].get(name, {}).get("rows", [])]
 
 
 def _summary(name: str, r: dict) -> str:

@@ -38,6 +38,18 @@ from parclip.models import create_model, get_tokenizer, image_size
 from parclip.train import accumulate_step, frozen_copy, param_groups, precision_policy
 
 
+def random_batch(model_name: str, batch: int, device="cpu") -> tuple[torch.nn.Module, dict, torch.Tensor,
+                                                                        torch.Tensor]:
+    """(model with random weights (seed 0), its preprocess config, `batch` random images at its resolution, `batch`
+    tokenised captions), on `device`."""
+    torch.manual_seed(0)
+    model, pp = create_model(model_name, device=device)
+    size = image_size(pp)
+    images = torch.randn(batch, 3, size, size, device=device)
+    texts = get_tokenizer(model_name)([f"a photo of thing {i}" for i in range(batch)]).to(device)
+    return model, pp, images, texts
+
+
 def measure_steps(model_name: str, batch: int, steps: int, objective: str, *, accum: int = 1,
                   checkpointing: bool = False, device: str = "cpu", precision: str = "fp32",
                   compile_backend: str | None = None, warmup: int = 1) -> dict:
@@ -52,8 +64,7 @@ def measure_steps(model_name: str, batch: int, steps: int, objective: str, *, ac
     gc.collect()  # what earlier configurations left in reference cycles must not count here
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    torch.manual_seed(0)
-    model, pp = create_model(model_name, device=dev)
+    model, _, images, texts = random_batch(model_name, batch, dev)
     cfg = make_config(model=model_name, objective=objective, tau=2.0, batch_size=batch // accum, train_data="x",
                       pretrained="x")
     defence = get_defence(cfg)
@@ -68,9 +79,6 @@ def measure_steps(model_name: str, batch: int, steps: int, objective: str, *, ac
     forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     if compile_backend and frozen is not None:
         frozen = torch.compile(frozen, backend=compile_backend)
-    size = image_size(pp)
-    images = torch.randn(batch, 3, size, size, device=dev)
-    texts = get_tokenizer(model_name)([f"a photo of thing {i}" for i in range(batch)]).to(dev)
     n = batch // accum
     micro = [(images[k * n:(k + 1) * n], texts[k * n:(k + 1) * n], torch.full((n,), -1)) for k in range(accum)]
     times = []
@@ -105,11 +113,7 @@ def frozen_forward_times(model_name: str, batch: int, steps: int) -> dict:
     """Median seconds of PAR's frozen forward on `batch` images under bf16 autocast: the copy kept in fp32 weights run
     under ``torch.no_grad`` (autocast casts its weights at every forward), against :func:`parclip.train.frozen_copy`
     at the autocast dtype run under ``torch.inference_mode`` (what the training loop does)."""
-    torch.manual_seed(0)
-    model, pp = create_model(model_name)
-    size = image_size(pp)
-    images = torch.randn(batch, 3, size, size)
-    texts = get_tokenizer(model_name)([f"a photo of thing {i}" for i in range(batch)])
+    model, _, images, texts = random_batch(model_name, batch)
     out = {}
     for name, frozen, mode in (("fp32 weights, no_grad", frozen_copy(model, "fp32"), torch.no_grad),
                                ("bf16 weights, inference_mode", frozen_copy(model, "amp_bf16"), torch.inference_mode)):

@@ -122,7 +122,8 @@ def test_state_equality_is_bit_for_bit_and_run_comparison_sees_a_different_updat
                             ("moved_twice", 2 * torch.ones(4), [1.0, 0.5]), ("short", torch.ones(4), [1.0])):
         (tmp_path / name / "model").mkdir(parents=True)
         save_file({"w": w}, tmp_path / name / "model" / "open_clip_model.safetensors")
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps({"loss": x}) + "\n" for x in losses))
+        (tmp_path / name / "metrics.jsonl").write_text(  # training rows as parclip train writes them
+            "".join(json.dumps({"step": i + 1, "epoch": 0, "loss": x}) + "\n" for i, x in enumerate(losses)))
     assert gpu_check._compare_runs(tmp_path / "a", tmp_path / "same", initial)["ok"]
     assert not gpu_check._compare_runs(tmp_path / "a", tmp_path / "moved_twice", initial)["ok"]
     assert not gpu_check._compare_runs(tmp_path / "a", tmp_path / "short", initial)["ok"]

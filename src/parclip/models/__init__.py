@@ -31,6 +31,6 @@ __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError",
     "NonFiniteWeightsError", "create_model", "model_config", "get_tokenizer", "load_state_dict", "load_weights",
     "save_model",
-    "eval_transform", "image_size", "normalize", "denormalize", "list_model_names", "check_state_dict", "LOCAL_DIR_PREFIX",
-    "CONFIG_FILE", "WEIGHTS_FILE", "weights_sha256",
+    "eval_transform", "image_size", "normalize", "denormalize", "list_model_names", "check_state_dict",
+    "LOCAL_DIR_PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "weights_sha256",
 ]
