@@ -48,7 +48,7 @@ from parclip.runs import RunLock, RunLog, write_run_info
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
 
-__all__ = ["train", "param_groups", "precision_policy", "Precision", "frozen_copy", "accumulate_step",
+__all__ = ["train", "param_groups", "make_optimizer", "precision_policy", "Precision", "frozen_copy", "accumulate_step",
            "NonFiniteError"]
 
 log = logging.getLogger("parclip")
@@ -80,7 +80,7 @@ def _train(cfg: TrainConfig, info: pdist.DistInfo, run_dir: Path) -> None:
     m = _models(cfg, info.device, prec.name)
     data = _data(cfg, info, m)
     plan = _plan(len(data), cfg, info.world_size)
-    optimizer = torch.optim.AdamW(param_groups(m.model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    optimizer = make_optimizer(m.model, cfg)
     step = _resume(cfg.resume, run_dir, info.device, m, optimizer, prec.scaler, plan.total_steps,
                    workers=cfg.workers if data.is_shards else None)
     ddp = DistributedDataParallel(m.model) if info.distributed else m.model
@@ -127,6 +127,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         (decay if p.ndim >= 2 and not any(k in name for k in ("bias", "ln", "bn")) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with the run's lr, (β1, β2), ε and weight decay, using PyTorch's fused kernel
+    (``fused=True``: one pass over every parameter, the same update rule up to float rounding) when every trained
+    parameter is a floating-point tensor on the CPU or a CUDA device, the default implementation otherwise. On a CPU the
+    fused kernel is 5-10x faster than the default per-parameter loop: for the demo's small CLIP, whose 49 408 x 128
+    token embedding is most of its weights, the update was a quarter of the step (benchmarks/demo_profile.py)."""
+    groups = param_groups(model, cfg.wd)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **({"fused": True} if fused else {}))
 
 
 # ------------------------------------------------------------------------------------------- set-up: the phases
