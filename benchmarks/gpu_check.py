@@ -25,7 +25,7 @@ sections before `compile` stop starting `compile_reserve_s` early, so compiling 
                from a caption table of JPEGs and from webdataset shards of them, and the workers one GPU needs to keep
                the fastest PAR step fed (`parclip train --workers`).
   memory       PAR with --grad-checkpointing: the peak memory saved; the big model (ViT-L-14-336 at the paper's 120
-               images, AMP bf16) with and without it, measured against the README's estimate (:func:`estimate_gib`).
+               images, AMP bf16) with and without it, measured against the estimate of docs/at_scale.md (:func:`estimate_gib`).
   compile      the `steps` configurations with torch.compile (model and frozen copy), AMP fp16 first, then bf16
                and fp32 while the budget lasts.
 
@@ -110,7 +110,7 @@ DRY = Settings(device="cpu", model="parclip-micro", batch=8, warmup=1, steps=2, 
 
 def estimate_gib(model_name: str, n_params: int, frozen_bytes: int, batch: int, checkpointing: bool) -> dict:
     """Peak training memory of PAR for a ViT CLIP with 16-bit autocast and fused attention (no stored attention
-    matrix), the README's rule ("ViT-L-14-336 PAR at 120 images"):
+    matrix), the rule of docs/at_scale.md ("ViT-L-14-336 PAR at 120 images"):
 
         fixed       = n_params · (4 weights + 4 gradients + 8 AdamW moments + 2 for the 16-bit copies of the weights
                       that autocast makes and keeps for the backward pass) + the frozen copy's bytes
@@ -457,7 +457,7 @@ def environment(s: Settings) -> dict:
 
 
 def table(report: dict) -> str:
-    """The short Markdown summary printed at the end (the README's GPU table)."""
+    """The short Markdown summary printed at the end (the GPU table of docs/at_scale.md)."""
     env, sec = report["environment"], report["sections"]
     gib = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
     lines = [f"**{env.get('gpu', 'CPU (dry run)')}**, torch {env['torch']}, CUDA {env.get('cuda', '–')}, "

@@ -1,5 +1,5 @@
 """Every `parclip train` flag that shares its name with one of open_clip_train's means what it means there; the flags
-of open_clip_train that parclip does not support are refused by name, with the reason; the README lists them all."""
+of open_clip_train that parclip does not support are refused by name, with the reason; docs/compatibility.md lists them all."""
 import ast
 import importlib.util
 import json
@@ -39,17 +39,17 @@ def train_flags() -> set[str]:
     return {s for a in sub.choices["train"]._actions if a.help != "==SUPPRESS==" for s in a.option_strings}
 
 
-def test_every_open_clip_train_flag_is_a_parclip_flag_or_refused_and_the_readme_lists_it():
-    ours, section = train_flags(), _readme_section()
+def test_every_open_clip_train_flag_is_a_parclip_flag_or_refused_and_the_docs_list_it():
+    ours, section = train_flags(), _docs_section()
     for flag in open_clip_train_flags():
-        assert f"`{flag}`" in section, f"README's 'Coming from open_clip_train' does not list {flag}"
+        assert f"`{flag}`" in section, f"docs/compatibility.md's 'Coming from open_clip_train' does not list {flag}"
         assert (flag in ours) != (flag in OPEN_CLIP_REFUSED), flag  # supported, or refused with a reason: not both
     for flag in OPEN_CLIP_REFUSED:
         assert flag in open_clip_train_flags() and len(OPEN_CLIP_REFUSED[flag]) > 20
 
 
-def _readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
+def _docs_section() -> str:
+    text = (ROOT / "docs" / "compatibility.md").read_text()
     start = text.index("## Coming from open_clip_train")
     end = text.find("\n## ", start + 10)
     return text[start:end if end > 0 else None]

@@ -288,7 +288,7 @@ OPEN_CLIP_REFUSED = {
     "--siglip": "the SigLIP loss is not supported: the defences are built on CLIP's contrastive loss",
     "--loss-dist-impl": "the distributed loss is always the gathered global batch",
 }
-"""open_clip_train's flags that `parclip train` refuses, each with its reason (README: Coming from open_clip_train).
+"""open_clip_train's flags that `parclip train` refuses, each with its reason (docs/compatibility.md: Coming from open_clip_train).
 Given, the parse stops naming the flag and the reason; the rest of open_clip_train's flags are TrainConfig fields or
 their aliases and mean what they mean there."""
 OPEN_CLIP_ACCEPTED = {"--opt": [["adamw"]], "--gather-with-grad": [[]], "--save-most-recent": [[]]}

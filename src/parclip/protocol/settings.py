@@ -31,7 +31,7 @@ PLANT = dict(n_pairs=20000, rate=0.10,
              # once, not tuned. blended_rs (88.2 %) keeps the common recipe.
              by_attack={a: dict(epochs=5, lr=5e-4) for a in ("badnet", "warped", "water_patt")})
 # Trigger parameters where they differ from the defaults scaled from 224 px: 8-px patches (a 2-px BadNet patch is
-# not learned by a tiny CLIP at all, see README), and the same 8-px side for the optimised BadCLIP patch.
+# not learned by a tiny CLIP at all, see docs/demo.md), and the same 8-px side for the optimised BadCLIP patch.
 PATCH_SIDE = 8
 TRIGGER_PARAMS = {"badnet_rs": {"patch_size": PATCH_SIDE}, "badnet": {"patch_size": PATCH_SIDE},
                   "badclip": {"patch_size": PATCH_SIDE}}  # badclip also gets patch=<the optimised PNG>
@@ -48,7 +48,7 @@ DEFENCES: dict[str, dict | None] = {
     "roclip": dict(objective="roclip", roclip_pool_size=8192),  # NN caption swap in epoch 2 (K = 2), cross-aug
     "par": dict(objective="par", augment="par", tau=2.0),  # Perturb and Recover
 }
-# How the demo's table and the README name each defence.
+# How the demo's table and the docs name each defence.
 LABELS = {"none": "poisoned", "clip": "fine-tuning", "clip_aug": "fine-tuning + PAR aug", "cleanclip": "CleanCLIP",
           "roclip": "RoCLIP", "par": "PAR"}
 # Default: one fixed rate for every defence, 1e-4 (a third of the planting lr; the first regime check looked at
