@@ -154,6 +154,28 @@ def test_the_circle_finder_finds_circles():
     assert "parclip.utils.files" in _module_imports(PKG / "train.py", known)  # absolute
 
 
+MAX_CLI_MODULE_LINES = 400
+
+
+def test_each_command_module_of_cli_stands_on_common_alone():
+    """cli/ is one module per command (catalogue.py: the listing commands) over cli/common.py, the arguments and
+    helpers several commands share: a command's module imports no other command's module (nor the package), so that
+    changing `parclip scan` means reading cli/scan.py and common.py; only cli/__init__.py gathers them into the parser,
+    and every module stays short enough to read."""
+    files = sorted(PKG.rglob("*.py"))
+    known = {_module_name(p) for p in files}
+    cli = PKG / "cli"
+    modules = sorted(cli.glob("*.py"))
+    assert {"__init__.py", "__main__.py", "common.py", "scan.py", "train.py"} <= {p.name for p in modules}
+    for path in modules:
+        inside = {m for m in _module_imports(path, known) if m == "parclip.cli" or m.startswith("parclip.cli.")}
+        allowed = {"__init__.py": inside, "__main__.py": {"parclip.cli"}, "common.py": set()}
+        assert inside <= allowed.get(path.name, {"parclip.cli.common"}), f"cli/{path.name} imports {sorted(inside)}"
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        assert n <= MAX_CLI_MODULE_LINES, f"cli/{path.name}: {n} lines; split it"
+    assert "parclip.cli.common" in _module_imports(cli / "scan.py", known)  # the check reads the imports
+
+
 # Calls that write a file; each must write the temporary path of utils.files (replacing / atomic_write), whose
 # name is `tmp` throughout the package, or carry `# not-atomic: <reason>` on its line.
 _WRITERS = {"write_text", "write_bytes", "savefig", "save", "save_file", "copyfile", "copy2", "TarWriter"}
