@@ -217,7 +217,7 @@ EVAL = Command(
     "excludes images of the target class, asr_all counts all (the PAR paper's convention). Triggers use seeded "
     "per-image randomness, so results repeat exactly. clip_benchmark's command line works too: --dataset NAME … "
     "with --dataset_root, several --model / --pretrained (every pair) or --pretrained_model, one clip_benchmark "
-    "record per (model, data set, task) written to --output (README: Coming from clip_benchmark).",
+    "record per (model, data set, task) written to --output (docs/compatibility.md: Coming from clip_benchmark).",
     epilog="examples:\n  parclip eval --model local-dir:runs/par/model --data imagenet/val --attack badnet_rs "
     "--target banana\n  parclip eval --dataset imagenet1k imagenet-a --dataset_root 'data/{dataset}' "
     "--pretrained_model 'ViT-B-32-quickgelu,poisoned.pt' 'ViT-B-32-quickgelu,par.pt' --attack badnet_rs "

@@ -25,7 +25,7 @@ TRAIN = Command(
     "A flag that open_clip_train also has means what it means there (--lr the peak rate, --warmup\n"
     "whole steps, tables tab-separated with columns filepath and title, --val-data image-caption\n"
     "pairs); open_clip_train's flags that parclip does not support are refused with the reason\n"
-    "(README: Coming from open_clip_train).",
+    "(docs/compatibility.md: Coming from open_clip_train).",
     epilog="""examples:
   # PAR on one GPU or CPU
   parclip train --model ViT-B-32-quickgelu --pretrained poisoned.pt --train-data cc3m.csv --name par1
