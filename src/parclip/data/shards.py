@@ -4,9 +4,12 @@ sample), for training, poisoning and evaluation.
 Sources are named as in open_clip: a path, a brace pattern (``cc3m/{00000..00331}.tar``), a folder of ``.tar`` files,
 or several of these joined by ``::``; each shard may also be ``file:PATH``, ``pipe:COMMAND`` (the command writes the
 tar to its standard output) or an ``http(s)://`` URL (brace patterns work there too): every shard is opened with
-webdataset's own opener (:mod:`.shard_io`). A local pattern that matches no file is an error that says so; a remote
-shard is only known when it is read. A shard's size comes from a ``sizes.json`` beside it (fetched from the same place
-for a URL) or, locally, img2dataset's ``*_stats.json``; a ``pipe:`` source has none (pass ``--train-num-samples``).
+webdataset's own opener (:mod:`.shard_io`). Only the spec the user typed is parsed so: the files a folder holds are
+names from data, each one local file whatever it is called (``pipe:x.tar`` in a folder is a file; its absolute path
+is what is opened, :func:`~parclip.data.names.local_source`). A local pattern that matches no file is an error that
+says so; a remote shard is only known when it is read. A shard's size comes from a ``sizes.json`` beside it (fetched
+from the same place for a URL) or, locally, img2dataset's ``*_stats.json``; a ``pipe:`` source has none (pass
+``--train-num-samples``).
 
 **Training stream** (:class:`ShardStream`): every shard is read by one reader. The epoch's shards are shuffled (seeded
 by seed and epoch), dealt to the ranks round-robin, then to the rank's readers: one per DataLoader worker (the calling
@@ -59,6 +62,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from ..utils.files import replacing, write_json, write_text
 from .captions import CAPTION_KEY, IMG_KEY, DataError, logger
 from .labelled import LabelledImages
+from .names import local_source
 from .shard_io import beside, finish, is_remote, local_path, open_shard
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shard", "write_shards",
@@ -88,7 +92,8 @@ def _expand_one(part: str) -> list[str]:
     part = part.strip()
     p = Path(part)
     if "{" not in part and not is_remote(part) and p.is_dir():
-        tars = sorted(str(t) for t in p.glob("*.tar"))
+        # a folder's files are names from data: each is a local file, whatever its name (pipe:…, a::b, {…})
+        tars = [local_source(p, name) for name in sorted(t.name for t in p.glob("*.tar"))]
         if not tars:
             raise DataError(f"{part} is a folder without .tar shards")
         return tars
