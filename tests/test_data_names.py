@@ -17,7 +17,7 @@ from PIL import Image
 
 from parclip.cli import main
 from parclip.data import DataError
-from parclip.data.names import local_source
+from parclip.data.names import local_source, name_part
 from parclip.data.shards import expand_urls, known_sizes, read_shard, shards_to_table, write_shard
 
 PIPE = "pipe:touch SENTINEL;cat good.tar;true .tar"  # the name of the report
@@ -91,6 +91,12 @@ def test_table_paths_may_lie_anywhere_but_are_local_files(tmp_path):
         local_source(tmp_path, {"image": "x"}, anywhere=True)
 
 
+def test_a_name_written_into_a_file_name_is_one_part():
+    assert name_part("a/../../x") == "a_.._.._x" and name_part("..") == "__" and name_part("") == "_"
+    assert name_part("x\0y\\z") == "x_y_z" and len(name_part("é" * 300).encode()) <= 200
+    assert name_part("ViT-B-32") == "ViT-B-32"
+
+
 def test_sizes_json_keys_are_looked_up_never_opened(inside):
     (inside / "sizes.json").write_text(json.dumps({"good.tar": N, "pipe:touch SENTINEL;true .tar": 5, PIPE: N}))
     urls = expand_urls(".")
@@ -129,6 +135,10 @@ def test_data_convert_of_a_table_and_a_folder_reads_scheme_named_images_locally(
     assert sorted(s["png"] for s in read_shard(str(tmp_path / "s" / "00000.tar"))) == sorted(map(_png, range(3)))
     assert (tmp_path / "wds" / "classnames.txt").read_text() == "bag\nshirt\n"
     assert not (work / "SENTINEL").exists()
+    (work / "line\nbreak").mkdir()
+    (work / "line\nbreak" / "b.png").write_bytes(_png(4))
+    assert main(["data", "convert", ".", str(tmp_path / "wds2")]) == 2  # classnames.txt: one name per line
+    assert "holds a line break" in capsys.readouterr().err
 
 
 def test_data_check_reads_table_paths_as_local_files_wherever_the_table_puts_them(tmp_path, monkeypatch, capsys):
@@ -215,3 +225,107 @@ def test_scan_reads_shards_with_command_names_as_files(inside, micro_model_dir, 
                  "--parts", "encoder", "--n-images", str(2 * N), "--n-invert", "8", "--encoder-steps", "1",
                  "--invert-batch-size", "8", "--workers", "0", "--quiet", "--out", str(tmp_path / "s")]) == 0
     assert json.loads((tmp_path / "s" / "scan.json").read_text())["data"] == "."
+
+
+def test_data_synthesize_refuses_generator_folders_that_name_files_or_code(tmp_path, monkeypatch, capsys):
+    """A stored generator's JSON names its weights file, a diffusers folder its classes: neither may name a command,
+    a file elsewhere or Python code to import."""
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "generator.json").write_text(json.dumps({"kind": "pca-gauss", "format_version": 1, "config": {},
+                                                    "weights": "pipe:touch SENTINEL;true", "sha256": "0"}))
+    monkeypatch.chdir(gen)
+    assert main(["data", "synthesize", str(tmp_path / "o"), "--generator", "pca-gauss:.", "--n", "2"]) == 2
+    assert "generator.safetensors missing" in capsys.readouterr().err
+    pytest.importorskip("diffusers")
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "evil.py").write_text("import pathlib\npathlib.Path('SENTINEL').touch()\n")
+    for index in ({"_class_name": ["evil", "Evil"]}, {"_class_name": "StableDiffusionPipeline", "unet": ["evil", "U"]}):
+        (pipe / "model_index.json").write_text(json.dumps(index))
+        monkeypatch.chdir(pipe)
+        assert main(["data", "synthesize", str(tmp_path / "o"), "--generator", "diffusers:.", "--captions",
+                     str(tmp_path / "gen" / "generator.json"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "outside diffusers" in err or "custom pipeline" in err
+    assert not (pipe / "SENTINEL").exists() and not (gen / "SENTINEL").exists()
+
+
+def test_data_synthesize_resumes_only_chunks_its_settings_make(tmp_path, capsys):
+    """The manifest of a run to resume is data: a chunk that is not one of the run's is refused, never a file name
+    or a count taken on trust."""
+    from parclip.synth import Generator, register_generator
+    from parclip.synth.base import _REGISTRY, image_from_array
+
+    class Noise(Generator):
+        kind, conditioning = "names-test-noise", "text"
+
+        @classmethod
+        def load(cls, argument, **options):
+            return cls()
+
+        def generate(self, prompts, seeds):
+            return [image_from_array(np.random.default_rng(s).random((8, 8, 3))) for s in seeds]
+
+        def describe(self):
+            return {"kind": self.kind}
+
+    register_generator(Noise)
+    try:
+        (tmp_path / "captions.txt").write_text("a bag.\na shirt.\na coat.\n")
+        argv = ["data", "synthesize", str(tmp_path / "o"), "--generator", "names-test-noise:x", "--captions",
+                str(tmp_path / "captions.txt"), "--chunk-size", "2", "--shards"]
+        assert main(argv) == 0
+        manifest_path = tmp_path / "o" / "manifest.json"
+        clean = json.loads(manifest_path.read_text())
+        for chunk in ({"chunk": "../../x", "first": 0, "count": 2, "sha256": "0"},
+                      {"chunk": 1, "first": 2, "count": 10 ** 9, "sha256": "0"}):
+            manifest_path.write_text(json.dumps({**clean, "chunks": [chunk]}))
+            assert main(argv) == 2
+            assert "is not one these settings make" in capsys.readouterr().err
+    finally:
+        _REGISTRY.pop("names-test-noise", None)
+
+
+# ----------------------------------------------------------------------------------------- names written into files
+def test_tar_keys_become_one_file_each_inside_the_output(tmp_path):
+    """A key is a name from data: '../../escape' stays inside images/, and keys that meet once their '/' is gone
+    ('a/x', 'a_x') or that come twice in a shard ('k') each keep a file of their own."""
+    keys = ["../../escape", "a/x", "a_x", "k", "j", "k"]
+    write_shard([{"__key__": k, "png": _png(i), "txt": f"caption {i}"} for i, k in enumerate(keys)],
+                tmp_path / "s" / "0.tar")
+    r = shards_to_table(str(tmp_path / "s"), tmp_path / "t")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "t" / "images").iterdir()}
+    assert r["n_samples"] == 6 and sorted(files.values()) == sorted(map(_png, range(6)))
+    assert not list(tmp_path.glob("*escape*")) and not list((tmp_path / "t").glob("*escape*"))
+
+
+def test_clip_benchmark_record_names_stay_in_their_folder(tmp_path):
+    from parclip.evaluation.clip_benchmark import record_path
+
+    path = record_path(str(tmp_path / "out" / "{dataset}" / "{model}.json"), dataset="wds/..", model="m/../x",
+                       pretrained=None, language="en", task="zeroshot_classification")
+    assert path == tmp_path / "out" / "__" / "m_.._x.json"
+    assert record_path("{dataset}_{model}.json", dataset="wds/vtab/cifar10", model="ViT-B-32", pretrained="",
+                       language="en", task="t") == Path("vtab_cifar10_ViT-B-32.json")  # clip_benchmark's names
+
+
+def test_a_poisoning_manifest_beside_the_data_never_crashes_its_readers():
+    from parclip.attacks.poison import poisoned_overlap, poisoning_warnings
+
+    assert poisoning_warnings({"image_size": "x", "trigger": [1], "n_poison": 1}, 32, cleaning=True)[0].startswith(
+        "the training data is a poisoned set")
+    assert "patch" in poisoning_warnings({"image_size": 64, "trigger": {"params": {"patch_size": 16}}}, 32)[0]
+    assert poisoned_overlap({"root": 3, "rows": "x"}, "nothing.csv") == 0
+    assert poisoned_overlap({"root": "/r", "rows": [{"original_path": {"x": 1}}, 7]}, "nothing.csv") == 0
+
+
+def test_a_model_folder_naming_a_hub_image_tower_is_refused_before_any_fetch(tmp_path, micro_model_dir):
+    from parclip.models import create_model
+
+    shutil.copytree(micro_model_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["vision_cfg"] = {"timm_model_name": "hf-hub:someone/tower", "image_size": 32}
+    (tmp_path / "m" / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="offline only"):
+        create_model(f"local-dir:{tmp_path / 'm'}")

@@ -222,13 +222,20 @@ def poisoned_overlap(manifest: dict, table: str | os.PathLike, *, img_key: str =
 def poisoning_warnings(manifest: dict, model_size: int, *, cleaning: bool = False) -> list[str]:
     """What is likely wrong when a model of resolution `model_size` trains (or, `cleaning`, a defence cleans) on the
     data a poisoning `manifest` describes: a resolution mismatch (a patch shrinks or grows with the model's resize;
-    under 2 px it does not survive), or a defence given poisoned pairs as its clean data."""
+    under 2 px it does not survive), or a defence given poisoned pairs as its clean data. The manifest lies beside
+    the data, so it is data: a value of the wrong type is left out of the message, never a crash."""
+    def number(value):
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+    def mapping(value):
+        return value if isinstance(value, dict) else {}
+
     out = []
-    size, trig = int(manifest.get("image_size") or 0), manifest.get("trigger", {})
+    size, trig = number(manifest.get("image_size")), mapping(manifest.get("trigger"))
     if size and size != model_size:
         msg = (f"the data was poisoned at {size} px ({trig.get('name')}) but the model runs at {model_size} px: every "
                f"image is resized by {model_size / size:.3g}")
-        patch = (trig.get("params") or {}).get("patch_size")
+        patch = number(mapping(trig.get("params")).get("patch_size"))
         if patch:
             shrunk = patch * model_size / size
             msg += (f", so the {patch}-px patch becomes {shrunk:.1f} px"

@@ -17,6 +17,9 @@ a class name. Whoever can put a file into a data folder chooses these names, so 
   Karpathy files are read the same way), so there (``anywhere=True``) a relative path is joined to the root and an
   absolute one, or one climbing out with ``..``, is kept: such a path is still only decoded as an image, never run or
   fetched. Symbolic links are followed, as folder listings follow them (:func:`parclip.data.folder.walk_images`).
+* **Writing** (:func:`name_part`): a name from data that becomes part of a file name parclip writes (a tar member's
+  key, a class name, a data set name in ``--output``) is one path component: separators and NUL become ``_``, ``.``
+  and ``..`` are not names, and it is cut to fit a file system's 255-byte limit.
 
 :class:`DataError`, which every data module raises, is defined here, at the bottom of ``data/``, so that every reader
 (tables included) can use the rule.
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DataError", "local_source"]
+__all__ = ["DataError", "local_source", "name_part"]
+
+_MAX_PART = 200  # bytes of UTF-8: room for a prefix and a suffix within a file system's 255-byte file names
 
 
 class DataError(ValueError):
@@ -51,3 +56,12 @@ def local_source(folder: str | os.PathLike, name, *, anywhere: bool = False) -> 
                         f"name it relative to it")
     return path
 
+
+def name_part(text) -> str:
+    """`text`, a string from data, as one component of a file name parclip writes: ``/``, ``\\`` and NUL become
+    ``_``, an empty name or one of dots only (``.``, ``..``) becomes underscores, and it is cut to 200 bytes of
+    UTF-8 (whole characters)."""
+    part = str(text).replace("/", "_").replace("\\", "_").replace("\0", "_")
+    if not part.strip("."):
+        part = "_" * max(1, len(part))
+    return part.encode("utf-8")[:_MAX_PART].decode("utf-8", errors="ignore")

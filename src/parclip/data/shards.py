@@ -62,7 +62,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from ..utils.files import replacing, write_json, write_text
 from .captions import CAPTION_KEY, IMG_KEY, DataError, logger
 from .labelled import LabelledImages
-from .names import local_source
+from .names import local_source, name_part
 from .shard_io import beside, finish, is_remote, local_path, open_shard
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shard", "write_shards",
@@ -621,14 +621,16 @@ def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img
 
 
 def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str = "txt") -> dict:
-    """Shards as a caption table: every image extracted to ``out_dir/images/KEY.<ext>`` (bytes unchanged) and
-    ``out_dir/captions.csv`` (the default table layout: tab-separated, filepath and title). Bad samples (no image, no caption, a truncated shard) are counted and
-    left out. Returns {"table", "n_samples", "bad"}."""
+    """Shards as a caption table: every image extracted to ``out_dir/images/SSSSS_KEY.<ext>`` (``SSSSS`` the shard's
+    number; bytes unchanged) and ``out_dir/captions.csv`` (the default table layout: tab-separated, filepath and
+    title). A key is a name from data: it is one file name part (:func:`~parclip.data.names.name_part`: ``a/../x``
+    becomes ``a_.._x``), and a key met twice gets ``~1``, ``~2`` … so no image overwrites another. Bad samples (no
+    image, no caption, a truncated shard) are counted and left out. Returns {"table", "n_samples", "bad"}."""
     from .captions import write_table
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows, bad = [], []
+    rows, bad, written = [], [], set()
     for s_i, url in enumerate(expand_urls(spec)):
         for sample in read_shard(url):
             if "__error__" in sample:
@@ -643,7 +645,11 @@ def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str =
             if ext is None:
                 bad.append(f"{url}: sample {sample['__key__']!r} has no image")
                 continue
-            name = f"images/{s_i:05d}_{Path(sample['__key__']).name}.{ext}"
+            stem = f"images/{s_i:05d}_{name_part(sample['__key__'])}"  # a key is a name from data
+            name, again = f"{stem}.{ext}", 1
+            while name in written:  # a key twice in a shard, or two that differ in a '/' only: one file each
+                name, again = f"{stem}~{again}.{ext}", again + 1
+            written.add(name)
             with replacing(out / name) as tmp:
                 Path(tmp).write_bytes(sample[ext])
             rows.append({IMG_KEY: name, CAPTION_KEY: caption})
@@ -662,6 +668,10 @@ def folder_to_shards(folder: str | os.PathLike, out_dir: str | os.PathLike, *, m
     from .folder import LabelledFolder
 
     src = LabelledFolder(folder)
+    broken = [c for c in src.classnames if c.splitlines() != [c]]  # a folder name is a name from data
+    if broken:
+        raise DataError(f"class {broken[0]!r} of {folder} holds a line break, but classnames.txt holds one name per "
+                        f"line (every later class would be read with the wrong name); rename that class folder")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "classnames.txt", "".join(f"{c}\n" for c in src.classnames))
