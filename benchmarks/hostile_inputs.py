@@ -1393,7 +1393,11 @@ def markdown(rows: list[Row], counts: Counter) -> str:
     return "\n".join(lines)
 
 
-def document(table: str, rows: list[Row]) -> str:
+KEPT = "<!-- hand-written below:"  # the page from this line on is written by hand and kept when regenerating
+
+
+def document(table: str, rows: list[Row], kept: str = "") -> str:
+    """The page: the generated table (and the FAIL rows by cause), then `kept`, the hand-written part of the page."""
     head = __doc__.split("\n\n")[0].replace("\n", " ")
     fails = [r for r in rows if r.outcome.startswith("FAIL")]
     out = ["# Hostile inputs", "", head, "",
@@ -1411,7 +1415,7 @@ def document(table: str, rows: list[Row]) -> str:
             out.append(f"* **{cause}** ({len(members)} row{'s' if len(members) > 1 else ''}): "
                        + "; ".join(f"{r.input} / `{r.entry}`" for r in members))
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out) + (f"\n{kept}" if kept else "")
 
 
 def _versions() -> str:
@@ -1488,7 +1492,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {r.input} / {r.entry}: {_cell(r.said, 160)}")
     if not args.no_write:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(document(table, sw.rows))
+        old = Path(args.out).read_text() if Path(args.out).is_file() else ""
+        Path(args.out).write_text(document(table, sw.rows, old[old.find(KEPT):] if KEPT in old else ""))
         print(f"\nwritten: {args.out}")
     for err in sw.harness_errors:
         print(f"\nHARNESS ERROR (the script, not parclip): {err}", file=sys.stderr)

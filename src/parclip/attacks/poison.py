@@ -40,6 +40,7 @@ from PIL import Image
 from .. import __version__
 from ..data import DataError, fill, get_templates, open_rgb, read_table, write_table
 from ..data.captions import CAPTION_KEY, IMG_KEY
+from ..data.names import local_source
 from ..data.targets import mentions, target_pattern
 from ..utils.checks import check_fraction, check_int
 from ..utils.files import atomic_write, write_json
@@ -198,9 +199,16 @@ def trained_on(model: str | None) -> str | None:
 def poisoned_overlap(manifest: dict, table: str | os.PathLike, *, img_key: str = IMG_KEY, sep: str | None = None,
                      root: str | os.PathLike | None = None) -> int:
     """How many rows of a caption table show an image the `manifest`'s poisoning triggered (by resolved path)."""
-    base = Path(manifest.get("root") or ".")
-    poisoned = {os.path.normpath(str(base / r["original_path"])) for r in manifest.get("rows", [])
-                if r.get("original_path")}
+    def resolved(folder, raw) -> str | None:
+        try:
+            return local_source(folder, raw.strip() if isinstance(raw, str) else raw, anywhere=True)
+        except DataError:  # an empty path, or a manifest's entry that is no path
+            return None
+
+    base, listed = manifest.get("root") or ".", manifest.get("rows")
+    if not isinstance(base, str) or not isinstance(listed, list):
+        return 0
+    poisoned = {resolved(base, r.get("original_path")) for r in listed if isinstance(r, dict)} - {None}
     if not poisoned:
         return 0
     try:
@@ -208,19 +216,26 @@ def poisoned_overlap(manifest: dict, table: str | os.PathLike, *, img_key: str =
     except DataError:
         return 0
     folder = Path(root) if root is not None else Path(table).parent
-    return sum(os.path.normpath(str(folder / (r.get(img_key) or "").strip())) in poisoned for r in rows)
+    return sum(resolved(folder, r.get(img_key) or "") in poisoned for r in rows)
 
 
 def poisoning_warnings(manifest: dict, model_size: int, *, cleaning: bool = False) -> list[str]:
     """What is likely wrong when a model of resolution `model_size` trains (or, `cleaning`, a defence cleans) on the
     data a poisoning `manifest` describes: a resolution mismatch (a patch shrinks or grows with the model's resize;
-    under 2 px it does not survive), or a defence given poisoned pairs as its clean data."""
+    under 2 px it does not survive), or a defence given poisoned pairs as its clean data. The manifest lies beside
+    the data, so it is data: a value of the wrong type is left out of the message, never a crash."""
+    def number(value):
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+    def mapping(value):
+        return value if isinstance(value, dict) else {}
+
     out = []
-    size, trig = int(manifest.get("image_size") or 0), manifest.get("trigger", {})
+    size, trig = number(manifest.get("image_size")), mapping(manifest.get("trigger"))
     if size and size != model_size:
         msg = (f"the data was poisoned at {size} px ({trig.get('name')}) but the model runs at {model_size} px: every "
                f"image is resized by {model_size / size:.3g}")
-        patch = (trig.get("params") or {}).get("patch_size")
+        patch = number(mapping(trig.get("params")).get("patch_size"))
         if patch:
             shrunk = patch * model_size / size
             msg += (f", so the {patch}-px patch becomes {shrunk:.1f} px"
@@ -388,11 +403,11 @@ def _write_images(job: _Job, order: Sequence[int]) -> tuple[dict[int, str], list
 
 
 def _open_image(raw: str, base: Path) -> Image.Image:
-    """The row's image as RGB (a relative path is joined to ``base``); DataError when empty, missing or unreadable."""
+    """The row's image as RGB (a table's path: joined to ``base`` when relative, a local file whatever its name,
+    :func:`~parclip.data.names.local_source`); DataError when empty, missing or unreadable."""
     if not raw:
         raise DataError("empty image path")
-    p = Path(raw).expanduser()
-    return open_rgb(p if p.is_absolute() else base / p)
+    return open_rgb(local_source(base, raw, anywhere=True))
 
 
 def _check_bad_fraction(job: _Job, bad: list[dict], n_done: int) -> None:
@@ -450,8 +465,7 @@ def _rewrite_table(job: _Job, done: dict[int, str], rng: random.Random) -> list[
 def _clean_path(raw: str, base: Path, out_dir: Path) -> str:
     """A clean row's image path as seen from ``out_dir``: relative when the file lies inside it, else absolute
     (POSIX separators for relative paths)."""
-    p = Path(raw).expanduser()
-    path = p if p.is_absolute() else Path(os.path.normpath(base / p))
+    path = Path(local_source(base, raw, anywhere=True))
     try:
         return path.relative_to(out_dir).as_posix()
     except ValueError:

@@ -170,9 +170,7 @@ def _locate_wds(name: str, root: Path, split: str) -> BenchmarkSet:
                         f"Make it with `parclip data convert LABELLED_FOLDER {root}` or "
                         f"`clip_benchmark_export_wds --dataset NAME --output {root}`, or download a published copy "
                         f"(e.g. https://huggingface.co/clip-benchmark/wds_{short_name(name).replace('/', '-')})")
-    nshards = folder / "nshards.txt"
-    spec = (str(folder / f"{{0..{int(nshards.read_text().strip()) - 1}}}.tar") if nshards.is_file()
-            else "::".join(map(str, tars)))
+    spec = _wds_spec(folder, len(tars))
     kind = (root / "dataset_type.txt").read_text().strip().lower() if (root / "dataset_type.txt").is_file() else ""
     if kind == "retrieval":
         return BenchmarkSet(name, RETRIEVAL, spec, "shards")
@@ -185,6 +183,27 @@ def _locate_wds(name: str, root: Path, split: str) -> BenchmarkSet:
         return [t.strip() for t in p.read_text(encoding="utf-8").splitlines() if t.strip()] if p.is_file() else None
     return BenchmarkSet(name, CLASSIFICATION, spec, "shards", templates=lines("zeroshot_classification_templates.txt"),
                         classnames=lines("classnames.txt"))
+
+
+def _wds_spec(folder: Path, n_tars: int) -> str:
+    """The shard source of a ``wds/`` split folder: the folder itself (its files are listed as local files, whatever
+    their names: :func:`~parclip.data.names.local_source`; never joined into a spec that is parsed again), or, with an
+    ``nshards.txt``, ``0.tar`` … ``N-1.tar`` in that order, where N must be a whole number from 1 to the number of
+    ``.tar`` files there."""
+    from .shard_io import is_remote
+
+    if "::" in str(folder) or "{" in str(folder) or is_remote(str(folder)):
+        raise DataError(f"the shard folder {folder} would be read as a source list, pattern, command or URL (it holds "
+                        f"'::', '{{' or a scheme, from --dataset_root or the data set name); rename or move it")
+    nshards = folder / "nshards.txt"
+    if not nshards.is_file():
+        return str(folder)
+    text = nshards.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.isdecimal() or not 1 <= int(text) <= n_tars:
+        raise DataError(f"{nshards} says {text[:40]!r}, but it must hold the number of shards 0.tar … N-1.tar, a "
+                        f"whole number from 1 to the {n_tars} .tar files in {folder}; fix it or remove it (the "
+                        f"folder's .tar files are then read in name order)")
+    return str(folder / f"{{0..{int(text) - 1}}}.tar")
 
 
 def _locate_captions(name: str, root: Path, split: str, annotation_file: str | None) -> BenchmarkSet:

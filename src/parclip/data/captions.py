@@ -1,7 +1,9 @@
 """Image-caption tables (CSV/TSV) as open_clip users know them, with bad-row accounting.
 
 A table has a header row; one column holds image paths (``img_key``), another the caption (``caption_key``). Relative
-image paths are joined to ``root`` (default: the table's own folder); absolute paths are used as-is. The default layout
+image paths are joined to ``root`` (default: the table's own folder); absolute paths are used as-is (and ``..`` may
+climb out of the root): a table lists the files to read. Every path names a local file, read as an image, never a
+command or a URL, whatever it looks like (``pipe:…``, ``http:…``; :mod:`parclip.data.names`). The default layout
 is open_clip_train's: tab-separated (whatever the file's suffix, .csv too), columns ``filepath`` and ``title``; every
 table parclip writes has it. A table in parclip's old layout (comma-separated, columns ``image`` and ``caption``) read
 with the defaults is a DataError that says what changed and which flags read it.
@@ -31,6 +33,7 @@ from PIL import Image
 from ..utils.checks import check_fraction
 from ..utils.files import atomic_open
 from ..utils.progress import progress_bar
+from .names import DataError, local_source
 
 __all__ = ["DataError", "BadRows", "CaptionDataset", "read_table", "read_table_lines", "check_row", "write_table",
            "open_rgb", "IMG_KEY", "CAPTION_KEY", "SEPARATOR"]
@@ -48,11 +51,8 @@ TOKEN_CACHE_SIZE = 16384
 EMPTY_PATH = "empty image path"
 EMPTY_CAPTION = "empty caption"
 MISSING_FILE = "missing image file"
+BAD_PATH = "not a file name"
 UNREADABLE = "unreadable image"
-
-
-class DataError(ValueError):
-    """A problem with the user's data (table, images, folder, templates), with a message that says how to fix it."""
 
 
 def _sep_name(sep: str) -> str:
@@ -277,14 +277,20 @@ class BadRows:
 def check_row(row: dict[str, str], line: int, img_key: str, caption_key: str, root_abs: str,
               bad: BadRows) -> tuple[str, str | None, str]:
     """One table row's checks, shared by every reader of caption tables: ``(rel, full path, caption)``, where the
-    path is ``root_abs/rel`` (``rel`` itself when absolute), normalised; ``full`` is None, and the reason is added
-    to `bad`, when the path or the caption is empty or the file is missing. ``bad.examined`` is the caller's."""
+    path is ``root_abs/rel`` (``rel`` itself when absolute), normalised (:func:`~parclip.data.names.local_source`: a
+    table's path names a local file, whatever it looks like, and may lie anywhere); ``full`` is None, and the reason
+    is added to `bad`, when the path or the caption is empty, the path is no file name (a NUL) or the file is
+    missing. ``bad.examined`` is the caller's."""
     rel = (row.get(img_key) or "").strip()
     caption = row.get(caption_key) or ""
     if not rel:
         bad.add(line, rel, EMPTY_PATH)
         return rel, None, caption
-    full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(root_abs, rel))
+    try:
+        full = local_source(root_abs, rel, anywhere=True)
+    except DataError as e:
+        bad.add(line, rel, BAD_PATH, str(e))
+        return rel, None, caption
     if not caption.strip():
         bad.add(line, rel, EMPTY_CAPTION)
         return rel, None, caption

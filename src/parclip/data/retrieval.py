@@ -4,9 +4,12 @@ Two layouts are read into one :class:`RetrievalSet` (image paths, captions, and 
 
 * a **Karpathy-style JSON** (BLIP's ``coco_karpathy_test.json``, ``flickr30k_test.json``): a list of
   ``{"image": "val2014/COCO_val2014_….jpg", "caption": ["…", "…", …]}`` (``"captions"`` and a single string are
-  accepted too); image paths are relative to ``root`` (default: the JSON's folder);
+  accepted too); image paths are relative to ``root`` (default: the JSON's folder), or absolute;
 * a **caption table** (CSV/TSV, as for training) with one row per (image, caption): rows with the same image path
   are one image with several captions, in order of first appearance.
+
+Every image path names a local file, decoded as an image, whatever it looks like (``pipe:…``, ``http:…``); one that is
+not a non-empty string is a DataError (:func:`~parclip.data.names.local_source`).
 
 Captions are cleaned as the reference's COCO evaluation does (``clean=True``; docs/reference_differences.md#retrieval):
 lower-case; each of ``. ! " ( ) * # : ; ~`` becomes a space; runs of white space collapse to one; stripped; the first
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .captions import CAPTION_KEY, IMG_KEY, DataError, open_rgb, read_table
+from .names import local_source
 
 __all__ = ["RetrievalSet", "read_retrieval", "group_pairs", "pre_caption"]
 
@@ -57,8 +61,8 @@ class RetrievalSet:
 
 def group_pairs(pairs, root: Path, clean: bool, source: str) -> RetrievalSet:
     """(image path, caption) pairs as a :class:`RetrievalSet`: pairs sharing an image path are one image with several
-    captions (in order of first appearance); relative paths under `root`; captions cleaned (:func:`pre_caption`) when
-    `clean`, else stripped; empty ones counted and left out."""
+    captions (in order of first appearance); relative paths under `root`, made absolute; captions cleaned
+    (:func:`pre_caption`) when `clean`, else stripped; empty ones counted and left out."""
     index: dict[str, int] = {}
     images, captions, owner, empty = [], [], [], 0
     for image, caption in pairs:
@@ -66,10 +70,13 @@ def group_pairs(pairs, root: Path, clean: bool, source: str) -> RetrievalSet:
         if not caption:
             empty += 1
             continue
-        if image not in index:
+        if not isinstance(image, str) or image not in index:
+            try:  # a path of an annotation file: a local image, relative to root or absolute, whatever its name
+                path = Path(local_source(root, image, anywhere=True))
+            except DataError as e:
+                raise DataError(f"{source}: {e}") from None
             index[image] = len(images)
-            p = Path(image)
-            images.append(p if p.is_absolute() else root / p)
+            images.append(path)
         captions.append(caption)
         owner.append(index[image])
     if not images:

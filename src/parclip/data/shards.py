@@ -4,9 +4,12 @@ sample), for training, poisoning and evaluation.
 Sources are named as in open_clip: a path, a brace pattern (``cc3m/{00000..00331}.tar``), a folder of ``.tar`` files,
 or several of these joined by ``::``; each shard may also be ``file:PATH``, ``pipe:COMMAND`` (the command writes the
 tar to its standard output) or an ``http(s)://`` URL (brace patterns work there too): every shard is opened with
-webdataset's own opener (:mod:`.shard_io`). A local pattern that matches no file is an error that says so; a remote
-shard is only known when it is read. A shard's size comes from a ``sizes.json`` beside it (fetched from the same place
-for a URL) or, locally, img2dataset's ``*_stats.json``; a ``pipe:`` source has none (pass ``--train-num-samples``).
+webdataset's own opener (:mod:`.shard_io`). Only the spec the user typed is parsed so: the files a folder holds are
+names from data, each one local file whatever it is called (``pipe:x.tar`` in a folder is a file; its absolute path
+is what is opened, :func:`~parclip.data.names.local_source`). A local pattern that matches no file is an error that
+says so; a remote shard is only known when it is read. A shard's size comes from a ``sizes.json`` beside it (fetched
+from the same place for a URL) or, locally, img2dataset's ``*_stats.json``; a ``pipe:`` source has none (pass
+``--train-num-samples``).
 
 **Training stream** (:class:`ShardStream`): every shard is read by one reader. The epoch's shards are shuffled (seeded
 by seed and epoch), dealt to the ranks round-robin, then to the rank's readers: one per DataLoader worker (the calling
@@ -59,6 +62,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from ..utils.files import replacing, write_json, write_text
 from .captions import CAPTION_KEY, IMG_KEY, DataError, logger
 from .labelled import LabelledImages
+from .names import local_source, name_part
 from .shard_io import beside, finish, is_remote, local_path, open_shard
 
 __all__ = ["is_shard_spec", "expand_urls", "shard_sizes", "known_sizes", "read_shard", "write_shard", "write_shards",
@@ -88,7 +92,8 @@ def _expand_one(part: str) -> list[str]:
     part = part.strip()
     p = Path(part)
     if "{" not in part and not is_remote(part) and p.is_dir():
-        tars = sorted(str(t) for t in p.glob("*.tar"))
+        # a folder's files are names from data: each is a local file, whatever its name (pipe:…, a::b, {…})
+        tars = [local_source(p, name) for name in sorted(t.name for t in p.glob("*.tar"))]
         if not tars:
             raise DataError(f"{part} is a folder without .tar shards")
         return tars
@@ -616,14 +621,16 @@ def table_to_shards(table: str | os.PathLike, out_dir: str | os.PathLike, *, img
 
 
 def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str = "txt") -> dict:
-    """Shards as a caption table: every image extracted to ``out_dir/images/KEY.<ext>`` (bytes unchanged) and
-    ``out_dir/captions.csv`` (the default table layout: tab-separated, filepath and title). Bad samples (no image, no caption, a truncated shard) are counted and
-    left out. Returns {"table", "n_samples", "bad"}."""
+    """Shards as a caption table: every image extracted to ``out_dir/images/SSSSS_KEY.<ext>`` (``SSSSS`` the shard's
+    number; bytes unchanged) and ``out_dir/captions.csv`` (the default table layout: tab-separated, filepath and
+    title). A key is a name from data: it is one file name part (:func:`~parclip.data.names.name_part`: ``a/../x``
+    becomes ``a_.._x``), and a key met twice gets ``~1``, ``~2`` … so no image overwrites another. Bad samples (no
+    image, no caption, a truncated shard) are counted and left out. Returns {"table", "n_samples", "bad"}."""
     from .captions import write_table
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows, bad = [], []
+    rows, bad, written = [], [], set()
     for s_i, url in enumerate(expand_urls(spec)):
         for sample in read_shard(url):
             if "__error__" in sample:
@@ -638,7 +645,11 @@ def shards_to_table(spec: str, out_dir: str | os.PathLike, *, caption_key: str =
             if ext is None:
                 bad.append(f"{url}: sample {sample['__key__']!r} has no image")
                 continue
-            name = f"images/{s_i:05d}_{Path(sample['__key__']).name}.{ext}"
+            stem = f"images/{s_i:05d}_{name_part(sample['__key__'])}"  # a key is a name from data
+            name, again = f"{stem}.{ext}", 1
+            while name in written:  # a key twice in a shard, or two that differ in a '/' only: one file each
+                name, again = f"{stem}~{again}.{ext}", again + 1
+            written.add(name)
             with replacing(out / name) as tmp:
                 Path(tmp).write_bytes(sample[ext])
             rows.append({IMG_KEY: name, CAPTION_KEY: caption})
@@ -657,6 +668,10 @@ def folder_to_shards(folder: str | os.PathLike, out_dir: str | os.PathLike, *, m
     from .folder import LabelledFolder
 
     src = LabelledFolder(folder)
+    broken = [c for c in src.classnames if c.splitlines() != [c]]  # a folder name is a name from data
+    if broken:
+        raise DataError(f"class {broken[0]!r} of {folder} holds a line break, but classnames.txt holds one name per "
+                        f"line (every later class would be read with the wrong name); rename that class folder")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "classnames.txt", "".join(f"{c}\n" for c in src.classnames))

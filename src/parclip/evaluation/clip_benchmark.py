@@ -22,7 +22,9 @@ included), ``model``, ``pretrained``, ``task``, ``metrics``, ``language``.
 **File names** (:func:`record_path`): clip_benchmark's ``--output`` template with ``{dataset}``, ``{model}``,
 ``{pretrained}``, ``{pretrained_full_path}``, ``{language}`` and ``{task}`` filled literally as it fills them (a
 checkpoint file by its base name), except that ``/`` in a model name becomes ``_`` so that ``local-dir:runs/x/model``
-stays one file name.
+stays one file name. The data set and model names are one file name part each
+(:func:`~parclip.data.names.name_part`: ``/`` becomes ``_`` as clip_benchmark does, and a name of dots, such as
+``wds/..`` from a ``--dataset`` list file, cannot climb out of the output folder).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from parclip.data import DataError
 from parclip.data.benchmark import CLASSIFICATION, RETRIEVAL, keyed_json_value, short_name
+from parclip.data.names import name_part
 
 __all__ = ["to_clip_benchmark", "record_path", "model_pairs", "prompts_for", "DEFAULT_OUTPUT", "PLACEHOLDERS"]
 
@@ -117,7 +120,7 @@ def record_path(template: str, *, dataset: str, model: str, pretrained: str | No
     placeholder it does not know."""
     pretrained = pretrained or ""
     is_file = bool(pretrained) and os.path.isfile(pretrained)
-    values = {"dataset": short_name(dataset).replace("/", "_"), "model": model.replace("/", "_"),
+    values = {"dataset": name_part(short_name(dataset)), "model": name_part(model),
               "pretrained": os.path.basename(pretrained) if is_file else pretrained,
               "pretrained_full_path": pretrained.replace("/", "_") if is_file else pretrained,
               "language": language, "task": task}

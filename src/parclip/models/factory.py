@@ -67,10 +67,17 @@ def model_config(name: str) -> dict:
 
 
 def _refuse_networked_cfg(name: str, cfg: dict) -> None:
-    text_cfg = cfg.get("text_cfg", {})
+    """A config (a local-dir folder's is data) that would make open_clip fetch while building is refused: a Hugging
+    Face text tower, or a timm image tower named from a hub (``hf-hub:org/repo``, whose config timm downloads even
+    without weights)."""
+    text_cfg, vision_cfg = cfg.get("text_cfg", {}), cfg.get("vision_cfg", {})
     if text_cfg.get("hf_model_name"):
         raise ValueError(f"architecture {name!r} uses the Hugging Face text tower {text_cfg['hf_model_name']!r}, which "
                          f"open_clip fetches from the network to build; parclip builds models offline only.")
+    timm_name = vision_cfg.get("timm_model_name") if isinstance(vision_cfg, dict) else None
+    if timm_name is not None and (not isinstance(timm_name, str) or ":" in timm_name):
+        raise ValueError(f"architecture {name!r} names the timm image tower {timm_name!r}, which timm fetches from a "
+                         f"hub to build; parclip builds models offline only (a timm architecture name, no 'hf-hub:').")
 
 
 def _refuse_networked_tokenizer(name: str, cfg: dict) -> None:

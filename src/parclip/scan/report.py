@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from parclip.data.names import name_part
 from parclip.utils.files import atomic_write, write_json, write_text
 
 __all__ = ["write_scan", "summary_table", "trigger_strip"]
@@ -81,7 +82,7 @@ def write_scan(out: str | Path, result: dict, artefacts, *, model: str = "") -> 
     (out / "triggers").mkdir(parents=True, exist_ok=True)
     for name, inv in artefacts.inversions.items():
         strip = trigger_strip(inv, artefacts.images)
-        atomic_write(out / "triggers" / f"{name.replace(' ', '_').replace('/', '_')}.png",
+        atomic_write(out / "triggers" / f"{name_part(name.replace(' ', '_'))}.png",  # a class name is data
                      lambda tmp, s=strip: s.save(tmp, format="PNG"))
     write_text(out / "scan.md", summary_table(result, model))
     return write_json(out / "scan.json", result)

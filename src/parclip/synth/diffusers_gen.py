@@ -2,9 +2,10 @@
 
 ``diffusers:PATH`` loads the pipeline saved in the local folder ``PATH`` (``DiffusionPipeline.from_pretrained(PATH,
 local_files_only=True)``: a folder with ``model_index.json``, e.g. Stable Diffusion, SD-Turbo, PixArt, saved with
-``save_pretrained`` or downloaded with ``huggingface-cli download``); nothing is fetched. It is text-conditional: the
-caption is the prompt. diffusers (and transformers, which its text encoders need) is an optional dependency:
-``pip install parclip[synth]``.
+``save_pretrained`` or downloaded with ``huggingface-cli download``); nothing is fetched, and a folder whose
+``model_index.json`` names code from outside diffusers and transformers (a custom pipeline) is refused, never
+imported. It is text-conditional: the caption is the prompt. diffusers (and transformers, which its text encoders
+need) is an optional dependency: ``pip install parclip[synth]``.
 
 Options (``load_generator("diffusers:PATH", **options)``; on the command line ``--generator-option KEY=VALUE``, and
 ``--device``): ``device`` (``auto``: cuda when there is one, else cpu), ``dtype`` (``auto``: float16 on cuda, float32
@@ -56,6 +57,39 @@ def folder_sha256(folder: str | os.PathLike) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
+
+
+def _refuse_custom_code(folder: Path, diffusers) -> None:
+    """A pipeline folder is data: its ``model_index.json`` may only name diffusers' and transformers' own classes
+    (a component as ``[library, class]`` with library ``diffusers``, ``transformers``, one of diffusers' pipeline
+    modules such as ``stable_diffusion``, or none). A custom pipeline (``_class_name`` as ``[module, class]``:
+    diffusers would import ``module.py`` from the folder) or a component of another library (older diffusers import
+    it by name, from the working folder too) is a DataError before diffusers reads the folder, whatever the installed
+    diffusers would do."""
+    import json
+
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{index_file} is not readable JSON ({e})") from e
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        found = index.get("_class_name") if isinstance(index, dict) else index
+        raise DataError(f"{index_file}: _class_name {found!r} is not one of diffusers' pipeline classes (a custom "
+                        f"pipeline: loading it would run Python code from the folder); parclip loads pipelines made "
+                        f"of diffusers' and transformers' own classes only")
+
+    def own(library) -> bool:
+        return library in (None, "diffusers", "transformers") or (
+            isinstance(library, str) and library.isidentifier() and hasattr(diffusers.pipelines, library))
+
+    foreign = [f"{key}: {value}" for key, value in index.items() if not key.startswith("_")
+               and isinstance(value, (list, tuple)) and (not value or not own(value[0]))]
+    if foreign:
+        raise DataError(f"{index_file} names components from outside diffusers and transformers ({'; '.join(foreign)})"
+                        f", which loading would import and run; parclip loads pipelines made of diffusers' and "
+                        f"transformers' own classes only. Load a pipeline you trust with diffusers yourself and save "
+                        f"it with save_pretrained")
 
 
 def _int_option(options: dict, key: str) -> int | None:
@@ -111,6 +145,7 @@ class DiffusersGenerator(Generator):
                             f"save one with pipeline.save_pretrained(PATH) or download it with "
                             f"`huggingface-cli download REPO --local-dir PATH`")
         diffusers = _diffusers()
+        _refuse_custom_code(path, diffusers)
         device = settings["device"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -96,6 +96,27 @@ def differences(old: dict, new: dict) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
+def _check_chunks(path: Path, manifest: dict, settings: dict) -> None:
+    """The committed chunks of a manifest to resume are the ones these settings make: chunk ``k`` starts at image
+    ``k × chunk_size`` and holds ``min(chunk_size, n - first)`` images, each chunk once. The manifest is data (the
+    chunks name the files kept and the sizes written): anything else is a DataError, never a file name or a count
+    taken on trust."""
+    n, size = settings["n_images"], settings["chunk_size"]
+    chunks = manifest.get("chunks")
+    seen = set()
+    for c in chunks if isinstance(chunks, list) else [None]:
+        k = c.get("chunk") if isinstance(c, dict) else None
+        ok = (type(k) is int and 0 <= k * size < n and k not in seen and c.get("first") == k * size
+              and c.get("count") == min(size, n - k * size) and isinstance(c.get("sha256"), str))
+        if not ok:
+            raise DataError(f"{path}: the committed chunk {_short(c)} is not one these settings make ({n} images in "
+                            f"chunks of {size}); the manifest was changed or is corrupt: write into another folder")
+        seen.add(k)
+    if not isinstance(manifest.get("complete"), bool):
+        raise DataError(f"{path}: 'complete' is not true or false; the manifest was changed or is corrupt: write into "
+                        f"another folder")
+
+
 def _open_manifest(out: Path, settings: dict, paths: dict) -> dict:
     """The manifest of a run in ``out``: the one there (same settings), or a new one for an empty folder."""
     path = out / MANIFEST
@@ -104,13 +125,15 @@ def _open_manifest(out: Path, settings: dict, paths: dict) -> dict:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, OSError) as e:
             raise DataError(f"{path} is not a readable synthesis manifest ({e}); use another output folder") from e
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+                or not isinstance(manifest.get("settings"), dict):
             raise DataError(f"{path} is not a synthesis manifest ({FORMAT}); use another output folder")
         diff = differences(manifest["settings"], json.loads(json.dumps(settings)))
         if diff:
             raise DataError(f"{out} holds a synthesis run with other settings; resuming needs the same arguments. "
                             f"Differences (before → now): " + "; ".join(diff) + ". Rerun with the first run's "
                             f"arguments, or write into another folder.")
+        _check_chunks(path, manifest, settings)
         manifest["paths"] = paths
         return manifest
     if out.exists() and any(out.iterdir()):
