@@ -1,13 +1,18 @@
-"""Shared fixtures. Everything runs on CPU, offline, with 2 threads."""
+"""Shared fixtures. Everything runs on CPU, offline: with 2 threads, or, when pytest-xdist runs the suite in N worker
+processes (pyproject's addopts: `-n 2`, one per core), 1 thread per worker, also for the processes the tests start
+(OMP_NUM_THREADS), so the workers never ask for more threads than the machine has cores."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
