@@ -157,13 +157,14 @@ def profile_step(data_root: Path, steps: int) -> dict:
                 v.clear()
     defence = get_defence(cfg)
     prec = precision_policy("fp32", torch.device("cpu"))
+    if hasattr(train, "memory_format"):  # the loop's own layout (channels-last for a ResNet on a CPU)
+        model = model.to(memory_format=train.memory_format(model, torch.device("cpu")))
     if hasattr(train, "make_optimizer"):
         optimizer = train.make_optimizer(model, cfg)
     else:  # the code before make_optimizer: the loop's own AdamW
         optimizer = torch.optim.AdamW(param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     model.train()
     x, t = batch
-    x = x.contiguous(memory_format=torch.channels_last) if _channels_last(model) else x
     micro = [(x, t, torch.full((bs,), -1))]
     step_parts: dict[str, list[float]] = defaultdict(list)
     for k in range(steps + 2):
@@ -195,11 +196,6 @@ def profile_step(data_root: Path, steps: int) -> dict:
     ms = {label: 1e3 * statistics.median(v) for label, v in {**parts, **step_parts}.items()}
     ms["step: whole (accumulate_step + update)"] = 1e3 * statistics.median(whole)
     return {"batch": bs, "ms_per_batch": ms}
-
-
-def _channels_last(model) -> bool:
-    w = next((p for p in model.visual.parameters() if p.ndim == 4), None)
-    return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
 def main(argv=None) -> int:

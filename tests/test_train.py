@@ -343,6 +343,45 @@ def test_every_epoch_has_its_own_order_and_a_seed_repeats_it(tmp_path, fmnist_sm
     assert images_seen(make_config(name="c", epochs=1, seed=1, **common)) != first[:2]
 
 
+def test_a_table_kept_in_memory_gives_the_batches_and_the_model_of_one_read_every_epoch(tmp_path, fmnist_small,
+                                                                                       micro_model_dir):
+    """Catches the in-memory copy of a table (--memory-gib) changing what is trained: over two epochs with a corrupt
+    image (replaced by the next row and counted), every step's images, the bad-image count and the final weights equal
+    those of the run that decodes the table every epoch (--memory-gib 0): for the eval transform (all fixed) and for
+    PAR's augmentation, whose random part is drawn per image after the same seeding (against a run with a worker, so
+    the seeding cannot touch the loop's own random numbers). RoCLIP's augmentation (not split) and a budget below
+    the table's size read the files."""
+    lines = Path(fmnist_small["train_csv"]).read_text().splitlines()[:25]
+    root = Path(fmnist_small["train_csv"]).parent
+    bad = tmp_path / "bad.png"
+    bad.write_bytes((root / lines[3].split("\t")[0]).read_bytes()[:40])  # exists, fails to decode
+    rows = [lines[0]] + [f"{root / l.split(chr(9))[0]}\t{l.split(chr(9), 1)[1]}" for l in lines[1:]]
+    rows[3] = f"{bad}\t{lines[3].split(chr(9), 1)[1]}"
+    table = tmp_path / "t.csv"
+    table.write_text("\n".join(rows) + "\n")
+    common = dict(model=f"local-dir:{micro_model_dir}", train_data=str(table), objective="clip", augment="none",
+                  epochs=2, batch_size=8, lr=1e-3, workers=0, output_dir=str(tmp_path), progress=False, log_every=1,
+                  max_bad_fraction=0.2)
+    kept = images_seen(make_config(name="kept", **common))
+    read = images_seen(make_config(name="read", memory_gib=0, **common))
+    assert len(kept) == 6 and kept == read
+    log = {run: (tmp_path / run / "out.log").read_text() for run in ("kept", "read")}
+    assert "transformed once, into memory" in log["kept"] and "into memory" not in log["read"]
+    assert all("2 of 48 images failed to decode" in text for text in log.values())  # row 3, once per epoch
+    wk, wr = weights(tmp_path / "kept"), weights(tmp_path / "read")
+    assert all(torch.equal(wk[k], wr[k]) for k in wk)
+    par = dict(objective="par", augment="par", tau=1.0)
+    kept = images_seen(make_config(name="par-kept", **{**common, **par}))
+    read = images_seen(make_config(name="par-read", **{**common, **par, "memory_gib": 0, "workers": 1}))
+    assert len(kept) == 12 and kept == read  # per step: the trained model's forward and the frozen copy's
+    assert "transformed once, into memory" in (tmp_path / "par-kept" / "out.log").read_text()
+    wk, wr = weights(tmp_path / "par-kept"), weights(tmp_path / "par-read")
+    assert all(torch.equal(wk[k], wr[k]) for k in wk)
+    for name, values in (("roclip", dict(objective="roclip", augment="roclip")), ("tight", dict(memory_gib=1e-6))):
+        run = train(make_config(**{**common, "epochs": 1, "name": name, **values}))
+        assert "into memory" not in (run / "out.log").read_text()
+
+
 _UNPICKLED: list[str] = []
 
 

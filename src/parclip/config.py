@@ -89,6 +89,9 @@ class TrainConfig:
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty",
                                   domain=FRACTION)
     workers: int = _f(2, "data-loading worker processes per device", domain=NATURAL)
+    memory_gib: float = _f(1.0, "a caption table whose images the run transforms the same way every epoch (no random "
+                           "augmentation: --augment none and no augmented views) is decoded and transformed once, "
+                           "into memory, when it fits this many GiB; 0: read it every epoch", domain=NONNEGATIVE)
     # validation during training (rank 0, written to metrics.jsonl)
     val_data: str | None = _f(None, "image–caption pairs (a table, or shards) to validate on, as open_clip: the "
                               "contrastive loss (clip_val_loss) and image↔text retrieval (R@1/5/10, mean/median "

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,8 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
                        seed: int = 0, workers: int = 0, pin_memory: bool = False, shuffle_buffer: int = 1000,
                        resampled: bool = False, img_key: str = IMG_KEY, caption_key: str = CAPTION_KEY,
                        sep: str | None = None, root: str | os.PathLike | None = None,
-                       max_bad_fraction: float = 0.01) -> TrainingData:
+                       max_bad_fraction: float = 0.01, split: tuple[Callable, Callable | None] | None = None,
+                       memory_gib: float = 0.0) -> TrainingData:
     """The training pairs of `source`: shards when `dataset_type` is "webdataset", or "auto" and the source names
     shards (a .tar path, URL or pattern, a ``pipe:`` command, ``::``-joined sources, a folder of .tar files); a
     caption table otherwise.
@@ -46,6 +48,10 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
     `batch_size` is per process; `world_size`, `rank` and `seed` fix each process's share and order of every epoch
     (and, for shards, `workers`: each DataLoader worker reads shards of its own). `resampled`: shards drawn with
     replacement, an endless stream cut into epochs of `num_samples` (open_clip's ``--dataset-resampled``; shards only).
+    `split`: `transform` as ``(fixed, random)``, ``transform(im) == random(fixed(im))`` where `fixed` gives the same
+    output for an image every time and `random` (None: nothing) draws random numbers; with it, a table whose fixed
+    outputs fit `memory_gib` GiB is decoded and put through `fixed` once, into memory (:meth:`TrainingData.
+    keep_in_memory`), instead of every epoch.
     """
     shards = dataset_type == "webdataset" or (dataset_type == "auto" and is_shard_spec(source))
     loading = dict(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, workers=workers,
@@ -67,7 +73,10 @@ def open_training_data(source: str, *, transform: Callable, tokenizer: Callable,
                                num_samples=rows)
         if caption_views is not None:
             table.captions, table.caption_views = caption_views(table.captions)
-        return TrainingData(table, is_shards=False, **loading)
+        data = TrainingData(table, is_shards=False, **loading)
+        if split is not None and memory_gib > 0:
+            data.keep_in_memory(int(memory_gib * 2**30), *split)
+        return data
     n = num_samples or shard_sizes(expand_urls(source))
     if not n:
         raise DataError(f"{source}: the shards do not say how many samples they hold (no sizes.json or "
@@ -90,6 +99,7 @@ class TrainingData:
     ``len(data)``: samples per epoch. ``loader(epoch, first_batch, n_batches)``: this process's batches
     ``(images, tokens, failed)`` of `epoch` from batch `first_batch` on (of `n_batches` per epoch), where ``failed``
     holds -1 or the id of a sample that could not be read and was replaced (``describe(id)`` names it).
+    ``in_memory``: whether a table's samples were transformed once into memory (:meth:`keep_in_memory`).
     """
 
     def __init__(self, dataset: CaptionDataset | ShardStream, *, is_shards: bool, batch_size: int, world_size: int,
@@ -97,6 +107,29 @@ class TrainingData:
         self.dataset, self.is_shards = dataset, is_shards
         self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
         self.workers, self.pin_memory = workers, pin_memory
+        self.in_memory, self._random = False, None
+
+    def keep_in_memory(self, budget_bytes: int, fixed: Callable, random: Callable | None = None) -> bool:
+        """Decode every sample of a table once, now, and keep ``fixed(image)`` in memory, when that fits
+        `budget_bytes` (the size of sample 0 times the number of samples); the table's transform must be
+        ``random(fixed(image))``, `fixed` using no random numbers. Then every epoch's batches come from memory, in
+        this process, with no worker and no decoding: sliced (no `random`), or each sample put through `random`
+        after the seeding the files' loader does (:class:`_SeededItems`), with the global random state restored
+        afterwards, as it is when workers do that. The batches are the ones the table's loader gives, bit for bit
+        (bad rows replaced and counted the same way). Returns whether it kept them. The decoding uses the run's
+        workers, with its own random generator."""
+        if self.is_shards or self.in_memory:
+            return self.in_memory
+        table = copy.copy(self.dataset)
+        table.transform = fixed
+        size = sum(t.numel() * t.element_size() for t in _tensors(table[0]))
+        if size * len(table) > budget_bytes:
+            return False
+        loader = DataLoader(table, batch_size=max(self.batch_size, 1), num_workers=self.workers,
+                            generator=torch.Generator().manual_seed(0))
+        self._stored, self._random = _Stored(_concat(list(loader))), random
+        self.in_memory = True
+        return True
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -116,12 +149,87 @@ class TrainingData:
                                      seed=self.seed, drop_last=True)
         sampler.set_epoch(epoch)
         indices = list(sampler)[first_batch * self.batch_size:]
+        if self.in_memory and self._random is None:  # batches by slicing (the DataLoader draws its base seed as below)
+            return DataLoader(self._stored, batch_size=self.batch_size, sampler=indices, num_workers=0,
+                              drop_last=True, collate_fn=_whole_batch)
+        if self.in_memory:
+            return DataLoader(_Restored(_SeededItems(_Finished(self._stored, self._random), self.seed, epoch)),
+                              batch_size=self.batch_size, sampler=indices, num_workers=0, drop_last=True)
         return DataLoader(_SeededItems(self.dataset, self.seed, epoch), batch_size=self.batch_size, sampler=indices,
                           num_workers=self.workers, drop_last=True, pin_memory=self.pin_memory,
                           persistent_workers=False)
 
     def __repr__(self) -> str:
         return f"TrainingData({self.dataset!r}, {len(self)} samples per epoch)"
+
+
+def _tensors(item) -> list[torch.Tensor]:
+    """The tensors of a sample or batch (nested tuples and lists of tensors; anything else, e.g. an int, has none)."""
+    if isinstance(item, torch.Tensor):
+        return [item]
+    return [t for part in item for t in _tensors(part)] if isinstance(item, (tuple, list)) else []
+
+
+def _concat(batches: list):
+    """Collated batches joined into one: tensors concatenated along the first axis, tuples and lists field by field."""
+    if isinstance(batches[0], torch.Tensor):
+        return torch.cat(batches)
+    return type(batches[0])(_concat([b[k] for b in batches]) for k in range(len(batches[0])))
+
+
+def _take(stored, indices):
+    """Rows `indices` (an int or a tensor of them) of every tensor of `stored`, in its structure."""
+    return stored[indices] if isinstance(stored, torch.Tensor) else type(stored)(_take(s, indices) for s in stored)
+
+
+def _whole_batch(batch):
+    return batch
+
+
+class _Stored(Dataset):
+    """A table's samples transformed once (:meth:`TrainingData.keep_in_memory`): the collated form of all of them;
+    ``__getitems__`` gives a batch by indexing, so the DataLoader collates nothing."""
+
+    def __init__(self, stored):
+        self.stored, self.n = stored, len(_tensors(stored)[0])
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int):
+        return _take(self.stored, i)
+
+    def __getitems__(self, indices):
+        return _take(self.stored, torch.as_tensor(indices))
+
+
+class _Finished(Dataset):
+    """Sample i of the fixed outputs kept in memory, its image put through `random` (the transform's random part)."""
+
+    def __init__(self, stored: _Stored, random: Callable):
+        self.stored, self.random = stored, random
+
+    def __len__(self):
+        return len(self.stored)
+
+    def __getitem__(self, i: int):
+        image, *rest = self.stored[i]
+        return (self.random(image), *rest)
+
+
+class _Restored(Dataset):
+    """A batch's items read with the global random state saved before and restored after (`torch.random.fork_rng`):
+    items seeded in this process leave the training's random numbers as workers would."""
+
+    def __init__(self, items: Dataset):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitems__(self, indices):
+        with torch.random.fork_rng(devices=[]):
+            return [self.items[i] for i in indices]
 
 
 class _SeededItems(Dataset):

@@ -21,8 +21,8 @@ from torchvision.transforms import InterpolationMode
 
 from parclip.models import eval_transform, image_size
 
-__all__ = ["one_sided_gaussian_noise", "gaussian_noise", "NOISES", "par_train_transform", "AUGMENTATIONS",
-           "autoaugment_view", "roclip_train_transform", "train_transform"]
+__all__ = ["one_sided_gaussian_noise", "gaussian_noise", "NOISES", "FixedThenRandom", "par_train_transform",
+           "AUGMENTATIONS", "autoaugment_view", "roclip_train_transform", "train_transform"]
 
 
 def one_sided_gaussian_noise(x: torch.Tensor, sigma: float = 0.2, generator: torch.Generator | None = None):
@@ -57,20 +57,33 @@ class _Noise(torch.nn.Module):
 AUGMENTATIONS = ("none", "par", "roclip")
 
 
+class FixedThenRandom(T.Compose):
+    """``random(fixed(image))``: a Compose whose first transforms (`fixed`) give the same output for an image every
+    time and use no random numbers, and whose last ones (`random`) draw them. It transforms exactly as the Compose of
+    both lists does; the split lets a data set keep ``fixed(image)`` in memory and draw only `random` each epoch
+    (:meth:`parclip.data.TrainingData.keep_in_memory`)."""
+
+    def __init__(self, fixed: list, random: list):
+        super().__init__([*fixed, *random])
+        self.fixed, self.random = T.Compose(fixed), (T.Compose(random) if random else None)
+
+
 def par_train_transform(preprocess_cfg: dict, *, noise: str = "one_sided", noise_sigma: float = 0.2,
-                        noise_p: float = 0.5, erase_p: float = 0.5, erase_scale=(0.005, 0.01)) -> T.Compose:
-    """PIL image → augmented, normalised tensor, following PAR's pipeline (see the module docstring).
+                        noise_p: float = 0.5, erase_p: float = 0.5, erase_scale=(0.005, 0.01)) -> FixedThenRandom:
+    """PIL image → augmented, normalised tensor, following PAR's pipeline (see the module docstring): the resize, crop
+    and conversion to a tensor are its fixed part, the noise, normalisation and CutOut its random part.
 
     `preprocess_cfg` is the model's open_clip preprocess config (size, mean, std, interpolation).
     """
     size = image_size(preprocess_cfg)
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}.get(
         preprocess_cfg.get("interpolation", "bicubic"), InterpolationMode.BICUBIC)
-    return T.Compose([
+    return FixedThenRandom([
         T.Resize(size, interpolation=interp),
         T.CenterCrop(size),
         T.Lambda(lambda im: im.convert("RGB")),
         T.ToTensor(),
+    ], [
         T.RandomApply([_Noise(noise, noise_sigma)], p=noise_p),
         T.Normalize(preprocess_cfg["mean"], preprocess_cfg["std"]),
         T.RandomErasing(p=erase_p, scale=tuple(erase_scale), ratio=(1.0, 1.0), value=0),
@@ -115,6 +128,6 @@ def train_transform(augment: str, preprocess_cfg: dict, *, noise: str = "one_sid
         return par_train_transform(preprocess_cfg, noise=noise, noise_sigma=noise_sigma)
     if augment == "roclip":
         return roclip_train_transform(preprocess_cfg)
-    if augment == "none":
-        return eval_transform(preprocess_cfg)
+    if augment == "none":  # the model's eval transform: all of it fixed
+        return FixedThenRandom(list(eval_transform(preprocess_cfg).transforms), [])
     raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
