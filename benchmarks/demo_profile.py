@@ -88,10 +88,11 @@ def profile_demo(out: Path) -> dict:
     """Run the demo in `out` with timers on the protocol's building blocks; {stage: seconds}, total, other."""
     import parclip.attacks.poison as poison
     import parclip.demo as demo
+    import parclip.protocol.run as protocol_run
     from parclip.protocol import stages
 
     timers = _Timers()
-    timers.wrap(stages, "export_data", "export Fashion-MNIST")
+    timers.wrap(protocol_run, "export_data", "export Fashion-MNIST")  # the name foundation_stage calls
     timers.wrap(stages, "run_training", _run_label)
     timers.wrap(stages, "evaluate_model", _eval_label)
     timers.wrap(poison, "poison_csv", "poison the planting pairs")
@@ -118,6 +119,7 @@ def profile_step(data_root: Path, steps: int) -> dict:
     from parclip.config import make_config
     from parclip.data import CaptionDataset, fashion_mnist
     from parclip.defences import get_defence
+    from parclip.defences.augment import train_transform
     from parclip.models import create_model, get_tokenizer
     from parclip.protocol.settings import FOUNDATION
     from parclip import train
@@ -128,7 +130,6 @@ def profile_step(data_root: Path, steps: int) -> dict:
     torch.manual_seed(0)
     model, pp = create_model(cfg.model)
     tokenizer = get_tokenizer(cfg.model)
-    from parclip.defences.augment import train_transform
     transform = train_transform("none", pp)
     ds = CaptionDataset(paths["train_csv"], tokenizer=tokenizer)
     bs = cfg.batch_size

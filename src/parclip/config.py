@@ -89,9 +89,10 @@ class TrainConfig:
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of rows are missing/corrupt/empty",
                                   domain=FRACTION)
     workers: int = _f(2, "data-loading worker processes per device", domain=NATURAL)
-    memory_gib: float = _f(1.0, "a caption table whose images the run transforms the same way every epoch (no random "
-                           "augmentation: --augment none and no augmented views) is decoded and transformed once, "
-                           "into memory, when it fits this many GiB; 0: read it every epoch", domain=NONNEGATIVE)
+    memory_gib: float = _f(1.0, "a caption table is decoded and put through the fixed part of its transform (resize, "
+                           "crop, to tensor) once, into memory, when that fits this many GiB (PAR's noise and CutOut "
+                           "are still drawn per image every epoch; not with --augment roclip or a defence's extra "
+                           "views); 0: read the files every epoch", domain=NONNEGATIVE)
     # validation during training (rank 0, written to metrics.jsonl)
     val_data: str | None = _f(None, "image–caption pairs (a table, or shards) to validate on, as open_clip: the "
                               "contrastive loss (clip_val_loss) and image↔text retrieval (R@1/5/10, mean/median "
@@ -291,7 +292,8 @@ OPEN_CLIP_REFUSED = {
     "--siglip": "the SigLIP loss is not supported: the defences are built on CLIP's contrastive loss",
     "--loss-dist-impl": "the distributed loss is always the gathered global batch",
 }
-"""open_clip_train's flags that `parclip train` refuses, each with its reason (docs/compatibility.md: Coming from open_clip_train).
+"""open_clip_train's flags that `parclip train` refuses, each with its reason (docs/compatibility.md: Coming from
+open_clip_train).
 Given, the parse stops naming the flag and the reason; the rest of open_clip_train's flags are TrainConfig fields or
 their aliases and mean what they mean there."""
 OPEN_CLIP_ACCEPTED = {"--opt": [["adamw"]], "--gather-with-grad": [[]], "--save-most-recent": [[]]}

@@ -48,8 +48,8 @@ from parclip.runs import RunLock, RunLog, write_run_info
 from parclip.utils import distributed as pdist
 from parclip.utils.files import atomic_write, write_text
 
-__all__ = ["train", "param_groups", "make_optimizer", "precision_policy", "Precision", "frozen_copy", "accumulate_step",
-           "NonFiniteError"]
+__all__ = ["train", "param_groups", "make_optimizer", "memory_format", "precision_policy", "Precision", "frozen_copy",
+           "accumulate_step", "NonFiniteError"]
 
 log = logging.getLogger("parclip")
 

@@ -99,7 +99,7 @@ class TrainingData:
     ``len(data)``: samples per epoch. ``loader(epoch, first_batch, n_batches)``: this process's batches
     ``(images, tokens, failed)`` of `epoch` from batch `first_batch` on (of `n_batches` per epoch), where ``failed``
     holds -1 or the id of a sample that could not be read and was replaced (``describe(id)`` names it).
-    ``in_memory``: whether a table's samples were transformed once into memory (:meth:`keep_in_memory`).
+    :attr:`in_memory`: whether a table's samples were transformed once into memory (:meth:`keep_in_memory`).
     """
 
     def __init__(self, dataset: CaptionDataset | ShardStream, *, is_shards: bool, batch_size: int, world_size: int,
@@ -107,7 +107,12 @@ class TrainingData:
         self.dataset, self.is_shards = dataset, is_shards
         self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
         self.workers, self.pin_memory = workers, pin_memory
-        self.in_memory, self._random = False, None
+        self._stored: _Stored | None = None  # the table's fixed transform outputs, once kept in memory
+        self._random: Callable | None = None  # the transform's random part, drawn per sample from them
+
+    @property
+    def in_memory(self) -> bool:
+        return self._stored is not None
 
     def keep_in_memory(self, budget_bytes: int, fixed: Callable, random: Callable | None = None) -> bool:
         """Decode every sample of a table once, now, and keep ``fixed(image)`` in memory, when that fits
@@ -128,7 +133,6 @@ class TrainingData:
         loader = DataLoader(table, batch_size=max(self.batch_size, 1), num_workers=self.workers,
                             generator=torch.Generator().manual_seed(0))
         self._stored, self._random = _Stored(_concat(list(loader))), random
-        self.in_memory = True
         return True
 
     def __len__(self) -> int:

@@ -61,7 +61,7 @@ class FixedThenRandom(T.Compose):
     """``random(fixed(image))``: a Compose whose first transforms (`fixed`) give the same output for an image every
     time and use no random numbers, and whose last ones (`random`) draw them. It transforms exactly as the Compose of
     both lists does; the split lets a data set keep ``fixed(image)`` in memory and draw only `random` each epoch
-    (:meth:`parclip.data.TrainingData.keep_in_memory`)."""
+    (:meth:`parclip.data.sources.TrainingData.keep_in_memory`); `random` is None when there is none."""
 
     def __init__(self, fixed: list, random: list):
         super().__init__([*fixed, *random])

@@ -84,7 +84,8 @@ SELECTION_RULES = {
 SYNTH = dict(family="pca-gauss", n=10000, chunk_size=2000)
 EVAL = dict(templates=TEMPLATES, target=TARGET, batch_size=500, trigger_after_crop=False)
 # Fields that do not change what is computed: left out of the specs that decide whether a stage is reused.
-NOT_IN_SPEC = {"output_dir", "name", "workers", "memory_gib", "progress", "log_every", "save_every", "resume", "device"}
+NOT_IN_SPEC = {"output_dir", "name", "workers", "memory_gib", "progress", "log_every", "save_every", "resume",
+               "device"}
 
 
 @dataclass
